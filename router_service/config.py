@@ -1,0 +1,272 @@
+"""The router's configuration: what the operator writes into the router's ConfigMap.
+
+This module is the contract between the operator and the router. The router reads a
+`RouterConfig` from a YAML/JSON file (`tollway router --config FILE`); the operator builds one
+from a RoutingPolicy and its ModelPool. The settings blocks below (`EmbeddingSettings`,
+`AnnSettings`, `LearningSettings`, `DegradationSettings`, ...) are reused verbatim by the
+RoutingPolicy CRD, so the cluster API and the router file share one definition.
+
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+ModelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=63,
+        pattern=DNS1123_LABEL,
+        description="DNS-1123 label: lower-case letters, digits and '-', starting and ending alphanumeric.",
+    ),
+]
+
+
+class CamelModel(BaseModel):
+    """Base for every API/config model: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def to_wire(self) -> dict:
+        """The JSON-compatible dict with camelCase keys, unset optionals left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Price(CamelModel):
+    """What one model costs, in USD per million tokens."""
+
+    input_per_million_tokens: float = Field(0.0, ge=0, description="USD per million prompt tokens.")
+    output_per_million_tokens: float = Field(0.0, ge=0, description="USD per million generated tokens.")
+
+    def usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (
+            prompt_tokens * self.input_per_million_tokens + completion_tokens * self.output_per_million_tokens
+        ) / 1e6
+
+
+class EmbeddingSettings(CamelModel):
+    """How queries are embedded before the nearest-neighbour search."""
+
+    kind: Literal["hashed", "sentence-transformers", "openai"] = Field(
+        "hashed",
+        description=(
+            "hashed: weight-free hashed word n-gram TF-IDF (fast, no model); sentence-transformers: a local "
+            "model whose weights come from an installed package or path; openai: an OpenAI-compatible "
+            "/v1/embeddings endpoint (for example an embedding model in the pool)."
+        ),
+    )
+    model: str | None = Field(
+        None, description="Model name or local path (sentence-transformers) or the served model name (openai)."
+    )
+    url: str | None = Field(None, description="Base URL of the /v1/embeddings endpoint (kind openai).")
+    dimensions: int = Field(
+        1024, ge=8, le=65536, description="Output dimension of the hashed embedder (other kinds: model's own)."
+    )
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> EmbeddingSettings:
+        if self.kind == "openai" and not self.url:
+            raise ValueError("embedding.url is required when embedding.kind is 'openai'")
+        return self
+
+
+class AnnSettings(CamelModel):
+    """Nearest-neighbour search over the routing history."""
+
+    k: int = Field(5, ge=1, le=256, description="Neighbours per query.")
+    exact_below: int = Field(
+        20000, ge=0, description="Use exact (brute-force) search while the history has fewer entries."
+    )
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree M.")
+    ef_construction: int = Field(200, ge=8, le=2048, description="HNSW efConstruction.")
+    ef_search: int = Field(64, ge=8, le=4096, description="HNSW efSearch.")
+
+
+class LearningSettings(CamelModel):
+    """The one-time dual-price fit (PORT's learning phase) and tollway's re-fitting."""
+
+    warmup_fraction: float = Field(
+        0.025, ge=0, le=0.5, description="Share of the expected queries used to fit the dual prices (eps)."
+    )
+    expected_queries: int = Field(
+        10000, ge=1, description="Expected queries per budget window (N); sets the warm-up length."
+    )
+    refit_every: int = Field(
+        0, ge=0, description="Re-fit the dual prices every this many routed queries (0: never, as in PORT)."
+    )
+
+
+class ObjectiveSettings(CamelModel):
+    """The quality/cost trade-off."""
+
+    alpha: float = Field(
+        1.0, gt=0, description="Weight of estimated quality against priced cost in argmax(alpha*d - gamma*g)."
+    )
+    algorithm: Literal["tollway", "port"] = Field(
+        "tollway",
+        description="port: the published method; tollway: PORT plus budget-aware admission and re-fitting.",
+    )
+    reject_below: float | None = Field(
+        None,
+        description="Reject (HTTP 429) a query whose best score alpha*d - gamma*g is below this value.",
+    )
+
+
+PriorityClass = Literal["critical", "standard", "sheddable"]
+
+
+class DegradationSettings(CamelModel):
+    """When a model counts as saturated, and what happens then."""
+
+    mode: Literal["degrade", "shed"] = Field(
+        "degrade",
+        description="degrade: send work to the next-best model with room; shed: answer 429 at once.",
+    )
+    max_waiting_per_replica: float = Field(
+        5.0, ge=0, description="A model is saturated when vllm:num_requests_waiting per replica exceeds this."
+    )
+    max_kv_cache_usage: float = Field(
+        0.9, gt=0, le=1, description="... or when vllm:kv_cache_usage_perc exceeds this (1 = 100%)."
+    )
+    max_in_flight_per_replica: int = Field(
+        256, ge=1, description="... or when the router's own in-flight requests per replica exceed this."
+    )
+    scrape_interval_seconds: float = Field(1.0, gt=0, le=60, description="How often backends' /metrics are read.")
+    stale_after_seconds: float = Field(
+        10.0, gt=0, description="Metrics older than this are ignored (only in-flight counts are used)."
+    )
+    priority_headroom: dict[PriorityClass, float] = Field(
+        default_factory=lambda: {"critical": 1.5, "standard": 1.0, "sheddable": 0.6},
+        description=(
+            "Multiplier on the saturation thresholds per priority class (x-tollway-priority header): "
+            "sheddable work sees models as saturated sooner, so it is degraded and shed first."
+        ),
+    )
+    retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with 429/503 answers.")
+
+
+class BackendConfig(CamelModel):
+    """One model the router can send work to."""
+
+    name: ModelName = Field(description="Served model name; what clients may pin with `model`.")
+    url: str = Field(description="Base URL of the OpenAI-compatible server, without /v1 (e.g. http://m:8000).")
+    profile: str = Field(description="Which model's columns in the routing history describe this model.")
+    price: Price = Field(default_factory=Price)
+    capabilities: list[Literal["chat", "completions", "embeddings"]] = Field(
+        default_factory=lambda: ["chat", "completions"]
+    )
+    replicas: int = Field(1, ge=0, description="Ready replicas behind the URL (scales saturation thresholds).")
+    metrics_url: str | None = Field(None, description="vLLM /metrics URL; default: <url>/metrics.")
+    api_key_env: str | None = Field(None, description="Environment variable holding a bearer key for the backend.")
+    upstream_model: str | None = Field(
+        None, description="Model name to send upstream if it differs from `name` (external endpoints)."
+    )
+
+
+class BudgetConfig(CamelModel):
+    """Token budgets per model per window, and this router replica's share of them."""
+
+    window_seconds: float = Field(3600, gt=0, description="Budgets refill at the start of every window.")
+    tokens: dict[str, int] = Field(
+        default_factory=dict, description="Tokens per window per model (whole policy, all replicas)."
+    )
+    replica_share: float = Field(1.0, gt=0, le=1, description="This replica's share of every budget.")
+    state_file: str | None = Field(
+        None, description="Where the ledger is persisted so it survives restarts and reloads."
+    )
+
+
+class HistorySettings(CamelModel):
+    """Where the reference queries with per-model quality and cost come from."""
+
+    path: str | None = Field(None, description="A file (CSV in RouterBench schema or tollway JSONL).")
+    config_map: str | None = Field(None, description="ConfigMap name holding the history (mounted by the operator).")
+    url: str | None = Field(None, description="HTTP(S) URL to download the history from at start-up.")
+    builtin: bool = Field(
+        False, description="Use the RouterBench-derived history shipped with tollway (for demos and tests)."
+    )
+    learn_from_traffic: bool = Field(
+        False, description="Add served queries with quality feedback (POST /v1/feedback) to the history."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HistorySettings:
+        sources = [s for s in (self.path, self.config_map, self.url) if s] + (["builtin"] if self.builtin else [])
+        if len(sources) != 1:
+            raise ValueError(
+                "history needs exactly one source: set one of path, configMap, url or builtin: true "
+                f"(got {len(sources)})"
+            )
+        return self
+
+
+class AuthConfig(CamelModel):
+    bearer_tokens_file: str | None = Field(
+        None, description="File with one accepted bearer token per line; unset: no authentication."
+    )
+
+
+class ServerConfig(CamelModel):
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    upstream_timeout_seconds: float = Field(120, gt=0, description="Total timeout for one upstream call.")
+    connect_timeout_seconds: float = Field(2, gt=0)
+    drain_seconds: float = Field(30, ge=0, description="On shutdown, wait this long for in-flight requests.")
+
+
+class RouterConfig(CamelModel):
+    """Everything one router process needs. Written by the operator into a ConfigMap."""
+
+    served_model_name: str = Field("auto", min_length=1, description="The `model` value that is routed.")
+    backends: list[BackendConfig] = Field(min_length=1)
+    objective: ObjectiveSettings = Field(default_factory=ObjectiveSettings)
+    history: HistorySettings = Field(default_factory=lambda: HistorySettings(builtin=True))
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    ann: AnnSettings = Field(default_factory=AnnSettings)
+    learning: LearningSettings = Field(default_factory=LearningSettings)
+    budgets: BudgetConfig = Field(default_factory=BudgetConfig)
+    degradation: DegradationSettings = Field(default_factory=DegradationSettings)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RouterConfig:
+        names = [b.name for b in self.backends]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"backends: duplicate name(s) {dupes}")
+        if self.served_model_name in names:
+            raise ValueError(f"servedModelName {self.served_model_name!r} collides with a backend name")
+        unknown = sorted(set(self.budgets.tokens) - set(names))
+        if unknown:
+            raise ValueError(f"budgets.tokens names unknown backend(s) {unknown}; backends are {names}")
+        return self
+
+    def backend(self, name: str) -> BackendConfig | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+
+def load_router_config(path: str | Path) -> RouterConfig:
+    """Read a router config file (YAML or JSON). Raises pydantic.ValidationError on bad content."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    return RouterConfig.model_validate(data)
+
+
+def dump_router_config(config: RouterConfig) -> str:
+    """The YAML text the operator puts into the ConfigMap."""
+    return yaml.safe_dump(config.to_wire(), sort_keys=False)
