@@ -1,0 +1,392 @@
+"""The tollway API: ModelPool and RoutingPolicy, group tollway.io, version v1alpha1.
+
+These pydantic models are the single source of truth. The CRDs in `crds/` are generated from
+them (`tollway crds`), and the operator validates every object with them before acting, so a
+rule lives here once: as a pydantic validator, and where the API server can check it too, as a
+CEL rule (`x-kubernetes-validations`) on the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from router_service.config import (
+    AnnSettings,
+    CamelModel,
+    DegradationSettings,
+    EmbeddingSettings,
+    HistorySettings,
+    LearningSettings,
+    ModelName,
+    ObjectiveSettings,
+    Price,
+)
+
+GROUP = "tollway.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+DEFAULT_ROUTER_IMAGE = "ghcr.io/tollway/tollway:0.1.0"
+MAX_MODELS = 32
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+class SecretKeyRef(CamelModel):
+    name: str = Field(min_length=1, max_length=253, description="Secret name, in the object's namespace.")
+    key: str = Field("token", min_length=1, description="Key inside the Secret.")
+
+
+class Condition(CamelModel):
+    """A Kubernetes-style status condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelPool
+# ---------------------------------------------------------------------------------------------
+
+
+class ReplicaRange(CamelModel):
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {"x-kubernetes-validations": [cel("self.min <= self.max", "min must be <= max")]}
+    }
+
+    min: int = Field(1, ge=0, le=1000, description="Fewest replicas; 0 lets the model scale to zero.")
+    max: int = Field(1, ge=1, le=1000, description="Most replicas the autoscaler may run.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class CacheSpec(CamelModel):
+    """Where model weights are cached."""
+
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "self.kind == 'pvc' || (!has(self.storageClassName) && !has(self.existingClaim))",
+                    "storageClassName and existingClaim only apply to kind pvc",
+                )
+            ]
+        }
+    }
+
+    kind: Literal["emptyDir", "pvc"] = Field(
+        "emptyDir", description="emptyDir (per pod) or a PersistentVolumeClaim."
+    )
+    size: str = Field(
+        "100Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        description="Size limit (emptyDir) or requested size (pvc), as a Kubernetes quantity.",
+    )
+    storage_class_name: str | None = Field(None, description="StorageClass for a new PVC.")
+    existing_claim: str | None = Field(None, description="Use this existing PVC instead of creating one.")
+
+    @model_validator(mode="after")
+    def _pvc_fields(self) -> CacheSpec:
+        if self.kind != "pvc" and (self.storage_class_name or self.existing_claim):
+            raise ValueError("storageClassName and existingClaim only apply to kind pvc")
+        return self
+
+
+class EnvVar(CamelModel):
+    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = None
+    value_from: dict[str, Any] | None = Field(None, description="As in a Pod's env[].valueFrom.")
+
+
+class ExternalEndpoint(CamelModel):
+    """A model served outside the cluster (or by another system): route to it, deploy nothing."""
+
+    url: str = Field(
+        pattern=r"^https?://", description="Base URL of an OpenAI-compatible server, without /v1."
+    )
+    api_key_secret: SecretKeyRef | None = Field(None, description="Secret holding the bearer key.")
+    upstream_model: str | None = Field(None, description="The model name to send upstream, if not `name`.")
+
+
+class ModelSpec(CamelModel):
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("has(self.model) || has(self.endpoint)", "set model (to deploy) or endpoint (external)")
+            ]
+        }
+    }
+
+    name: ModelName
+    model: str | None = Field(None, min_length=1, description="Hugging Face id or path that vLLM loads.")
+    image: str | None = Field(None, description="Container image; default: the pool's image.")
+    gpus: int = Field(1, ge=1, le=16, description="GPUs per replica (tensor parallel size).")
+    replicas: ReplicaRange = Field(default_factory=ReplicaRange)
+    max_model_len: int | None = Field(None, ge=16, description="vLLM --max-model-len.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM --gpu-memory-utilization."
+    )
+    extra_args: list[str] = Field(default_factory=list, description="Extra vLLM command-line arguments.")
+    env: list[EnvVar] = Field(default_factory=list)
+    resources: dict[str, Any] | None = Field(
+        None, description="Container resources (requests/limits); nvidia.com/gpu is set from gpus."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    hf_token_secret: SecretKeyRef | None = Field(
+        None, description="Secret with a Hugging Face token (HF_TOKEN)."
+    )
+    cost: Price = Field(default_factory=Price, description="Price used for routing and budget splits.")
+    endpoint: ExternalEndpoint | None = None
+    profile: str | None = Field(
+        None, description="History column that describes this model's quality and cost; default: name."
+    )
+
+    @model_validator(mode="after")
+    def _deployable(self) -> ModelSpec:
+        if not self.model and not self.endpoint:
+            raise ValueError("set model (a Hugging Face id or path to deploy) or endpoint (an external URL)")
+        return self
+
+    @property
+    def history_profile(self) -> str:
+        return self.profile or self.name
+
+
+class AutoscalingSpec(CamelModel):
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("self.metric != 'promql' || has(self.query)", "metric promql needs query")
+            ]
+        }
+    }
+
+    enabled: bool = True
+    mode: Literal["operator", "keda"] = Field(
+        "operator",
+        description="operator: the operator patches replicas; keda: emit a KEDA ScaledObject instead.",
+    )
+    prometheus_url: str = Field(pattern=r"^https?://", description="Prometheus HTTP API base URL.")
+    metric: Literal["num_requests_waiting", "kv_cache_usage", "router_demand", "promql"] = Field(
+        "num_requests_waiting", description="Load signal whose per-replica value is held at target."
+    )
+    query: str | None = Field(
+        None, description="Custom PromQL (metric promql); `$model` and `$namespace` are substituted."
+    )
+    target: float = Field(2.0, gt=0, description="Target value of the metric per replica.")
+    tolerance: float = Field(0.1, ge=0, lt=1, description="No change while |value/target - 1| <= tolerance.")
+    interval_seconds: int = Field(15, ge=1, le=3600, description="How often to evaluate.")
+    scale_up_stabilization_seconds: int = Field(0, ge=0, le=3600)
+    scale_down_stabilization_seconds: int = Field(300, ge=0, le=86400)
+    scale_to_zero: bool = Field(
+        False, description="Allow 0 replicas when replicas.min is 0 and the model is idle."
+    )
+    idle_seconds_before_zero: int = Field(600, ge=0, description="Idle time before scaling to zero.")
+
+    @model_validator(mode="after")
+    def _query(self) -> AutoscalingSpec:
+        if self.metric == "promql" and not self.query:
+            raise ValueError("metric 'promql' needs query (a PromQL expression)")
+        return self
+
+
+class ModelPoolSpec(CamelModel):
+    """ModelPool: a set of models served by vLLM (or external endpoints) that tollway routes across."""
+
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "self.models.all(m, self.models.exists_one(n, n.name == m.name))",
+                    "model names must be unique",
+                    ".models",
+                )
+            ]
+        }
+    }
+
+    image: str = Field(DEFAULT_VLLM_IMAGE, description="Default vLLM OpenAI server image for the pool.")
+    models: list[ModelSpec] = Field(min_length=1, max_length=MAX_MODELS)
+    autoscaling: AutoscalingSpec | None = None
+
+    @model_validator(mode="after")
+    def _unique(self) -> ModelPoolSpec:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {dupes}")
+        return self
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+class ScaleDecisionStatus(CamelModel):
+    time: str
+    from_replicas: int
+    to_replicas: int
+    value: float | None = None
+    reason: str
+
+
+class ModelStatus(CamelModel):
+    name: str
+    desired_replicas: int = 0
+    ready_replicas: int = 0
+    endpoint: str | None = None
+    last_scale: ScaleDecisionStatus | None = None
+
+
+class ModelPoolStatus(CamelModel):
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    models: list[ModelStatus] = Field(default_factory=list)
+    summary: str | None = Field(None, description="Ready models, e.g. '2/3 ready'.")
+
+
+# ---------------------------------------------------------------------------------------------
+# RoutingPolicy
+# ---------------------------------------------------------------------------------------------
+
+
+class PoolRef(CamelModel):
+    name: str = Field(min_length=1, max_length=253, description="ModelPool in the same namespace.")
+
+
+SplitStrategy = Literal["weighted", "uniform", "cost", "perf"]
+
+
+class BudgetsSpec(CamelModel):
+    """Token budgets per window: per model, or a total split across the pool's models."""
+
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("!(has(self.perModel) && has(self.totalTokens))", "set perModel or totalTokens, not both")
+            ]
+        }
+    }
+
+    window_seconds: int = Field(3600, ge=1, le=31 * 86400, description="Budgets refill every window.")
+    per_model: dict[str, int] | None = Field(None, description="Tokens per window for each named model.")
+    total_tokens: int | None = Field(
+        None, ge=1, description="Tokens per window split across models by `split`."
+    )
+    split: SplitStrategy = Field(
+        "weighted",
+        description="How totalTokens is split: weighted sqrt(perf/cost), uniform, cost sqrt(1/cost), perf.",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BudgetsSpec:
+        if self.per_model is not None and self.total_tokens is not None:
+            raise ValueError("set perModel or totalTokens, not both")
+        negative = sorted(k for k, v in (self.per_model or {}).items() if v < 0)
+        if negative:
+            raise ValueError(f"perModel budgets must be >= 0; negative for {negative}")
+        return self
+
+
+class RouterDeploymentSpec(CamelModel):
+    replicas: int = Field(2, ge=0, le=100)
+    image: str = Field(DEFAULT_ROUTER_IMAGE)
+    resources: dict[str, Any] | None = None
+    auth_secret: SecretKeyRef | None = Field(
+        None, description="Secret whose key holds accepted bearer tokens, one per line; unset: no auth."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class RoutingPolicySpec(CamelModel):
+    """RoutingPolicy: an OpenAI-compatible endpoint that routes each request across a ModelPool's models."""
+
+    pool_ref: PoolRef
+    served_model_name: str = Field(
+        "auto", min_length=1, max_length=253, description="The `model` clients send to be routed."
+    )
+    objective: ObjectiveSettings = Field(default_factory=ObjectiveSettings)
+    budgets: BudgetsSpec | None = Field(None, description="Unset: no budgets (quality/cost trade-off only).")
+    history: HistorySettings = Field(default_factory=lambda: HistorySettings(builtin=True))
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    ann: AnnSettings = Field(default_factory=AnnSettings)
+    learning: LearningSettings = Field(default_factory=LearningSettings)
+    degradation: DegradationSettings = Field(default_factory=DegradationSettings)
+    router: RouterDeploymentSpec = Field(default_factory=RouterDeploymentSpec)
+
+
+class RoutingPolicyStatus(CamelModel):
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    endpoint: str | None = Field(None, description="Cluster-internal OpenAI base URL.")
+    router_replicas: int = 0
+    budgets: dict[str, int] = Field(
+        default_factory=dict, description="Tokens per window per model (resolved)."
+    )
+    budget_used: dict[str, int] = Field(default_factory=dict, description="Tokens used this window.")
+    dual_prices: dict[str, float] = Field(default_factory=dict, description="Current gamma per model.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers for the operator and tests
+# ---------------------------------------------------------------------------------------------
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "spec") -> str:
+    """One line per problem, each naming the field: `spec.models[1].replicas: min (3) must be <= max (2)`."""
+    lines = []
+    for item in error.errors():
+        where = _loc(tuple(p for p in item["loc"] if p not in {"function-after"}))
+        msg = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{prefix}.{where}: {msg}" if where else f"{prefix}: {msg}")
+    return "; ".join(lines)
+
+
+class SpecError(ValueError):
+    """A custom resource spec that the operator cannot act on; the message names the fields."""
+
+
+def parse_model_pool(spec: dict[str, Any]) -> ModelPoolSpec:
+    try:
+        return ModelPoolSpec.model_validate(spec)
+    except ValidationError as e:
+        raise SpecError(describe_validation_error(e)) from None
+
+
+def parse_routing_policy(spec: dict[str, Any]) -> RoutingPolicySpec:
+    try:
+        return RoutingPolicySpec.model_validate(spec)
+    except ValidationError as e:
+        raise SpecError(describe_validation_error(e)) from None
