@@ -257,13 +257,23 @@ class ModelStatus(CamelModel):
     desired_replicas: int = 0
     ready_replicas: int = 0
     endpoint: str | None = None
-    last_scale: ScaleDecisionStatus | None = None
+
+
+class AutoscalingStatus(CamelModel):
+    """Written by the autoscaler only; the pool's Degraded condition is derived from `healthy`."""
+
+    healthy: bool = True
+    reason: str = ""
+    message: str = ""
+    last_evaluation_time: str | None = None
+    models: dict[str, ScaleDecisionStatus] = Field(default_factory=dict, description="Last decision per model.")
 
 
 class ModelPoolStatus(CamelModel):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
     models: list[ModelStatus] = Field(default_factory=list)
+    autoscaling: AutoscalingStatus | None = None
     summary: str | None = Field(None, description="Ready models, e.g. '2/3 ready'.")
 
 
