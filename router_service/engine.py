@@ -1,0 +1,376 @@
+"""The online routing engine the HTTP router calls: prompt -> ranked models.
+
+`RoutingEngine.from_config(cfg)` does the heavy work once (load the history, fit the embedder's
+IDF, embed the history through the on-disk cache, build the neighbour index, fit the initial dual
+prices). After that `rank(prompt)` is cheap, synchronous and does no I/O, so it is safe to call
+from the event loop: embed the prompt, find its k history neighbours, estimate every backend's
+quality and token cost, score ``alpha * d - gamma * g`` and sort.
+
+Costs are tokens. A backend's columns in the history are chosen by its ``profile``; its token cost
+for a query is the query's own prompt tokens (chars / 4) plus the mean completion tokens of the
+neighbours for that profile. Budgets (`BudgetConfig.tokens`) are tokens per window per backend, so
+gamma_i prices one token of backend i: a backend's per-token price only matters through how the
+operator splits budgets.
+
+Warm-up. PORT routes its first ceil(eps x N) queries uniformly at random and drops them (the
+paper's evaluation). A product must serve them, so:
+- ``algorithm: tollway`` starts with prices fitted on the history itself (leave-one-out neighbour
+  estimates of up to 2,000 history entries, budgets scaled to the expected volume), i.e. warm-up
+  queries are already routed by the full rule; after ceil(eps x N) queries the prices are re-fitted
+  on live traffic, then every ``learning.refitEvery`` queries against the remaining budget and the
+  remaining expected queries of the window.
+- ``algorithm: port`` ranks warm-up queries in a uniformly random order (the router still serves
+  the first candidate the budget admits) and fits gamma once after the warm-up, as published.
+Fits run on a background thread (one at a time) so `rank` never waits for the LP solver.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from router_service.ann import NeighbourIndex
+from router_service.config import RouterConfig
+from router_service.duals import DualController
+from router_service.embedding import Embedder, EmbeddingCache, HashedNgramEmbedder, make_embedder
+from router_service.estimator import NeighbourEstimator
+from router_service.history import CHARS_PER_TOKEN, History, load_builtin_history, load_history
+from router_service.ledger import BudgetLedger
+from router_service.policy import Candidate, rank
+
+log = logging.getLogger(__name__)
+
+PRIOR_SAMPLE = 2000
+HISTORY_DIR_ENV = "TOLLWAY_HISTORY_DIR"
+DEFAULT_HISTORY_DIR = "/etc/tollway/history"
+
+__all__ = ["Candidate", "Ranking", "RoutingEngine", "load_configured_history"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """Every backend for one prompt, best first."""
+
+    candidates: list[Candidate]
+    phase: Literal["warmup", "routed"]
+    decision_seconds: float
+    """Wall time of the whole decision, embedding included."""
+    reject: bool = False
+    """True when the best score is below objective.rejectBelow (never for priority 'critical')."""
+    prompt_tokens: float = 0.0
+    gamma: dict[str, float] = field(default_factory=dict)
+
+
+def _history_from_dir(directory: Path) -> Path:
+    files = sorted(
+        p for p in directory.iterdir() if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz", ".csv"))
+    )
+    if not files:
+        raise FileNotFoundError(f"history.configMap: no .jsonl, .jsonl.gz or .csv file in {directory}")
+    return files[0]
+
+
+def load_configured_history(cfg: RouterConfig) -> History:
+    """The history a RouterConfig names (builtin / path / configMap mount / url)."""
+    h = cfg.history
+    if h.builtin:
+        return load_builtin_history("history")
+    if h.path:
+        return load_history(h.path)
+    if h.config_map:
+        directory = Path(os.environ.get(HISTORY_DIR_ENV, DEFAULT_HISTORY_DIR))
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"history.configMap {h.config_map!r}: expected it mounted at {directory} (set {HISTORY_DIR_ENV})"
+            )
+        return load_history(_history_from_dir(directory))
+    assert h.url is not None
+    import hashlib
+
+    import httpx
+
+    from router_service.embedding import cache_dir
+
+    name = h.url.rsplit("/", 1)[-1] or "history.jsonl"
+    target = cache_dir() / "history" / hashlib.sha256(h.url.encode()).hexdigest()[:16] / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with httpx.Client(timeout=60, follow_redirects=True) as client:
+        resp = client.get(h.url)
+    if resp.status_code != 200:
+        raise RuntimeError(f"history.url {h.url!r}: HTTP {resp.status_code}")
+    target.write_bytes(resp.content)
+    return load_history(target)
+
+
+class RoutingEngine:
+    """Ranks backends for prompts; keeps the dual prices up to date."""
+
+    def __init__(
+        self,
+        *,
+        backends: list[str],
+        history: History,
+        embedder: Embedder,
+        history_vectors: np.ndarray,
+        cfg: RouterConfig,
+        ledger: BudgetLedger | None = None,
+        background_fits: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.backends = list(backends)
+        self.embedder = embedder
+        self.alpha = cfg.objective.alpha
+        self.algorithm = cfg.objective.algorithm
+        self.reject_below = cfg.objective.reject_below
+        self.learn_from_traffic = cfg.history.learn_from_traffic
+        self.ledger = ledger
+        self.background_fits = background_fits
+        self._rng = np.random.default_rng(seed)
+        self._history = history  # columns = backends' profiles, in backend order
+        prompt_tokens = history.prompt_tokens
+        completion = np.clip(history.tokens - prompt_tokens[:, None], 0.0, None)
+        index = NeighbourIndex.build(history_vectors, cfg.ann)
+        self.estimator = NeighbourEstimator(index, history.scores, completion, k=cfg.ann.k)
+        share = cfg.budgets.replica_share
+        prior_d = prior_g = None
+        if self.algorithm == "tollway":
+            prior_d, prior_g = self._prior_sample(history_vectors, prompt_tokens)
+        self.controller = DualController(
+            self.backends,
+            self.alpha,
+            algorithm=self.algorithm,
+            expected_queries=max(1, round(cfg.learning.expected_queries * share)),
+            warmup_fraction=cfg.learning.warmup_fraction,
+            refit_every=cfg.learning.refit_every,
+            prior_quality=prior_d,
+            prior_cost=prior_g,
+        )
+        self._fit_lock = threading.Lock()
+        self._fit_thread: threading.Thread | None = None
+        self._window = ledger.window_index if ledger is not None else 0
+        self.last_fit_error: str | None = None
+        if self.algorithm == "tollway":
+            self.controller.fit_prior(self._full_budgets())
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: RouterConfig,
+        ledger: BudgetLedger | None = None,
+        *,
+        history: History | None = None,
+        cache: EmbeddingCache | None = None,
+        background_fits: bool = True,
+    ) -> RoutingEngine:
+        """Load the history, embed it (cached on disk), build the index, fit the first prices."""
+        full = history if history is not None else load_configured_history(cfg)
+        if len(full) == 0:
+            raise ValueError("the routing history is empty")
+        profiles = []
+        for b in cfg.backends:
+            if b.profile not in full.models:
+                raise ValueError(
+                    f"backends[{b.name}].profile {b.profile!r} is not a model of the routing history; "
+                    f"known profiles: {full.models}"
+                )
+            profiles.append(b.profile)
+        columns = History(
+            prompts=full.prompts,
+            models=[b.name for b in cfg.backends],
+            scores=full.scores[:, [full.model_index(p) for p in profiles]],
+            costs=full.costs[:, [full.model_index(p) for p in profiles]],
+            tokens=full.tokens[:, [full.model_index(p) for p in profiles]],
+            eval_names=full.eval_names,
+        )
+        embedder = make_embedder(cfg.embedding)
+        if isinstance(embedder, HashedNgramEmbedder):
+            embedder = embedder.fit_idf(columns.prompts)
+        vectors = (cache or EmbeddingCache()).embed(embedder, columns.prompts)
+        return cls(
+            backends=[b.name for b in cfg.backends],
+            history=columns,
+            embedder=embedder,
+            history_vectors=vectors,
+            cfg=cfg,
+            ledger=ledger,
+            background_fits=background_fits,
+        )
+
+    def _prior_sample(self, vectors: np.ndarray, prompt_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(vectors)
+        rows = np.sort(self._rng.permutation(n)[: min(n, PRIOR_SAMPLE)])
+        ids = self.estimator.neighbours(vectors[rows], exclude_self=True)
+        d, g = self.estimator.estimate_ids(ids)
+        return d, g + prompt_tokens[rows, None]
+
+    def attach_ledger(self, ledger: BudgetLedger) -> None:
+        """Use `ledger` for budgets from now on (re-fits read its remaining budget)."""
+        self.ledger = ledger
+        self._window = ledger.window_index
+
+    # -- budgets --------------------------------------------------------------------------------
+
+    def _full_budgets(self) -> np.ndarray:
+        if self.ledger is not None:
+            return np.array([self.ledger.budget(m) for m in self.backends], dtype=np.float64)
+        b = self.cfg.budgets
+        return np.array(
+            [float(b.tokens[m]) * b.replica_share if m in b.tokens else math.inf for m in self.backends]
+        )
+
+    def _remaining_budgets(self) -> np.ndarray:
+        if self.ledger is not None:
+            return np.array([self.ledger.remaining(m) for m in self.backends], dtype=np.float64)
+        return self._full_budgets()
+
+    # -- hot path -------------------------------------------------------------------------------
+
+    @property
+    def gamma(self) -> dict[str, float]:
+        return self.controller.gamma_dict()
+
+    @property
+    def phase(self) -> Literal["warmup", "routed"]:
+        return self.controller.phase
+
+    def estimate(self, prompt: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """(quality [backends], tokens [backends], prompt tokens) for one prompt."""
+        vec = self.embedder.embed([prompt])[0]
+        d, completion = self.estimator.estimate_one(vec)
+        prompt_tokens = len(prompt) / CHARS_PER_TOKEN
+        return d, completion + prompt_tokens, prompt_tokens
+
+    def rank(self, prompt: str, priority: str | None = None) -> Ranking:
+        """All backends best-first for this prompt (sync, no I/O)."""
+        t0 = time.perf_counter()
+        d, g, prompt_tokens = self.estimate(prompt)
+        self._check_window()
+        phase = self.controller.phase
+        gamma = self.controller.gamma
+        if self.algorithm == "port" and phase == "warmup":
+            order = self._rng.permutation(len(self.backends))
+            candidates = [
+                Candidate(self.backends[i], float(self.alpha * d[i]), float(d[i]), float(g[i])) for i in order
+            ]
+        else:
+            candidates = rank(self.backends, d, g, gamma, self.alpha)
+        if self.controller.observe(d, g):
+            self._schedule_fit()
+        reject = (
+            self.reject_below is not None
+            and priority != "critical"
+            and bool(candidates)
+            and candidates[0].score < self.reject_below
+        )
+        return Ranking(
+            candidates=candidates,
+            phase=phase,
+            decision_seconds=time.perf_counter() - t0,
+            reject=reject,
+            prompt_tokens=prompt_tokens,
+            gamma=self.controller.gamma_dict(),
+        )
+
+    def _check_window(self) -> None:
+        if self.ledger is None:
+            return
+        window = self.ledger.window_index
+        if window != self._window:
+            self._window = window
+            self.controller.reset_window()
+
+    # -- fitting --------------------------------------------------------------------------------
+
+    def fit_duals(self, budget_tokens: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Fit gamma now (synchronously) and return it. ``budget_tokens``: the budgets to fit
+        against (remaining ones for tollway); default: the ledger's (or the config's)."""
+        if budget_tokens is not None:
+            remaining = np.array([float(budget_tokens.get(m, math.inf)) for m in self.backends])
+            full = remaining
+        else:
+            remaining, full = self._remaining_budgets(), self._full_budgets()
+        with self._fit_lock:
+            self.controller.fit(remaining, full)
+        return self.gamma
+
+    def _fit_safely(self) -> None:
+        try:
+            self.fit_duals()
+            self.last_fit_error = None
+        except Exception as exc:  # keep routing with the old prices
+            self.last_fit_error = str(exc)
+            log.exception("dual price fit failed; keeping the previous prices")
+
+    def _schedule_fit(self) -> None:
+        if not self.background_fits:
+            self._fit_safely()
+            return
+        if self._fit_thread is not None and self._fit_thread.is_alive():
+            return  # one at a time; the next due point fits again
+        self._fit_thread = threading.Thread(target=self._fit_safely, name="tollway-dual-fit", daemon=True)
+        self._fit_thread.start()
+
+    def wait_for_fit(self, timeout: float = 30.0) -> None:
+        thread = self._fit_thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def close(self) -> None:
+        """Wait for a running fit to finish (call on shutdown)."""
+        self.wait_for_fit()
+
+    # -- learning from traffic ------------------------------------------------------------------
+
+    def record_feedback(self, prompt: str, model: str, score: float, tokens: float | None = None) -> bool:
+        """Add a served query with observed quality to the history (when history.learnFromTraffic).
+
+        The new entry carries the observed score (and tokens, when given) for `model` and the
+        current estimates for the other backends. Returns False when learning is off."""
+        if not self.learn_from_traffic:
+            return False
+        if model not in self.backends:
+            raise KeyError(f"feedback for unknown backend {model!r}; backends are {self.backends}")
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"feedback score must be within [0, 1], got {score}")
+        vec = self.embedder.embed([prompt])
+        d, completion = self.estimator.estimate_one(vec[0])
+        j = self.backends.index(model)
+        d = d.copy()
+        completion = completion.copy()
+        d[j] = score
+        if tokens is not None:
+            completion[j] = max(0.0, float(tokens) - len(prompt) / CHARS_PER_TOKEN)
+        self.estimator.add(vec, d[None, :], completion[None, :])
+        return True
+
+    # -- introspection --------------------------------------------------------------------------
+
+    @property
+    def history_size(self) -> int:
+        return len(self.estimator)
+
+    def status(self) -> dict:
+        return {
+            "algorithm": self.algorithm,
+            "phase": self.phase,
+            "gamma": self.gamma,
+            "observed_queries": self.controller.observed,
+            "warmup_queries": self.controller.warmup_queries,
+            "fits": self.controller.fits,
+            "history_size": self.history_size,
+            "index": self.estimator.index.kind,
+            "embedder": self.embedder.name,
+            "last_fit_error": self.last_fit_error,
+        }
