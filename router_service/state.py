@@ -1,0 +1,263 @@
+"""The router's state: what one config generation defines, and what outlives reloads.
+
+`RouterState` is immutable and built whole from one `RouterConfig` (resolved backends, routing
+engine, accepted tokens, the `/v1/models` answer). A reload builds a new one off the event loop
+and swaps a single reference, so a request in flight keeps the generation it started with.
+
+`Runtime` holds what outlives reloads: the budget ledger (resized, never rebuilt, so spent
+budget stays spent), the load tracker, the metrics, and the one pooled HTTP client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from router_service.config import RouterConfig
+from router_service.ledger import BudgetLedger
+from router_service.load import LoadTracker
+from router_service.telemetry import LiveState, RouterMetrics
+from router_service.upstream import Backend, make_client
+
+log = logging.getLogger("tollway.router")
+
+
+class Engine(Protocol):
+    """What the router needs from `router_service.engine.RoutingEngine`."""
+
+    gamma: dict[str, float]
+
+    def rank(self, prompt: str, priority: str | None = None) -> Any: ...
+
+
+EngineFactory = Callable[[RouterConfig, BudgetLedger], Engine]
+
+# Config blocks the routing engine is built from; when none of them changes, a reload keeps the
+# engine (and what it learned) as it is. Budget sizes are not among them: the engine reads them
+# from the shared ledger, which a reload resizes.
+_ENGINE_FIELDS = ("objective", "history", "embedding", "ann", "learning")
+
+
+def default_engine_factory(config: RouterConfig, ledger: BudgetLedger) -> Engine:
+    from router_service.engine import RoutingEngine
+
+    return RoutingEngine.from_config(config, ledger)
+
+
+def engine_inputs(config: RouterConfig) -> str:
+    """A stable fingerprint of what the engine depends on (reuse it when unchanged)."""
+    parts: dict[str, Any] = {f: getattr(config, f).model_dump(mode="json") for f in _ENGINE_FIELDS}
+    parts["replica_share"] = config.budgets.replica_share
+    parts["backends"] = [(b.name, b.profile, b.price.model_dump(mode="json")) for b in config.backends]
+    return json.dumps(parts, sort_keys=True)
+
+
+def read_tokens(path: str | None) -> frozenset[str] | None:
+    """Accepted bearer tokens: one per line, blank lines and `#` comments ignored; None: no auth."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"auth.bearerTokensFile {path!r} cannot be read: {exc}") from exc
+    tokens = frozenset(
+        line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")
+    )
+    if not tokens:
+        raise ValueError(f"auth.bearerTokensFile {path!r} holds no token")
+    return tokens
+
+
+def token_accepted(tokens: frozenset[str], offered: str) -> bool:
+    """Constant-time comparison against every accepted token."""
+    found = False
+    for token in tokens:
+        found |= hmac.compare_digest(token.encode(), offered.encode())
+    return found
+
+
+def models_listing(config: RouterConfig, created: int) -> bytes:
+    """The `/v1/models` answer: the served (routed) name first, then each backend."""
+    data = [
+        {
+            "id": config.served_model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "tollway",
+            "tollway": {"routed": True, "models": [b.name for b in config.backends]},
+        }
+    ]
+    for b in config.backends:
+        data.append(
+            {
+                "id": b.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "tollway",
+                "tollway": {
+                    "routed": False,
+                    "profile": b.profile,
+                    "capabilities": list(b.capabilities),
+                    "replicas": b.replicas,
+                    "price": b.price.to_wire(),
+                },
+            }
+        )
+    return json.dumps({"object": "list", "data": data}).encode()
+
+
+@dataclass(frozen=True)
+class RouterState:
+    config: RouterConfig
+    engine: Engine
+    engine_key: str
+    backends: dict[str, Backend]
+    tokens: frozenset[str] | None
+    models_body: bytes
+    generation: int
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.backends)
+
+
+def build_state(
+    config: RouterConfig,
+    engine_factory: EngineFactory,
+    ledger: BudgetLedger,
+    previous: RouterState | None = None,
+    engine: Engine | None = None,
+) -> RouterState:
+    """A complete state for `config` (may take seconds: runs the engine build)."""
+    backends = {b.name: Backend.from_config(b) for b in config.backends}
+    tokens = read_tokens(config.auth.bearer_tokens_file)
+    key = engine_inputs(config)
+    if engine is None:
+        engine = (
+            previous.engine
+            if previous is not None and previous.engine_key == key
+            else engine_factory(config, ledger)
+        )
+    return RouterState(
+        config=config,
+        engine=engine,
+        engine_key=key,
+        backends=backends,
+        tokens=tokens,
+        models_body=models_listing(config, int(time.time())),
+        generation=(previous.generation + 1) if previous else 1,
+    )
+
+
+class Runtime:
+    """Everything the request handlers share."""
+
+    def __init__(
+        self,
+        state: RouterState,
+        ledger: BudgetLedger,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        config = state.config
+        self.state = state
+        self.clock = clock
+        self.ledger = ledger
+        self.load = LoadTracker(config.backends, config.degradation, clock=clock)
+        self.metrics = RouterMetrics(self.live_state)
+        self._transport = transport
+        self.client: httpx.AsyncClient | None = None
+        self.ready = False
+        self.draining = False
+        self._rank_pool: ThreadPoolExecutor | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.client = make_client(self.state.config, self._transport)
+        self.load.start(self.client)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.load.stop()
+        if self.client is not None:
+            await self.client.aclose()
+        if self._rank_pool is not None:
+            self._rank_pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.state.engine, "close", None)
+        if callable(close):
+            await asyncio.to_thread(close)  # let a running dual-price fit finish
+        self.ledger.save()
+
+    def http(self) -> httpx.AsyncClient:
+        if self.client is None:
+            raise RuntimeError("router runtime not started")
+        return self.client
+
+    # --- config generations ---------------------------------------------------------------------
+
+    def apply(self, state: RouterState) -> None:
+        """Swap to a new generation; budgets carry over, load counts of kept backends too."""
+        self.ledger.resize(state.config.budgets)
+        self.load.configure(state.config.backends, state.config.degradation)
+        self.state = state
+
+    # --- routing decision off the loop for slow embedders ---------------------------------------
+
+    async def rank(self, state: RouterState, prompt: str, priority: str) -> Any:
+        """The engine's ranking; inline for the hashed embedder (sub-ms), else on one worker thread."""
+        if state.config.embedding.kind == "hashed":
+            return state.engine.rank(prompt, priority)
+        if self._rank_pool is None:
+            self._rank_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-rank")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._rank_pool, state.engine.rank, prompt, priority)
+
+    # --- metrics --------------------------------------------------------------------------------
+
+    def live_state(self) -> LiveState:
+        state = self.state
+        remaining: dict[str, float] = {}
+        totals: dict[str, float] = {}
+        for name in state.backends:
+            budget = self.ledger.budget(name)
+            if math.isfinite(budget):
+                totals[name] = budget
+                remaining[name] = self.ledger.remaining(name)
+        gamma = getattr(state.engine, "gamma", {}) or {}
+        return LiveState(
+            budget_remaining=remaining,
+            budget_total=totals,
+            dual_price={m: float(v) for m, v in dict(gamma).items()},
+            load=self.load.snapshot(),
+            pending_demand={m: self.load.pending_demand(m) for m in state.backends},
+            ready=self.ready and not self.draining,
+        )
+
+    def status(self) -> dict:
+        """JSON for `GET /v1/tollway/status`: what the router sees right now."""
+        state = self.state
+        engine = state.engine
+        return {
+            "generation": state.generation,
+            "served_model_name": state.config.served_model_name,
+            "ready": self.ready and not self.draining,
+            "engine": engine.status() if callable(getattr(engine, "status", None)) else None,
+            "gamma": {m: float(v) for m, v in dict(getattr(engine, "gamma", {}) or {}).items()},
+            "budgets": self.ledger.snapshot(),
+            "load": self.load.snapshot(),
+            "pending_demand": {m: self.load.pending_demand(m) for m in state.backends},
+        }

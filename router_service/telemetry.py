@@ -1,0 +1,243 @@
+"""Prometheus metrics and OpenTelemetry tracing for the router.
+
+Metrics live in one registry per app (several routers can share a process in tests). Counters
+and histograms are updated on the request path; gauges that mirror live state (budget left, dual
+prices, in-flight, scraped load, demand for models at zero replicas) are read at scrape time by a
+collector, so the request path never pays for them.
+
+Tracing is off unless the standard OpenTelemetry variables ask for it: `OTEL_TRACES_EXPORTER`
+(otlp / console; `none` keeps it off) or `OTEL_EXPORTER_OTLP_ENDPOINT` /
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_SDK_DISABLED=true` wins over both. The exporter reads
+its own `OTEL_*` settings (endpoint, headers, service name via `OTEL_SERVICE_NAME`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("tollway.telemetry")
+
+DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """What the scrape-time collector reads (built by the app on every scrape)."""
+
+    budget_remaining: Mapping[str, float]
+    budget_total: Mapping[str, float]
+    dual_price: Mapping[str, float]
+    load: Mapping[str, Mapping[str, Any]]
+    pending_demand: Mapping[str, int]
+    ready: bool
+
+
+class _LiveCollector(Collector):
+    def __init__(self, read: Callable[[], LiveState | None]) -> None:
+        self._read = read
+
+    def describe(self) -> list:
+        return []  # read lazily: never called at registration time
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self._read()
+        if state is None:
+            return
+        remaining = GaugeMetricFamily(
+            "tollway_budget_remaining_tokens",
+            "Tokens left in this window's budget on this router replica (models with a budget).",
+            labels=["model"],
+        )
+        total = GaugeMetricFamily(
+            "tollway_budget_tokens", "This replica's token budget per window.", labels=["model"]
+        )
+        for model, value in state.budget_remaining.items():
+            if math.isfinite(value):
+                remaining.add_metric([model], value)
+        for model, value in state.budget_total.items():
+            if math.isfinite(value):
+                total.add_metric([model], value)
+        dual = GaugeMetricFamily(
+            "tollway_dual_price",
+            "Dual price (gamma) per model: the value of one unit of its budget.",
+            labels=["model"],
+        )
+        for model, value in state.dual_price.items():
+            dual.add_metric([model], float(value))
+        in_flight = GaugeMetricFamily(
+            "tollway_in_flight", "Requests this router has in flight.", labels=["model"]
+        )
+        replicas = GaugeMetricFamily(
+            "tollway_backend_replicas", "Ready replicas per model (config).", labels=["model"]
+        )
+        signal = GaugeMetricFamily(
+            "tollway_backend_load",
+            "Scraped vLLM load per model (waiting, running, kv_cache_usage), fresh values only.",
+            labels=["model", "signal"],
+        )
+        age = GaugeMetricFamily(
+            "tollway_backend_scrape_age_seconds",
+            "Age of the last successful /metrics read.",
+            labels=["model"],
+        )
+        for model, load in state.load.items():
+            in_flight.add_metric([model], load["in_flight"])
+            replicas.add_metric([model], load["replicas"])
+            for key in ("waiting", "running", "kv_cache_usage"):
+                if load.get(key) is not None:
+                    signal.add_metric([model, key], load[key])
+            if load.get("scrape_age_seconds") is not None:
+                age.add_metric([model], load["scrape_age_seconds"])
+        demand = GaugeMetricFamily(
+            "tollway_model_pending_demand",
+            "Requests in the last 60 s that wanted this model while it had no replicas (scale-from-zero signal).",
+            labels=["model"],
+        )
+        for model, value in state.pending_demand.items():
+            demand.add_metric([model], value)
+        ready = GaugeMetricFamily("tollway_ready", "1 when the router is ready to serve.")
+        ready.add_metric([], 1.0 if state.ready else 0.0)
+        yield from (remaining, total, dual, in_flight, replicas, signal, age, demand, ready)
+
+
+class RouterMetrics:
+    """Every metric the router exports, in its own registry."""
+
+    def __init__(self, read_live: Callable[[], LiveState | None] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter(
+            "tollway_requests",
+            "Requests by served model, route (routed/degraded/fallback/pinned/none) and outcome.",
+            ["model", "route", "outcome"],
+            registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "tollway_routing_decision_seconds",
+            "Time to choose a model (embedding, neighbour search, scoring, filters).",
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "tollway_upstream_seconds",
+            "Upstream call duration per model: stage first_byte (response headers) and total.",
+            ["model", "stage"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.degradations = Counter(
+            "tollway_degradations",
+            "Requests served by a lower-ranked model, by the model passed over and why.",
+            ["from_model", "to_model", "reason"],
+            registry=r,
+        )
+        self.sheds = Counter(
+            "tollway_sheds",
+            "Requests refused (429/503) by reason and priority.",
+            ["reason", "priority"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "tollway_upstream_retries",
+            "Requests retried on another model after an upstream failure before the first byte.",
+            ["from_model", "reason"],
+            registry=r,
+        )
+        self.demand = Counter(
+            "tollway_model_demand",
+            "Requests that wanted this model (ranked above the one that served, or pinned) while it had no replicas.",
+            ["model"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "tollway_tokens",
+            "Tokens served per model, kind prompt/completion.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "tollway_cost_usd", "Cost of served tokens at the configured prices.", ["model"], registry=r
+        )
+        self.reloads = Counter(
+            "tollway_config_reloads", "Config reloads by outcome.", ["outcome"], registry=r
+        )
+        if read_live is not None:
+            r.register(_LiveCollector(read_live))
+
+
+# --- tracing ------------------------------------------------------------------------------------
+
+_tracing_configured = False
+
+
+def tracing_requested(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the OTEL_* environment asks for trace export."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter:
+        return exporter != "none"
+    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def configure_tracing(env: Mapping[str, str] | None = None) -> bool:
+    """Install a global tracer provider when the environment asks for one; True when tracing is on.
+
+    Idempotent within a process. Without it, spans go to OpenTelemetry's no-op tracer.
+    """
+    global _tracing_configured
+    env = os.environ if env is None else env
+    if _tracing_configured:
+        return True
+    if not tracing_requested(env):
+        return False
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+    exporter_name = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
+    exporters: list[SpanExporter] = []
+    for name in (n.strip() for n in exporter_name.split(",")):
+        if name == "console":
+            exporters.append(ConsoleSpanExporter())
+        elif name in {"otlp", "otlp_proto_http"}:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporters.append(OTLPSpanExporter())
+        else:
+            log.warning("OTEL_TRACES_EXPORTER=%s is not supported here (otlp, console); ignored", name)
+    if not exporters:
+        return False
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "tollway-router")})
+    provider = TracerProvider(resource=resource)
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _tracing_configured = True
+    log.info("OpenTelemetry tracing on (%s)", exporter_name)
+    return True
+
+
+def get_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
+    if provider is not None:
+        return provider.get_tracer("tollway.router")
+    return trace.get_tracer("tollway.router")
+
+
+def shutdown_tracing() -> None:
+    provider = trace.get_tracer_provider()
+    shutdown = getattr(provider, "shutdown", None)
+    if _tracing_configured and callable(shutdown):
+        shutdown()

@@ -1,0 +1,272 @@
+"""Talking to backends: one pooled httpx client, failure classification, usage accounting.
+
+`open_upstream` sends a request and returns as soon as the response headers arrive (the body is
+not read), or raises `UpstreamFailure` saying whether the failure happened before the first byte
+and may be retried on another model (connect error, timeout, 5xx, 429). Streaming bodies are then
+passed through chunk by chunk by the caller while `SseUsage` watches the bytes go by: it takes the
+`usage` object when the backend sends one and otherwise counts the generated tokens (one content
+delta per token, as vLLM emits them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import httpx
+
+from router_service.config import BackendConfig, RouterConfig
+
+# Response headers never copied from the backend (hop-by-hop, or recomputed by the router).
+_DROP_RESPONSE_HEADERS = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server", "content-encoding"}
+)
+_MAX_ERROR_BODY = 4096
+_MAX_SSE_LINE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend as the request path needs it (resolved once per config load)."""
+
+    name: str
+    base_url: str
+    upstream_model: str
+    capabilities: frozenset[str]
+    headers: dict[str, str]
+    config: BackendConfig
+
+    @classmethod
+    def from_config(cls, b: BackendConfig) -> Backend:
+        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        if b.api_key_env:
+            key = os.environ.get(b.api_key_env)
+            if not key:
+                raise ValueError(
+                    f"backends[{b.name}].apiKeyEnv: environment variable {b.api_key_env!r} is not set"
+                )
+            headers["authorization"] = f"Bearer {key}"
+        return cls(
+            name=b.name,
+            base_url=b.url.rstrip("/"),
+            upstream_model=b.upstream_model or b.name,
+            capabilities=frozenset(b.capabilities),
+            headers=headers,
+            config=b,
+        )
+
+
+class UpstreamFailure(Exception):
+    """The backend did not give a usable answer before the first byte."""
+
+    def __init__(self, kind: str, message: str, status: int | None = None, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.kind = kind  # connect | timeout | status | protocol
+        self.status = status
+        self.body = body
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in {"connect", "timeout", "protocol"} or (
+            self.status is not None and (self.status >= 500 or self.status == 429)
+        )
+
+
+def make_client(config: RouterConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """The one shared client: pooled keep-alive connections sized to the admission limits.
+
+    `transport` replaces the network (tests); the limits then do not apply.
+    """
+    capacity = sum(config.degradation.max_in_flight_per_replica * max(1, b.replicas) for b in config.backends)
+    capacity = int(capacity * max(config.degradation.priority_headroom.values(), default=1.0)) + 16
+    limits = httpx.Limits(
+        max_connections=max(64, capacity),
+        max_keepalive_connections=max(32, min(capacity, 1024)),
+        keepalive_expiry=30.0,
+    )
+    timeout = httpx.Timeout(
+        connect=config.server.connect_timeout_seconds,
+        read=config.server.upstream_timeout_seconds,
+        write=config.server.upstream_timeout_seconds,
+        pool=config.server.connect_timeout_seconds,
+    )
+    return httpx.AsyncClient(
+        limits=limits, timeout=timeout, follow_redirects=False, trust_env=False, transport=transport
+    )
+
+
+async def open_upstream(
+    client: httpx.AsyncClient,
+    backend: Backend,
+    path: str,
+    body: bytes,
+    extra_headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """POST `body` to the backend; returns once headers arrive with status < 500 (and not 429).
+
+    The response body is left unread (the caller streams or reads it and must close it). A 4xx
+    other than 429 is returned as is: the client's request is at fault, another model would
+    refuse it as well.
+    """
+    headers = backend.headers if not extra_headers else {**backend.headers, **extra_headers}
+    request = client.build_request("POST", backend.base_url + path, content=body, headers=headers)
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.TimeoutException as exc:
+        raise UpstreamFailure(
+            "timeout", f"{backend.name}: timed out before the first byte ({type(exc).__name__})"
+        ) from exc
+    except (httpx.ConnectError, httpx.NetworkError) as exc:
+        raise UpstreamFailure(
+            "connect", f"{backend.name}: cannot connect ({exc or type(exc).__name__})"
+        ) from exc
+    except httpx.RemoteProtocolError as exc:
+        raise UpstreamFailure("protocol", f"{backend.name}: broken response ({exc})") from exc
+    if response.status_code >= 500 or response.status_code == 429:
+        try:
+            err_body = await _read_capped(response, _MAX_ERROR_BODY)
+        except httpx.HTTPError:
+            err_body = b""
+        finally:
+            await response.aclose()
+        raise UpstreamFailure(
+            "status",
+            f"{backend.name}: answered {response.status_code}{': ' + _error_message(err_body) if err_body else ''}",
+            status=response.status_code,
+            body=err_body,
+        )
+    return response
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    out = bytearray()
+    async for chunk in response.aiter_raw():
+        out += chunk
+        if len(out) >= limit:
+            break
+    return bytes(out[:limit])
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+        if isinstance(data, dict):
+            err = data.get("error")
+            if isinstance(err, dict) and isinstance(err.get("message"), str):
+                return err["message"][:300]
+            if isinstance(data.get("message"), str):
+                return data["message"][:300]
+    except ValueError:
+        pass
+    return body[:300].decode("utf-8", "replace")
+
+
+def response_headers(response: httpx.Response) -> dict[str, str]:
+    """Backend headers worth passing to the client."""
+    return {k: v for k, v in response.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
+
+
+# --- usage ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    reported: bool  # False: counted or estimated by the router
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage_from_obj(obj: object) -> Usage | None:
+    """The `usage` object of an OpenAI response (chat, completions, embeddings)."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens", 0)
+    total = usage.get("total_tokens")
+    if not isinstance(prompt, int):
+        if isinstance(total, int):
+            return Usage(0, total, True)
+        return None
+    if not isinstance(completion, int):
+        completion = (total - prompt) if isinstance(total, int) else 0
+    return Usage(prompt, max(0, completion), True)
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    try:
+        return usage_from_obj(json.loads(body))
+    except ValueError:
+        return None
+
+
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
+_CONTENT_RE = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
+
+
+class SseUsage:
+    """Watches a server-sent-event stream of OpenAI chunks without altering it.
+
+    Keeps only an incomplete line between chunks (bounded), parses JSON only for the event that
+    carries `usage`, and otherwise counts events with non-empty generated text.
+    """
+
+    __slots__ = ("_buffer", "counted", "done", "errored", "reported")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.counted = 0
+        self.reported: Usage | None = None
+        self.done = False
+        self.errored = False
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._buffer + chunk if self._buffer else chunk
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        self._buffer = tail if len(tail) <= _MAX_SSE_LINE else b""
+        for line in lines:
+            if line.startswith(b"data:"):
+                self._event(line[5:].strip())
+
+    def _event(self, payload: bytes) -> None:
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        if _USAGE_RE.search(payload):
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                obj = None
+            usage = usage_from_obj(obj)
+            if usage is not None:
+                self.reported = usage
+            if isinstance(obj, dict) and obj.get("choices"):
+                self._count(payload)
+            return
+        if payload.startswith(b'{"error"'):
+            self.errored = True
+            return
+        self._count(payload)
+
+    def _count(self, payload: bytes) -> None:
+        self.counted += len(_CONTENT_RE.findall(payload))
+
+    def usage(self, prompt_estimate: int) -> Usage:
+        if self.reported is not None:
+            return self.reported
+        return Usage(prompt_estimate, self.counted, False)
+
+
+def estimate_prompt_tokens(text_chars: int) -> int:
+    """A tokenizer-free estimate: about four characters per token for English text."""
+    return max(1, text_chars // 4)
