@@ -1,0 +1,507 @@
+"""The autoscaler: a kopf daemon per ModelPool with `autoscaling` in operator mode.
+
+Every `intervalSeconds` it reads each deployed model's Deployment (`<pool>-<model>`), asks
+Prometheus for the model's load (and, where zero is involved, its activity and the router's
+demand), runs the pure decision in `autoscaling.py`, patches `spec.replicas` when it changes, and
+writes `status.autoscaling` (its own subtree; the pool's Degraded condition is derived from
+`healthy` by the operator's status builder). Events go out on scale decisions and when the
+autoscaler's health changes, never every interval.
+
+When Prometheus is down, a query fails or returns nothing, the replicas stay as they are,
+`status.autoscaling.healthy` turns false with the reason, and the next good evaluation recovers.
+
+I/O sits behind two small protocols (`ReplicaScaler`, `StatusWriter`) so the whole loop runs in
+tests against a real Prometheus with an in-memory Deployment, and in the operator against the
+Kubernetes API (official client, in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import kopf
+
+from tollway_operator import autoscaling as decision
+from tollway_operator.api import (
+    GROUP,
+    VERSION,
+    AutoscalingSpec,
+    AutoscalingStatus,
+    ModelPoolSpec,
+    ModelSpec,
+    ScaleDecisionStatus,
+    SpecError,
+    parse_model_pool,
+)
+from tollway_operator.prometheus import (
+    NoData,
+    PrometheusClient,
+    PrometheusError,
+    PrometheusQueryError,
+    PrometheusUnavailable,
+)
+
+log = logging.getLogger("tollway.autoscaler")
+
+PLURAL = "modelpools"
+#: Worst first: the pool's reason is the worst problem any model had.
+_PROBLEM_ORDER = ("InvalidSpec", PrometheusUnavailable.reason, PrometheusQueryError.reason, NoData.reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O protocols
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeploymentReplicas:
+    replicas: int
+    ready: int
+
+
+class ReplicaScaler(Protocol):
+    async def read(self, namespace: str, name: str) -> DeploymentReplicas | None:
+        """Current spec.replicas and status.readyReplicas; None when the Deployment is absent."""
+        ...
+
+    async def scale(self, namespace: str, name: str, replicas: int) -> None: ...
+
+
+class StatusWriter(Protocol):
+    async def write(self, namespace: str, pool: str, autoscaling: dict[str, Any]) -> None:
+        """Merge `autoscaling` into the pool's status.autoscaling."""
+        ...
+
+
+EventPoster = Callable[[str, str, str], None]
+"""(type Normal/Warning, reason, message) -> posts an Event on the pool."""
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------
+# One evaluation of one pool
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScaleChange:
+    model: str
+    deployment: str
+    from_replicas: int
+    to_replicas: int
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    status: AutoscalingStatus
+    changes: list[ScaleChange]
+
+
+@dataclass(frozen=True)
+class _Problem:
+    reason: str
+    message: str
+
+
+@dataclass
+class PoolAutoscaler:
+    """State and logic of one pool's autoscaler, independent of kopf.
+
+    `clock` is monotonic seconds (windows, idle time); it is injectable for tests.
+    """
+
+    pool: str
+    namespace: str
+    scaler: ReplicaScaler
+    clock: Callable[[], float] = time.monotonic
+    query_timeout: float = 5.0
+    state: decision.PoolState = field(default_factory=decision.PoolState)
+    _clients: dict[str, PrometheusClient] = field(default_factory=dict)
+
+    def prometheus(self, url: str) -> PrometheusClient:
+        if url not in self._clients:
+            self._clients[url] = PrometheusClient(url, timeout=self.query_timeout)
+        return self._clients[url]
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    async def evaluate(self, spec: ModelPoolSpec) -> Evaluation:
+        """Evaluate every deployed model once, patch what changes, return the status to write."""
+        autoscaling = spec.autoscaling
+        if autoscaling is None:
+            raise ValueError("evaluate() needs spec.autoscaling")
+        stamp = now_rfc3339()
+        models = decision.scaled_models(spec)
+        self.state.forget_except({m.name for m in models})
+        problem = decision.spec_problem(autoscaling)
+        if problem:
+            return Evaluation(
+                AutoscalingStatus(
+                    healthy=False, reason="InvalidSpec", message=problem, last_evaluation_time=stamp
+                ),
+                [],
+            )
+        client = self.prometheus(autoscaling.prometheus_url)
+        results = await asyncio.gather(*(self._evaluate_model(client, autoscaling, m, stamp) for m in models))
+        entries: dict[str, ScaleDecisionStatus] = {}
+        changes: list[ScaleChange] = []
+        problems: dict[str, list[tuple[str, str]]] = {}
+        summaries: list[str] = []
+        for model, (entry, change, prob, summary) in zip(models, results, strict=True):
+            if entry is not None:
+                entries[model.name] = entry
+            if change is not None:
+                changes.append(change)
+            if prob is not None:
+                problems.setdefault(prob.reason, []).append((model.name, prob.message))
+            summaries.append(f"{model.name}: {summary}")
+        if problems:
+            reason = min(problems, key=lambda r: _PROBLEM_ORDER.index(r) if r in _PROBLEM_ORDER else 99)
+            message = _problem_message(reason, problems[reason])
+            status = AutoscalingStatus(
+                healthy=False, reason=reason, message=message, last_evaluation_time=stamp, models=entries
+            )
+        else:
+            status = AutoscalingStatus(
+                healthy=True,
+                reason="MetricsAvailable",
+                message="; ".join(summaries),
+                last_evaluation_time=stamp,
+                models=entries,
+            )
+        return Evaluation(status, changes)
+
+    async def _evaluate_model(
+        self, client: PrometheusClient, autoscaling: AutoscalingSpec, model: ModelSpec, stamp: str
+    ) -> tuple[ScaleDecisionStatus | None, ScaleChange | None, _Problem | None, str]:
+        name = decision.deployment_name(self.pool, model.name)
+        current = await self.scaler.read(self.namespace, name)
+        if current is None:
+            return None, None, None, f"Deployment {name} not found; waiting for the operator to create it"
+        policy = decision.ScalingPolicy.from_spec(autoscaling, model.replicas)
+        now = self.clock()
+        state = self.state.model(model.name, now)
+        try:
+            obs = await self._observe(client, autoscaling, model.name, current, policy)
+        except PrometheusError as e:
+            entry = ScaleDecisionStatus(
+                time=stamp, from_replicas=current.replicas, to_replicas=current.replicas, reason=e.reason
+            )
+            return entry, None, _Problem(e.reason, str(e)), f"holding {current.replicas} ({e.reason})"
+        if obs is None:  # no samples because no replica is ready yet: nothing to judge
+            entry = ScaleDecisionStatus(
+                time=stamp,
+                from_replicas=current.replicas,
+                to_replicas=current.replicas,
+                reason="NoReadyReplicas",
+            )
+            return entry, None, None, f"holding {current.replicas} (no ready replicas report metrics yet)"
+        result = decision.decide(policy, obs, state, now)
+        entry = ScaleDecisionStatus(
+            time=stamp,
+            from_replicas=current.replicas,
+            to_replicas=result.replicas,
+            value=obs.load,
+            reason=result.reason,
+        )
+        change = None
+        if result.replicas != current.replicas:
+            await self.scaler.scale(self.namespace, name, result.replicas)
+            change = ScaleChange(
+                model.name, name, current.replicas, result.replicas, result.reason, result.message
+            )
+        return entry, change, None, f"{result.reason}: {result.message}"
+
+    async def _observe(
+        self,
+        client: PrometheusClient,
+        autoscaling: AutoscalingSpec,
+        model: str,
+        current: DeploymentReplicas,
+        policy: decision.ScalingPolicy,
+    ) -> decision.Observation | None:
+        """Query Prometheus; None when the load has no data only because no replica is ready."""
+        at_zero = current.replicas == 0
+        load_q = decision.load_query(autoscaling, model, self.namespace)
+        queries: dict[str, Awaitable[float]] = {"load": client.value(load_q)}
+        if at_zero or policy.zero_allowed:
+            queries["demand"] = client.value(decision.demand_query(model))
+        if policy.zero_allowed and not at_zero:
+            queries["activity"] = client.value(decision.activity_query(model))
+        names = list(queries)
+        raw = await asyncio.gather(*queries.values(), return_exceptions=True)
+        values: dict[str, float | None] = {}
+        for key, value in zip(names, raw, strict=True):
+            if isinstance(value, NoData):
+                values[key] = None
+            elif isinstance(value, BaseException):
+                raise value
+            else:
+                values[key] = value
+        load = values["load"]
+        if load is None and not at_zero:
+            if current.ready == 0:
+                return None
+            raise NoData(
+                f"no data for the load of model {model} (query {load_q}) while {current.ready} replicas are ready"
+            )
+        return decision.Observation(
+            current=current.replicas,
+            load=load if load is not None else 0.0,
+            activity=values.get("activity"),
+            demand=values.get("demand") or 0.0,
+            ready=current.ready,
+        )
+
+
+def _problem_message(reason: str, items: list[tuple[str, str]]) -> str:
+    """One line per distinct problem, naming the models it hit."""
+    by_message: dict[str, list[str]] = {}
+    for model, message in items:
+        by_message.setdefault(message, []).append(model)
+    parts = [f"{message} (models: {', '.join(models)})" for message, models in by_message.items()]
+    text = "; ".join(parts)
+    return f"{reason}: holding replicas; {text}"
+
+
+def status_patch(status: AutoscalingStatus, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """status.autoscaling as a merge patch: models gone from the spec are removed (null)."""
+    body = status.model_dump(by_alias=True, mode="json", exclude_none=True)
+    old_models = (previous or {}).get("models") or {}
+    for name in old_models:
+        if name not in status.models:
+            body["models"][name] = None
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HealthTracker:
+    """Turns status transitions into Events: one per change, not one per interval."""
+
+    healthy: bool | None = None
+    reason: str | None = None
+
+    def events(self, status: AutoscalingStatus) -> list[tuple[str, str, str]]:
+        out: list[tuple[str, str, str]] = []
+        if not status.healthy and (self.healthy is not False or self.reason != status.reason):
+            out.append(("Warning", status.reason, status.message))
+        elif status.healthy and self.healthy is False:
+            out.append(("Normal", "AutoscalingRecovered", f"metrics available again ({status.message})"))
+        self.healthy, self.reason = status.healthy, status.reason
+        return out
+
+
+async def run_pool(
+    autoscaler: PoolAutoscaler,
+    read_spec: Callable[[], ModelPoolSpec | None],
+    status_writer: StatusWriter,
+    post_event: EventPoster,
+    stopped: Callable[[], bool],
+    wait: Callable[[float], Awaitable[Any]],
+    previous_status: Callable[[], dict[str, Any] | None] = lambda: None,
+    max_evaluations: int | None = None,
+) -> int:
+    """Evaluate, write status, post events, wait `intervalSeconds`; until `stopped()`.
+
+    `read_spec` returns the live spec (None: autoscaling off, skip this round). Returns the number
+    of evaluations (bounded by `max_evaluations` when given, for tests and benchmarks).
+    """
+    health = HealthTracker()
+    count = 0
+    while not stopped() and (max_evaluations is None or count < max_evaluations):
+        started = time.monotonic()
+        spec = read_spec()
+        interval = 15.0
+        if spec is not None and spec.autoscaling is not None:
+            interval = float(spec.autoscaling.interval_seconds)
+            try:
+                evaluation = await autoscaler.evaluate(spec)
+            except Exception as e:  # an adapter failure (Kubernetes API) must not kill the loop
+                log.exception("autoscaler evaluation of %s/%s failed", autoscaler.namespace, autoscaler.pool)
+                evaluation = Evaluation(
+                    AutoscalingStatus(
+                        healthy=False,
+                        reason="EvaluationFailed",
+                        message=f"{type(e).__name__}: {e}",
+                        last_evaluation_time=now_rfc3339(),
+                    ),
+                    [],
+                )
+            count += 1
+            for change in evaluation.changes:
+                post_event(
+                    "Normal",
+                    change.reason,
+                    f"model {change.model}: {change.from_replicas} -> {change.to_replicas} replicas ({change.message})",
+                )
+            for event in health.events(evaluation.status):
+                post_event(*event)
+            try:
+                await status_writer.write(
+                    autoscaler.namespace, autoscaler.pool, status_patch(evaluation.status, previous_status())
+                )
+            except Exception:
+                log.exception(
+                    "writing status.autoscaling of %s/%s failed", autoscaler.namespace, autoscaler.pool
+                )
+        await wait(max(0.0, interval - (time.monotonic() - started)))
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes adapters (official client, in a thread)
+# ---------------------------------------------------------------------------------------------
+
+_api_client: Any = None
+
+
+def kube_api_client() -> Any:
+    """A shared `kubernetes.client.ApiClient`: in-cluster config, else the kubeconfig."""
+    global _api_client
+    if _api_client is None:
+        import kubernetes
+
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        _api_client = kubernetes.client.ApiClient()
+    return _api_client
+
+
+def reset_kube_api_client() -> None:
+    """Forget the cached client (tests that point KUBECONFIG elsewhere)."""
+    global _api_client
+    _api_client = None
+
+
+class KubeReplicaScaler:
+    """Reads and patches Deployments' spec.replicas through the Kubernetes API."""
+
+    def __init__(self, api_client: Any | None = None) -> None:
+        import kubernetes
+
+        self._apps = kubernetes.client.AppsV1Api(api_client or kube_api_client())
+
+    async def read(self, namespace: str, name: str) -> DeploymentReplicas | None:
+        import kubernetes
+
+        def get() -> dict[str, Any] | None:
+            try:
+                raw = self._apps.read_namespaced_deployment(name, namespace, _preload_content=False)
+            except kubernetes.client.exceptions.ApiException as e:
+                if e.status == 404:
+                    return None
+                raise
+            return json.loads(raw.data)
+
+        body = await asyncio.to_thread(get)
+        if body is None:
+            return None
+        spec = body.get("spec") or {}
+        status = body.get("status") or {}
+        return DeploymentReplicas(int(spec.get("replicas", 1)), int(status.get("readyReplicas") or 0))
+
+    async def scale(self, namespace: str, name: str, replicas: int) -> None:
+        await asyncio.to_thread(
+            self._apps.patch_namespaced_deployment,
+            name,
+            namespace,
+            {"spec": {"replicas": replicas}},
+            _content_type="application/merge-patch+json",
+            _preload_content=False,
+        )
+
+
+class KubeStatusWriter:
+    """Merge-patches status.autoscaling through the ModelPool's status subresource."""
+
+    def __init__(self, api_client: Any | None = None) -> None:
+        import kubernetes
+
+        self._custom = kubernetes.client.CustomObjectsApi(api_client or kube_api_client())
+
+    async def write(self, namespace: str, pool: str, autoscaling: dict[str, Any]) -> None:
+        await asyncio.to_thread(
+            self._custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            pool,
+            {"status": {"autoscaling": autoscaling}},
+            _content_type="application/merge-patch+json",
+            _preload_content=False,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# kopf wiring
+# ---------------------------------------------------------------------------------------------
+
+
+def _operator_mode(spec: Any) -> bool:
+    autoscaling = (spec or {}).get("autoscaling") or {}
+    return (
+        bool(autoscaling)
+        and autoscaling.get("enabled", True)
+        and autoscaling.get("mode", "operator") == "operator"
+    )
+
+
+def _live_spec(spec: Any, logger: Any) -> ModelPoolSpec | None:
+    try:
+        parsed = parse_model_pool(dict(spec))
+    except SpecError as e:
+        logger.warning("autoscaler skips an invalid ModelPool spec: %s", e)
+        return None
+    a = parsed.autoscaling
+    if a is None or not a.enabled or a.mode != "operator":
+        return None
+    return parsed
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, when=lambda spec, **_: _operator_mode(spec), cancellation_timeout=10.0)
+async def autoscale_pool(
+    name: str, namespace: str, spec: Any, status: Any, body: Any, stopped: Any, logger: Any, **_: Any
+) -> None:
+    """One daemon per ModelPool in operator mode; kopf stops it when the pool or the mode goes."""
+    autoscaler = PoolAutoscaler(pool=name, namespace=namespace, scaler=KubeReplicaScaler())
+
+    def post(kind: str, reason: str, message: str) -> None:
+        (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message[:1000])
+
+    try:
+        await run_pool(
+            autoscaler,
+            read_spec=lambda: _live_spec(spec, logger),  # `spec` is a live view in kopf daemons
+            status_writer=KubeStatusWriter(),
+            post_event=post,
+            stopped=lambda: bool(stopped),
+            wait=stopped.wait,
+            previous_status=lambda: dict(status.get("autoscaling") or {}),
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await autoscaler.aclose()
