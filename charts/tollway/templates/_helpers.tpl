@@ -1,0 +1,61 @@
+{{/* Full name of the release's objects: the release name, with "-tollway" unless it says tollway already. */}}
+{{- define "tollway.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tollway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "tollway.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels that select the operator's pods; never change them (Deployment selectors are immutable). */}}
+{{- define "tollway.selectorLabels" -}}
+app.kubernetes.io/name: tollway-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tollway.labels" -}}
+{{ include "tollway.selectorLabels" . }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: tollway
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "tollway.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* Peering is on when asked for, and always with more than one replica. */}}
+{{- define "tollway.peering" -}}
+{{- if or .Values.peering.enabled (gt (int .Values.replicas) 1) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Fail early on values that would render a broken install. */}}
+{{- define "tollway.validate" -}}
+{{- if not (has .Values.logLevel (list "debug" "info" "warning" "error")) -}}
+{{- fail (printf "logLevel must be one of debug, info, warning, error (got %q)" (toString .Values.logLevel)) -}}
+{{- end -}}
+{{- if not (kindIs "slice" .Values.watchNamespaces) -}}
+{{- fail "watchNamespaces must be a list of namespace names (empty: all namespaces)" -}}
+{{- end -}}
+{{- range .Values.watchNamespaces -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .) -}}
+{{- fail (printf "watchNamespaces: %q is not a valid namespace name (a DNS-1123 label)" .) -}}
+{{- end -}}
+{{- end -}}
+{{- if lt (int .Values.replicas) 0 -}}
+{{- fail "replicas must be >= 0" -}}
+{{- end -}}
+{{- if not (regexMatch "^https?://" .Values.prometheusUrl) -}}
+{{- fail (printf "prometheusUrl must start with http:// or https:// (got %q)" .Values.prometheusUrl) -}}
+{{- end -}}
+{{- end -}}
