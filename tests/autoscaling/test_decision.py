@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -61,7 +62,9 @@ def test_policy_validates() -> None:
 
 
 def policy(**kw: object) -> a.ScalingPolicy:
-    base = dict(target=2.0, tolerance=0.1, min_replicas=1, max_replicas=4, up_window_s=0.0, down_window_s=30.0)
+    base = dict(
+        target=2.0, tolerance=0.1, min_replicas=1, max_replicas=4, up_window_s=0.0, down_window_s=30.0
+    )
     base.update(kw)
     return a.ScalingPolicy(**base)  # type: ignore[arg-type]
 
@@ -72,14 +75,18 @@ def run(p: a.ScalingPolicy, steps: list[tuple[float, float]], start: int, t0: fl
     current = start
     out = []
     for t, load in steps:
-        d = a.decide(p, a.Observation(current=current, load=load, activity=load + current, ready=current), state, t)
+        d = a.decide(
+            p, a.Observation(current=current, load=load, activity=load + current, ready=current), state, t
+        )
         current = d.replicas
         out.append(current)
     return out
 
 
 def test_scale_up_is_immediate_and_clamped_to_max() -> None:
-    d = a.decide(policy(), a.Observation(current=1, load=22.0, activity=30, ready=1), a.ModelState.start(0), 1.0)
+    d = a.decide(
+        policy(), a.Observation(current=1, load=22.0, activity=30, ready=1), a.ModelState.start(0), 1.0
+    )
     assert (d.replicas, d.reason, d.recommendation) == (4, "ScaledUp", 11)
     assert "recommend 11" in d.message and "bounds [1, 4]" in d.message
 
@@ -133,12 +140,14 @@ def test_closed_loop_settles_instead_of_bouncing() -> None:
     current, history = 1, []
     for t in range(1, 60):
         waiting = max(0, 30 - 8 * current)
-        d = a.decide(p, a.Observation(current=current, load=waiting, activity=30, ready=current), state, float(t))
+        d = a.decide(
+            p, a.Observation(current=current, load=waiting, activity=30, ready=current), state, float(t)
+        )
         current = d.replicas
         history.append(current)
     assert history[0] == 4
     assert history[-20:] == [3] * 20
-    changes = sum(1 for x, y in zip(history, history[1:], strict=False) if x != y)
+    changes = sum(1 for x, y in itertools.pairwise(history) if x != y)
     assert changes == 1  # 4 -> 3 once, never back up
 
 
@@ -150,7 +159,9 @@ def test_bounds_apply_at_once() -> None:
     d = a.decide(policy(min_replicas=3), a.Observation(1, 0.0, 1, ready=1), a.ModelState.start(0), 1.0)
     assert d.replicas == 3
     # min 0 without scaleToZero still keeps one replica.
-    d = a.decide(policy(min_replicas=0, down_window_s=0), a.Observation(2, 0.0, 0, ready=2), a.ModelState.start(0), 1)
+    d = a.decide(
+        policy(min_replicas=0, down_window_s=0), a.Observation(2, 0.0, 0, ready=2), a.ModelState.start(0), 1
+    )
     assert d.replicas == 1
 
 
@@ -205,7 +216,9 @@ def test_unknown_activity_never_scales_to_zero() -> None:
         assert a.decide(p, a.Observation(current=1, load=0.0, activity=None, ready=1), state, t).replicas == 1
 
 
-@pytest.mark.parametrize("kw", [{"scale_to_zero": False, "min_replicas": 0}, {"scale_to_zero": True, "min_replicas": 1}])
+@pytest.mark.parametrize(
+    "kw", [{"scale_to_zero": False, "min_replicas": 0}, {"scale_to_zero": True, "min_replicas": 1}]
+)
 def test_zero_needs_min_zero_and_scale_to_zero(kw: dict) -> None:
     p = policy(idle_s=1.0, down_window_s=0.0, **kw)
     state = a.ModelState.start(0.0)
@@ -326,7 +339,12 @@ def test_keda_scaled_objects() -> None:
     assert small["metadata"]["labels"]["tollway.io/model"] == "small"
     s = small["spec"]
     assert s["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pool-small"}
-    assert (s["minReplicaCount"], s["maxReplicaCount"], s["cooldownPeriod"], s["pollingInterval"]) == (0, 3, 120, 15)
+    assert (s["minReplicaCount"], s["maxReplicaCount"], s["cooldownPeriod"], s["pollingInterval"]) == (
+        0,
+        3,
+        120,
+        15,
+    )
     load = s["triggers"][0]
     assert load["type"] == "prometheus"
     assert load["metadata"]["serverAddress"] == "http://prom:9090"
