@@ -590,6 +590,8 @@ def create_app(
         config = load_router_config(path)
     factory = engine_factory or default_engine_factory
     ledger = BudgetLedger(config.budgets, clock=clock)
+    if engine is not None and callable(getattr(engine, "attach_ledger", None)):
+        engine.attach_ledger(ledger)  # type: ignore[attr-defined]
     runtime = Runtime(
         build_state(config, factory, ledger, engine=engine), ledger, clock=clock, transport=transport
     )

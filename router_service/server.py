@@ -10,8 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -79,6 +84,84 @@ def main(argv: list[str] | None = None) -> int:
 
     _DrainingServer(config).run()
     return 0
+
+
+class BackgroundRouter:
+    """A router served by uvicorn on a thread of this process (tests, the demo, benchmarks).
+
+    Binds 127.0.0.1 on a free port unless told otherwise; `url` is the base URL without /v1.
+    `create_app_kwargs` go to `router_service.app.create_app`.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        **create_app_kwargs: Any,
+    ) -> None:
+        import uvicorn
+
+        from router_service.app import create_app
+
+        self.app = create_app(config, **create_app_kwargs)
+        self.runtime = self.app.state.runtime
+        self.host = host
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(4096)
+        self._sock.setblocking(False)
+        self.port: int = self._sock.getsockname()[1]
+        drain = self.runtime.state.config.server.drain_seconds
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                log_level=log_level,
+                lifespan="on",
+                access_log=False,
+                timeout_graceful_shutdown=max(1, math.ceil(drain)) if drain else None,
+            )
+        )
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def start(self, timeout: float = 30.0) -> BackgroundRouter:
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name="tollway-router", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"router failed to start on {self.url}")
+            time.sleep(0.005)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Graceful stop: stop accepting, let in-flight requests finish (drainSeconds), exit."""
+        self.runtime.draining = True
+        self._server.should_exit = True
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundRouter:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 if __name__ == "__main__":
