@@ -38,24 +38,3 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "tollway.peering" -}}
 {{- if or .Values.peering.enabled (gt (int .Values.replicas) 1) -}}true{{- end -}}
 {{- end -}}
-
-{{/* Fail early on values that would render a broken install. */}}
-{{- define "tollway.validate" -}}
-{{- if not (has .Values.logLevel (list "debug" "info" "warning" "error")) -}}
-{{- fail (printf "logLevel must be one of debug, info, warning, error (got %q)" (toString .Values.logLevel)) -}}
-{{- end -}}
-{{- if not (kindIs "slice" .Values.watchNamespaces) -}}
-{{- fail "watchNamespaces must be a list of namespace names (empty: all namespaces)" -}}
-{{- end -}}
-{{- range .Values.watchNamespaces -}}
-{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .) -}}
-{{- fail (printf "watchNamespaces: %q is not a valid namespace name (a DNS-1123 label)" .) -}}
-{{- end -}}
-{{- end -}}
-{{- if lt (int .Values.replicas) 0 -}}
-{{- fail "replicas must be >= 0" -}}
-{{- end -}}
-{{- if not (regexMatch "^https?://" .Values.prometheusUrl) -}}
-{{- fail (printf "prometheusUrl must start with http:// or https:// (got %q)" .Values.prometheusUrl) -}}
-{{- end -}}
-{{- end -}}

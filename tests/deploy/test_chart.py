@@ -1,0 +1,382 @@
+"""charts/tollway: lints clean, renders manifests Kubernetes 1.32 accepts, grants least privilege, and
+agrees with the plain YAML in manifests/install/."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from crd_validation import REPO_ROOT
+
+KUBERNETES_VERSION = "1.32.0"
+CHART = REPO_ROOT / "charts" / "tollway"
+CUSTOM_KINDS = {"ServiceMonitor", "KopfPeering", "ClusterKopfPeering"}  # not in Kubernetes' own schemas
+ALL_FLAGS = (
+    "--set",
+    "serviceMonitor.enabled=true,keda.enabled=true,peering.enabled=true,scrapeConfig.create=true,replicas=2",
+)
+WATCHED = ("--set", "watchNamespaces={team-a,team-b}")
+RENDERINGS = {
+    "defaults": (),
+    "all-flags-cluster-wide": ALL_FLAGS,
+    "all-flags-watched-namespaces": (*ALL_FLAGS, *WATCHED),
+    "watched-namespaces": WATCHED,
+}
+
+Render = Callable[..., str]
+
+
+def load_docs(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def objects(text: str, kind: str | None = None) -> list[dict[str, Any]]:
+    return [doc for doc in load_docs(text) if kind is None or doc["kind"] == kind]
+
+
+def the(text: str, kind: str) -> dict[str, Any]:
+    (obj,) = objects(text, kind)
+    return obj
+
+
+# --- lint and schema validation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [(), (*ALL_FLAGS, *WATCHED)], ids=["defaults", "all-flags"])
+def test_helm_lint_is_clean(tool: Callable[[str], str], args: tuple[str, ...]) -> None:
+    result = subprocess.run(
+        [tool("helm"), "lint", "--strict", str(CHART), *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_rendered_manifests_pass_kubernetes_validate_strict(
+    helm_template: Render, tool: Callable[[str], str], tmp_path: Path, name: str
+) -> None:
+    rendered = helm_template(*RENDERINGS[name])
+    path = tmp_path / "rendered.yaml"
+    path.write_text(rendered)
+    cli = Path(sys.executable).with_name("kubernetes-validate")
+    result = subprocess.run(
+        [str(cli), "--strict", "-k", KUBERNETES_VERSION, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ERROR" not in result.stdout + result.stderr
+
+    # Everything Kubernetes has a schema for passes; the rest are exactly the expected custom kinds.
+    without_schema = set()
+    for obj in objects(rendered):
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            without_schema.add(obj["kind"])
+    assert without_schema <= CUSTOM_KINDS
+
+
+def test_kopf_peering_objects_match_their_crds(helm_template: Render) -> None:
+    for args in (ALL_FLAGS, (*ALL_FLAGS, *WATCHED)):
+        rendered = helm_template(*args)
+        crds = {c["spec"]["names"]["kind"]: c for c in objects(rendered, "CustomResourceDefinition")}
+        assert set(crds) == {"ClusterKopfPeering", "KopfPeering"}
+        peerings = objects(rendered, "KopfPeering") + objects(rendered, "ClusterKopfPeering")
+        assert peerings, "peering on but no peering object rendered"
+        for obj in peerings:
+            crd = crds[obj["kind"]]
+            assert obj["apiVersion"] == f"{crd['spec']['group']}/v1"
+            assert obj["metadata"]["name"] == "tollway"
+            assert ("namespace" in obj["metadata"]) == (crd["spec"]["scope"] == "Namespaced")
+            jsonschema.Draft4Validator(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]).validate(obj)
+            # a custom object cannot be applied together with its new CRD: it must come after, as a hook
+            assert obj["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+
+
+def test_no_peering_objects_by_default(helm_template: Render) -> None:
+    rendered = helm_template()
+    kinds = {obj["kind"] for obj in objects(rendered)}
+    assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+
+
+# --- the operator Deployment --------------------------------------------------------------------------
+
+
+def operator_container(rendered: str) -> dict[str, Any]:
+    (container,) = the(rendered, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_deployment_defaults(helm_template: Render) -> None:
+    rendered = helm_template()
+    deployment = the(rendered, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = operator_container(rendered)
+    assert deployment["metadata"]["namespace"] == "tollway-system"
+    assert deployment["spec"]["replicas"] == 1
+    assert container["image"] == "ghcr.io/tollway/tollway:0.1.0"
+    assert container["command"] == ["tollway"]
+    assert container["args"] == [
+        "operator",
+        "--log-level=info",
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "--standalone",
+        "--all-namespaces",
+    ]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TOLLWAY_PROMETHEUS_URL"] == "http://prometheus-operated.monitoring.svc:9090"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"healthz": 8080, "metrics": 8081}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert pod["serviceAccountName"] == the(rendered, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["limits"]["memory"] == "512Mi"
+
+
+def test_deployment_follows_values(helm_template: Render) -> None:
+    rendered = helm_template(
+        *WATCHED,
+        "--set",
+        "replicas=3,logLevel=debug,image.tag=1.2.3,prometheusUrl=http://prom:9090,probes.port=9000",
+        "--set",
+        "resources.requests.cpu=250m",
+    )
+    container = operator_container(rendered)
+    assert the(rendered, "Deployment")["spec"]["replicas"] == 3
+    assert container["image"] == "ghcr.io/tollway/tollway:1.2.3"
+    assert container["args"] == [
+        "operator",
+        "--log-level=debug",
+        "--liveness=http://0.0.0.0:9000/healthz",
+        "--peering=tollway",  # more than one replica: kopf peering keeps one active
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
+    assert {e["name"]: e.get("value") for e in container["env"]}[
+        "TOLLWAY_PROMETHEUS_URL"
+    ] == "http://prom:9090"
+    assert container["resources"]["requests"]["cpu"] == "250m"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "logLevel=verbose"), 'logLevel: logLevel must be one of the following: "debug", "info"'),
+        (("--set", "watchNamespaces={Team_A}"), "watchNamespaces.0: Does not match pattern"),
+        (
+            ("--set", "watchNamespaces=team-a"),
+            "watchNamespaces: Invalid type. Expected: array, given: string",
+        ),
+        (("--set", "prometheusUrl=prometheus:9090"), "prometheusUrl: Does not match pattern '^https?://'"),
+        (("--set", "replicas=-1"), "replicas: Must be greater than or equal to 0"),
+        (("--set", "imag.tag=1.0"), "Additional property imag is not allowed"),
+        (
+            ("--set", "serviceAccount.create=false"),
+            "serviceAccount.name is required when serviceAccount.create is false",
+        ),
+    ],
+    ids=[
+        "log-level",
+        "namespace-name",
+        "namespaces-not-list",
+        "prometheus-url",
+        "replicas",
+        "typo",
+        "service-account",
+    ],
+)
+def test_bad_values_fail_with_a_message(
+    tool: Callable[[str], str], args: tuple[str, ...], message: str
+) -> None:
+    result = subprocess.run(
+        [tool("helm"), "template", "t", str(CHART), *args], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+# --- RBAC ------------------------------------------------------------------------------------------------
+
+# What the operator needs, and nothing else: (apiGroup, resource) -> verbs.
+OPERATOR_RULES = {
+    ("tollway.io", "modelpools"): {"get", "list", "watch", "patch", "update"},
+    ("tollway.io", "routingpolicies"): {"get", "list", "watch", "patch", "update"},
+    ("tollway.io", "modelpools/status"): {"get", "patch", "update"},
+    ("tollway.io", "routingpolicies/status"): {"get", "patch", "update"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("apps", "deployments/scale"): {"get", "patch", "update"},
+    ("", "services"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "update", "patch"},
+    ("", "events"): {"create", "patch"},
+}
+KEDA_RULES = {("keda.sh", "scaledobjects"): {"get", "list", "watch", "create", "update", "patch", "delete"}}
+FORBIDDEN = {
+    "secrets",
+    "customresourcedefinitions",
+    "namespaces",
+    "pods/exec",
+    "nodes",
+    "clusterroles",
+    "roles",
+}
+
+
+def grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "nonResourceURLs" not in rule and "resourceNames" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_rbac_has_no_wildcards_and_no_secrets(helm_template: Render, name: str) -> None:
+    for role in objects(helm_template(*RENDERINGS[name]), "ClusterRole") + objects(
+        helm_template(*RENDERINGS[name]), "Role"
+    ):
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], f"{role['metadata']['name']}: wildcard in {key}: {rule}"
+            assert not FORBIDDEN & set(rule["resources"]), f"{role['metadata']['name']} grants {rule}"
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+
+
+def test_rbac_default_is_exactly_what_the_operator_needs(helm_template: Render) -> None:
+    rendered = helm_template()
+    (role,) = objects(rendered, "ClusterRole")
+    assert grants(role) == OPERATOR_RULES
+    (binding,) = objects(rendered, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "tollway",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "tollway", "namespace": "tollway-system"}
+    ]
+    assert objects(rendered, "RoleBinding") == []
+
+
+def test_rbac_flags_add_only_their_rules(helm_template: Render) -> None:
+    rendered = helm_template(*ALL_FLAGS)
+    roles = {r["metadata"]["name"]: grants(r) for r in objects(rendered, "ClusterRole")}
+    assert roles == {
+        "tollway": OPERATOR_RULES | KEDA_RULES,
+        "tollway-peering": {("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}},
+    }
+
+
+def test_rbac_watched_namespaces_bind_only_there(helm_template: Render) -> None:
+    rendered = helm_template(*ALL_FLAGS, *WATCHED)
+    assert objects(rendered, "ClusterRoleBinding") == [], (
+        "a namespaced install must grant nothing cluster-wide"
+    )
+    roles = {r["metadata"]["name"]: grants(r) for r in objects(rendered, "ClusterRole")}
+    assert roles["tollway-peering"] == {("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"}}
+    bound = sorted(
+        (b["metadata"]["namespace"], b["roleRef"]["name"]) for b in objects(rendered, "RoleBinding")
+    )
+    assert bound == [
+        ("team-a", "tollway"),
+        ("team-a", "tollway-peering"),
+        ("team-b", "tollway"),
+        ("team-b", "tollway-peering"),
+    ]
+    for binding in objects(rendered, "RoleBinding"):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "tollway", "namespace": "tollway-system"}
+        ]
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+VLLM_RELABEL = {
+    "source_labels": ["__name__"],
+    "regex": "vllm_(.+)",
+    "target_label": "__name__",
+    "replacement": "vllm:$1",
+}
+
+
+def test_service_monitors_select_operator_children_and_restore_vllm_names(helm_template: Render) -> None:
+    assert objects(helm_template(), "ServiceMonitor") == []
+    monitors = {m["metadata"]["name"]: m for m in objects(helm_template(*ALL_FLAGS), "ServiceMonitor")}
+    assert set(monitors) == {"tollway-model-servers", "tollway-routers"}
+    vllm, router = monitors["tollway-model-servers"]["spec"], monitors["tollway-routers"]["spec"]
+    assert vllm["selector"]["matchLabels"] == {
+        "app.kubernetes.io/part-of": "tollway",
+        "app.kubernetes.io/component": "model-server",
+    }
+    assert router["selector"]["matchLabels"]["app.kubernetes.io/component"] == "router"
+    assert vllm["namespaceSelector"] == {"any": True}
+    (endpoint,) = vllm["endpoints"]
+    assert endpoint["metricRelabelings"] == [
+        {
+            "sourceLabels": ["__name__"],
+            "regex": "vllm_(.+)",
+            "targetLabel": "__name__",
+            "replacement": "vllm:$1",
+        }
+    ]
+    watched = objects(helm_template(*ALL_FLAGS, *WATCHED), "ServiceMonitor")
+    assert all(m["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]} for m in watched)
+
+
+def test_scrape_config_configmap_carries_the_shipped_file(helm_template: Render) -> None:
+    (cm,) = objects(helm_template(*ALL_FLAGS), "ConfigMap")
+    shipped = (CHART / "files" / "prometheus-scrape-config.yaml").read_text()
+    assert cm["data"]["prometheus-scrape-config.yaml"].strip() == shipped.strip()
+
+
+# --- manifests/install --------------------------------------------------------------------------------
+
+
+def test_install_manifests_are_the_charts_default_render(repo_root: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(repo_root / ".ci" / "render-install-manifests"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_install_manifests_need_no_helm(repo_root: Path, helm_template: Render) -> None:
+    install = repo_root / "manifests" / "install"
+    docs = [doc for path in sorted(install.glob("*.yaml")) for doc in load_docs(path.read_text())]
+    assert sorted(d["kind"] for d in docs) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Namespace",
+        "ServiceAccount",
+    ]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        labels = doc["metadata"].get("labels", {})
+        assert "helm.sh/chart" not in labels and labels.get("app.kubernetes.io/managed-by") != "Helm"
+    (namespace,) = [d for d in docs if d["kind"] == "Namespace"]
+    assert all(d["metadata"].get("namespace", "tollway-system") == "tollway-system" for d in docs)
+    assert namespace["metadata"]["name"] == "tollway-system"
+    chart_deployment = the(helm_template(), "Deployment")
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert (
+        deployment["spec"]["template"]["spec"]["containers"]
+        == chart_deployment["spec"]["template"]["spec"]["containers"]
+    )
