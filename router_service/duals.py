@@ -252,11 +252,18 @@ class DualController:
             g = np.vstack([g, self._prior_g[pick]])
         return d, g
 
-    def fit(self, remaining_budgets: np.ndarray, full_budgets: np.ndarray | None = None) -> np.ndarray:
+    def fit(
+        self,
+        remaining_budgets: np.ndarray,
+        full_budgets: np.ndarray | None = None,
+        remaining_queries: float | None = None,
+    ) -> np.ndarray:
         """Fit gamma now and install it.
 
         port: ``full_budgets`` x warmup_fraction on the learning set (remaining is ignored).
-        tollway: ``remaining_budgets`` spread over the remaining expected queries.
+        tollway: ``remaining_budgets`` spread over the remaining expected queries
+        (``remaining_queries``, default expected_queries - observed, at least 1): the sample's
+        budget is remaining x len(sample) / remaining_queries.
         """
         d, g = self.sample()
         if self.algorithm == "port":
@@ -264,7 +271,10 @@ class DualController:
             b = np.asarray(base, dtype=np.float64) * self.warmup_fraction
             gamma = fit_duals(d, g, b, self.alpha, reject=False, upper=1.0, method=self.method)
         else:
-            left = max(self.expected_queries - self.observed, len(d), 1)
+            left = (
+                remaining_queries if remaining_queries is not None else self.expected_queries - self.observed
+            )
+            left = max(float(left), 1.0)
             b = np.clip(np.asarray(remaining_budgets, dtype=np.float64), 0.0, None) * (len(d) / left)
             gamma = fit_duals(d, g, b, self.alpha, reject=True, method=self.method)
         with self._lock:
