@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Callable
 
 import httpx
@@ -326,3 +327,35 @@ def test_embeddings_float_and_base64(start_simulator: Callable[..., SimulatorSer
     assert np.allclose(np.frombuffer(base64.b64decode(b64), dtype="<f4"), a, atol=1e-6)
     chat = httpx.post(f"{sim.base_url}/chat/completions", json={"model": "sim-embed", "messages": MESSAGES})
     assert chat.status_code == 400 and "Chat Completions API" in error_of(chat)["message"]
+
+
+def wait_until_idle(sim: SimulatorServer, seconds: float = 3.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = sim.state()
+        if state["num_requests_running"] == 0 and state["num_requests_waiting"] == 0:
+            return state
+        time.sleep(0.02)
+    raise AssertionError(f"simulator still busy: {sim.state()}")
+
+
+def test_client_timeout_aborts_a_non_streamed_request(
+    start_simulator: Callable[..., SimulatorServer],
+) -> None:
+    # 2000 tokens at 60 tok/s is ~33 s (speedup 1): only an abort frees the engine early.
+    sim = start_simulator(speedup=1.0)
+    impatient = openai.OpenAI(base_url=sim.base_url, api_key="x", max_retries=0, timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model="sim-small", prompt="long", max_tokens=2000)
+    assert wait_until_idle(sim)["kv_cache_usage"] == 0
+
+
+def test_closing_a_stream_aborts_the_request(start_simulator: Callable[..., SimulatorServer]) -> None:
+    sim = start_simulator(speedup=1.0)
+    stream = client(sim).completions.create(model="sim-small", prompt="long", max_tokens=2000, stream=True)
+    for n, _ in enumerate(stream):
+        if n == 3:
+            break
+    assert sim.state()["num_requests_running"] == 1
+    stream.close()
+    assert wait_until_idle(sim)["kv_cache_usage"] == 0
