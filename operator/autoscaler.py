@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -238,16 +239,19 @@ class PoolAutoscaler:
     ) -> decision.Observation | None:
         """Query Prometheus; None when the load has no data only because no replica is ready."""
         at_zero = current.replicas == 0
-        load_q = decision.load_query(autoscaling, model, self.namespace)
+        scope = decision.Scope(self.namespace, self.pool)
+        load_q = decision.load_query(autoscaling, model, self.namespace, self.pool)
+        queue_metric = autoscaling.metric == "num_requests_waiting"
         queries: dict[str, Awaitable[float]] = {"load": client.value(load_q)}
+        if queue_metric:
+            queries["running"] = client.value(decision.running_query(model, scope))
+        elif policy.zero_allowed and not at_zero:
+            queries["activity"] = client.value(decision.activity_query(model, scope))
         if at_zero or policy.zero_allowed:
-            queries["demand"] = client.value(decision.demand_query(model))
-        if policy.zero_allowed and not at_zero:
-            queries["activity"] = client.value(decision.activity_query(model))
-        names = list(queries)
+            queries["demand"] = client.value(decision.demand_query(model, scope))
         raw = await asyncio.gather(*queries.values(), return_exceptions=True)
         values: dict[str, float | None] = {}
-        for key, value in zip(names, raw, strict=True):
+        for key, value in zip(queries, raw, strict=True):
             if isinstance(value, NoData):
                 values[key] = None
             elif isinstance(value, BaseException):
@@ -261,12 +265,17 @@ class PoolAutoscaler:
             raise NoData(
                 f"no data for the load of model {model} (query {load_q}) while {current.ready} replicas are ready"
             )
+        running = values.get("running")
+        activity = values.get("activity")
+        if queue_metric and load is not None and running is not None:
+            activity = load + running
         return decision.Observation(
             current=current.replicas,
             load=load if load is not None else 0.0,
-            activity=values.get("activity"),
+            activity=activity,
             demand=values.get("demand") or 0.0,
             ready=current.ready,
+            running=running,
         )
 
 
@@ -385,7 +394,8 @@ def kube_api_client() -> Any:
         try:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
+            # The default path is read when `kubernetes` is imported; honour KUBECONFIG set later.
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
         _api_client = kubernetes.client.ApiClient()
     return _api_client
 

@@ -16,6 +16,9 @@ Semantics (Kubernetes HPA, with two additions for queue-style metrics):
   metrics from before the previous step; and one step removes at most a quarter of the replicas
   (at least one). A waiting queue reads 0 both at "just enough" and "far too many" replicas, so
   without the step limit a pool under steady load would drop to `min`, queue up, and bounce.
+  For the waiting-queue metric a scale-down also has to pass a forecast: the running requests of
+  the replicas removed join the queue, and a count that would then ask for more is not taken
+  (`queue_safe_replicas`).
 * **Zero**: a model reaches 0 replicas only through the idle rule (``replicas.min == 0``,
   ``scaleToZero``, nothing running, waiting or demanded for ``idleSecondsBeforeZero``), and leaves
   0 as soon as the router reports demand (or the metric shows load), bypassing the windows.
@@ -59,7 +62,29 @@ def label_value(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def vllm_selector(metric: str, model: str) -> str:
+def _regex_literal(value: str) -> str:
+    """`value` as an RE2 literal (names here are DNS labels/subdomains; `.` is the only special)."""
+    return "".join(c if c.isalnum() or c in "-_" else "\\" + c for c in value)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where a model's series live. The chart's scrape config attaches `namespace` and `pool`
+    (from the pod label tollway.io/pool); a matcher `label=~"value|"` also accepts series without
+    the label, so the queries work with scrape configs that do not add them."""
+
+    namespace: str | None = None
+    pool: str | None = None
+
+    def matchers(self) -> str:
+        out = ""
+        for label, value in (("namespace", self.namespace), ("pool", self.pool)):
+            if value:
+                out += f",{label}=~{label_value(_regex_literal(value) + '|')}"
+        return out
+
+
+def vllm_selector(metric: str, model: str, scope: Scope = Scope()) -> str:
     """Select a vLLM metric under both spellings.
 
     prometheus-client >= 0.23 writes `vllm:x` as `vllm_x` in OpenMetrics sample lines, and
@@ -68,50 +93,60 @@ def vllm_selector(metric: str, model: str) -> str:
     right whichever spelling (or mix, during a rollout of the relabel rule) is stored.
     ``metric`` may itself be a regex alternative such as ``num_requests_(running|waiting)``.
     """
-    return f'{{__name__=~"vllm[:_]{metric}",{VLLM_MODEL_LABEL}={label_value(model)}}}'
+    return f'{{__name__=~"vllm[:_]{metric}",{VLLM_MODEL_LABEL}={label_value(model)}{scope.matchers()}}}'
 
 
-def waiting_query(model: str) -> str:
-    return f"sum({vllm_selector('num_requests_waiting', model)})"
+def _router_selector(model: str, scope: Scope) -> str:
+    return f"{{{ROUTER_MODEL_LABEL}={label_value(model)}{scope.matchers()}}}"
 
 
-def kv_cache_query(model: str) -> str:
-    return f"sum({vllm_selector('kv_cache_usage_perc', model)})"
+def waiting_query(model: str, scope: Scope = Scope()) -> str:
+    return f"sum({vllm_selector('num_requests_waiting', model, scope)})"
 
 
-def demand_query(model: str) -> str:
+def kv_cache_query(model: str, scope: Scope = Scope()) -> str:
+    return f"sum({vllm_selector('kv_cache_usage_perc', model, scope)})"
+
+
+def demand_query(model: str, scope: Scope = Scope()) -> str:
     """Router demand for a model at zero replicas (summed over router replicas)."""
-    sel = f"{{{ROUTER_MODEL_LABEL}={label_value(model)}}}"
+    sel = _router_selector(model, scope)
     return f"sum({ROUTER_PENDING_DEMAND}{sel}) or sum(increase({ROUTER_DEMAND_TOTAL}{sel}[1m]))"
 
 
-def router_load_query(model: str) -> str:
+def router_load_query(model: str, scope: Scope = Scope()) -> str:
     """Requests the routers hold for a model: in flight, plus demand while it has no replicas."""
-    sel = f"{{{ROUTER_MODEL_LABEL}={label_value(model)}}}"
+    sel = _router_selector(model, scope)
     return f"sum({ROUTER_IN_FLIGHT}{sel}) + (sum({ROUTER_PENDING_DEMAND}{sel}) or vector(0))"
 
 
-def activity_query(model: str) -> str:
+def running_query(model: str, scope: Scope = Scope()) -> str:
+    """Requests in execution on the model's replicas."""
+    return f"sum({vllm_selector('num_requests_running', model, scope)})"
+
+
+def activity_query(model: str, scope: Scope = Scope()) -> str:
     """Requests running or waiting on the model's replicas (0 means idle)."""
-    return f"sum({vllm_selector('num_requests_(running|waiting)', model)})"
+    return f"sum({vllm_selector('num_requests_(running|waiting)', model, scope)})"
 
 
-def substitute(query: str, model: str, namespace: str) -> str:
-    """Fill `$model` / `${model}` and `$namespace` in a custom query; other `$` are left alone."""
-    return Template(query).safe_substitute(model=model, namespace=namespace)
+def substitute(query: str, model: str, namespace: str, pool: str = "") -> str:
+    """Fill `$model`, `$namespace` and `$pool` (or `${...}`) in a custom query; other `$` stay."""
+    return Template(query).safe_substitute(model=model, namespace=namespace, pool=pool)
 
 
-def load_query(autoscaling: AutoscalingSpec, model: str, namespace: str) -> str:
+def load_query(autoscaling: AutoscalingSpec, model: str, namespace: str, pool: str | None = None) -> str:
     """The PromQL whose value is the model's total load (compared with `target` per replica)."""
+    scope = Scope(namespace, pool)
     if autoscaling.metric == "num_requests_waiting":
-        return waiting_query(model)
+        return waiting_query(model, scope)
     if autoscaling.metric == "kv_cache_usage":
-        return kv_cache_query(model)
+        return kv_cache_query(model, scope)
     if autoscaling.metric == "router_demand":
-        return router_load_query(model)
+        return router_load_query(model, scope)
     if autoscaling.query is None:  # the API rejects this; keep the message if it slips through
         raise ValueError("spec.autoscaling.query: metric 'promql' needs query (a PromQL expression)")
-    return substitute(autoscaling.query, model, namespace)
+    return substitute(autoscaling.query, model, namespace, pool or "")
 
 
 def spec_problem(autoscaling: AutoscalingSpec) -> str | None:
@@ -186,6 +221,8 @@ class Observation:
 
     `load` is the total across replicas (None: no data). `activity` is running + waiting
     requests (None: unknown). `demand` is the router's demand while the model is at zero.
+    `running` (queue metrics only) is the requests in execution: when a replica goes, its share
+    of them joins the queue, which the scale-down forecast accounts for.
     """
 
     current: int
@@ -193,6 +230,7 @@ class Observation:
     activity: float | None = None
     demand: float = 0.0
     ready: int | None = None
+    running: float | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +268,25 @@ def desired_replicas(current: int, load: float, target: float, tolerance: float)
     if abs(ratio - 1.0) <= tolerance:
         return current
     return _ceil(load / target)
+
+
+def queue_safe_replicas(
+    current: int, to: int, waiting: float, running: float, target: float, tolerance: float
+) -> int:
+    """Fewest replicas in ``[to, current]`` that a queue would not push straight back up.
+
+    Removing ``current - n`` replicas moves their share of the running requests into the queue:
+    forecast waiting = ``waiting + (current - n) * running / current``. A count is safe when the
+    forecast per replica stays inside the band (``<= target * (1 + tolerance)``). `current`
+    always is when the raw recommendation was below it. Without this, a waiting queue (which
+    reads 0 at "just enough" and at "far too many") makes a pool under steady load bounce between
+    two counts, one a window apart.
+    """
+    per_replica = running / current if current > 0 else 0.0
+    for n in range(max(to, 1), current):
+        if waiting + (current - n) * per_replica <= n * target * (1 + tolerance):
+            return n
+    return current
 
 
 def clamp(replicas: int, low: int, high: int) -> int:
@@ -342,10 +399,16 @@ def _decide(
 
     rec = desired_replicas(current, load, policy.target, policy.tolerance)
     to = clamp(state.stabilizer.stabilize(now, current, rec, policy), policy.floor, policy.max_replicas)
+    forecast = ""
+    if to < current and current <= policy.max_replicas and obs.running is not None:
+        safe = queue_safe_replicas(current, to, load, obs.running, policy.target, policy.tolerance)
+        if safe > to:
+            forecast = f", queue forecast with {obs.running:g} running keeps {safe}"
+            to = safe
     low = 0 if policy.zero_allowed else policy.floor
     message = (
         f"load {load:g} ({load / current:.3g}/replica over {current}, target {policy.target:g}) "
-        f"-> recommend {rec}, bounds [{low}, {policy.max_replicas}] -> {to}"
+        f"-> recommend {rec}, bounds [{low}, {policy.max_replicas}]{forecast} -> {to}"
     )
     if to > current:
         reason = "ScaledUp"
@@ -357,6 +420,8 @@ def _decide(
         reason = "AtMaximum"
     elif rec < current and current <= policy.floor:
         reason = "AtMinimum"
+    elif forecast:
+        reason = "QueueForecast"
     else:
         reason = "Stabilizing"
     return Decision(to, reason, message, rec)
@@ -407,7 +472,7 @@ def desired_scaled_objects(pool_name: str, namespace: str, spec: ModelPoolSpec) 
                 "metricType": "AverageValue",
                 "metadata": {
                     "serverAddress": autoscaling.prometheus_url,
-                    "query": load_query(autoscaling, model.name, namespace),
+                    "query": load_query(autoscaling, model.name, namespace, pool_name),
                     "threshold": f"{autoscaling.target:g}",
                     "activationThreshold": "0",
                     "ignoreNullValues": "true",
@@ -415,10 +480,8 @@ def desired_scaled_objects(pool_name: str, namespace: str, spec: ModelPoolSpec) 
             }
         ]
         if policy.zero_allowed:
-            activity = (
-                f"(sum({vllm_selector('num_requests_(running|waiting)', model.name)}) or vector(0)) + "
-                f"({demand_query(model.name)} or vector(0))"
-            )
+            scope = Scope(namespace, pool_name)
+            activity = f"({activity_query(model.name, scope)} or vector(0)) + ({demand_query(model.name, scope)} or vector(0))"
             triggers.append(
                 {
                     "type": "prometheus",

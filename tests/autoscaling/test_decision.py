@@ -132,23 +132,58 @@ def test_steady_load_does_not_flap() -> None:
     assert set(out) == {3}
 
 
-def test_closed_loop_settles_instead_of_bouncing() -> None:
-    """30 clients, 8 slots per replica: waiting = max(0, 30 - 8n). From 1 replica the autoscaler
-    goes to max (4), then steps down to 3, where waiting per replica equals the target, and stays."""
-    p = policy(down_window_s=5.0)
+def closed_loop(
+    clients: int, slots: int, p: a.ScalingPolicy, *, with_running: bool, seconds: int = 80
+) -> list[int]:
+    """`clients` requests always in flight, `slots` run per replica, the rest wait."""
     state = a.ModelState.start(0.0)
     current, history = 1, []
-    for t in range(1, 60):
-        waiting = max(0, 30 - 8 * current)
-        d = a.decide(
-            p, a.Observation(current=current, load=waiting, activity=30, ready=current), state, float(t)
+    for t in range(1, seconds):
+        running = min(clients, slots * current)
+        obs = a.Observation(
+            current=current,
+            load=clients - running,
+            activity=clients,
+            ready=current,
+            running=running if with_running else None,
         )
-        current = d.replicas
+        current = a.decide(p, obs, state, float(t)).replicas
         history.append(current)
+    return history
+
+
+def changes(history: list[int]) -> int:
+    return sum(1 for x, y in itertools.pairwise(history) if x != y)
+
+
+def test_closed_loop_settles_instead_of_bouncing() -> None:
+    """30 clients, 8 slots per replica: waiting = max(0, 30 - 8n). From 1 replica the autoscaler
+    goes to max (4); the step limit takes it to 3, where waiting per replica equals the target."""
+    history = closed_loop(30, 8, policy(down_window_s=5.0), with_running=False)
     assert history[0] == 4
     assert history[-20:] == [3] * 20
-    changes = sum(1 for x, y in itertools.pairwise(history) if x != y)
-    assert changes == 1  # 4 -> 3 once, never back up
+    assert changes(history) == 1  # (1 ->) 4 -> 3, never back up
+
+
+def test_queue_forecast_prevents_flapping_between_two_counts() -> None:
+    """20 clients, 4 slots: no count sits inside the band (3 -> 8 waiting, 2.7/replica; 4 -> 4
+    waiting, 1/replica). Without the running requests the autoscaler bounces 3 <-> 4 one window
+    apart; with them, it sees that dropping to 3 would queue 8 and stays at 4."""
+    p = policy(down_window_s=5.0, max_replicas=6)
+    bouncing = closed_loop(20, 4, p, with_running=False)
+    assert changes(bouncing[20:]) >= 4 and set(bouncing[20:]) == {3, 4}
+    steady = closed_loop(20, 4, p, with_running=True)
+    assert steady[:1] == [6] and steady[-40:] == [4] * 40
+    assert steady == sorted(steady, reverse=True)  # only down after the first step: no reversal
+
+
+def test_queue_safe_replicas() -> None:
+    # 4 replicas, 4 waiting, 16 running: dropping to 3 queues 8 (2.67/replica > 2.2).
+    assert a.queue_safe_replicas(4, 2, waiting=4, running=16, target=2, tolerance=0.1) == 4
+    # 6 replicas, nothing waiting, 20 running: 5 queues 3.3 (0.67/replica) -> fine.
+    assert a.queue_safe_replicas(6, 5, waiting=0, running=20, target=2, tolerance=0.1) == 5
+    # Idle: anything goes.
+    assert a.queue_safe_replicas(4, 1, waiting=0, running=0, target=2, tolerance=0.1) == 1
 
 
 def test_bounds_apply_at_once() -> None:
@@ -296,6 +331,12 @@ def test_custom_query_substitution() -> None:
     assert q == 'sum(rate(x{model="m",ns="team-a"}[1m])) + label_replace(y, "a", "$1", "b", "(.*)")'
 
 
+def test_scope_matchers_accept_series_without_the_labels() -> None:
+    q = a.waiting_query("m", a.Scope("team-a", "my.pool"))
+    assert 'namespace=~"team-a|"' in q and 'pool=~"my\\\\.pool|"' in q
+    assert a.waiting_query("m", a.Scope()) == 'sum({__name__=~"vllm[:_]num_requests_waiting",model_name="m"})'
+
+
 def test_label_values_are_escaped() -> None:
     assert a.label_value('a"b\\c') == '"a\\"b\\\\c"'
 
@@ -348,7 +389,7 @@ def test_keda_scaled_objects() -> None:
     load = s["triggers"][0]
     assert load["type"] == "prometheus"
     assert load["metadata"]["serverAddress"] == "http://prom:9090"
-    assert load["metadata"]["query"] == a.waiting_query("small")
+    assert load["metadata"]["query"] == a.waiting_query("small", a.Scope("ns", "pool"))
     assert load["metadata"]["threshold"] == "2"
     assert [t["name"] for t in s["triggers"]] == ["load", "activity"]
     assert "tollway_model_pending_demand" in s["triggers"][1]["metadata"]["query"]

@@ -1,0 +1,8 @@
+"""tests/autoscaling: the harness module lives next to the tests (the benchmark imports it too)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
