@@ -1,0 +1,458 @@
+"""Proxy overhead: tollway's router against direct calls and against LiteLLM's proxy.
+
+    bash benchmarks/setup_litellm.sh                       # once: LiteLLM in .venv-litellm
+    .venv/bin/python benchmarks/proxy_overhead.py          # ~6 min on 2 cores
+    .venv/bin/python benchmarks/proxy_overhead.py --quick  # ~1 min smoke run
+
+Three simulators (`tollway simulate`, fast profile so the backend itself costs little) serve
+the same model names to four targets, all driven by the same httpx client code
+(`common.send_chat`) in this process, in the same run, interleaved per measurement point:
+
+- direct:          the simulators themselves (the baseline);
+- tollway:         `tollway router`, model pinned by name (a pure proxy hop);
+- tollway-routed:  `tollway router`, model "auto" (the full decision: embed, kNN, score, load);
+- litellm:         LiteLLM's proxy (`litellm --config`, model_list `openai/<name>` + api_base).
+
+Pinned and LiteLLM requests go round-robin over the three names, like the direct ones. For every
+(streaming, concurrency) point the added latency is the target's percentile minus the direct
+percentile; max requests/s is the best successful rate over the concurrencies. The routing
+decision's own time comes from the router's `tollway_routing_decision_seconds` histogram
+(between scrapes) and from timing `RoutingEngine.rank` in-process on the same prompts.
+
+All processes share this machine's cores with the load generator; the results say how many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from common import (
+    RESULTS,
+    ROOT,
+    ManagedProcess,
+    Outcome,
+    closed_loop,
+    fmt,
+    free_port,
+    histogram_from_metrics,
+    histogram_quantile,
+    make_client,
+    markdown_table,
+    new_figure,
+    percentile,
+    send_chat,
+    start_router,
+    start_simulator,
+    summarize,
+    write_report,
+)
+
+MODELS = {  # simulator name -> history profile (any three; the decision cost does not depend on it)
+    "gpt4": "gpt-4-1106-preview",
+    "mixtral": "mistralai/mixtral-8x7b-chat",
+    "mistral": "mistralai/mistral-7b-chat",
+}
+# A fast backend: 16 tokens take ~0.3 ms of simulated time, so latency is mostly the HTTP hops.
+SIM_FLAGS = {"speedup": 1000, "max-num-seqs": 256, "kv-cache-tokens": 2_000_000}
+LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
+DECISION_METRIC = "tollway_routing_decision_seconds"
+LITELLM_LOG_CONFIG = """{
+  "version": 1,
+  "disable_existing_loggers": false,
+  "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+  "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+  "root": {"level": "WARNING", "handlers": ["stderr"]},
+  "loggers": {"uvicorn.access": {"level": "WARNING"}, "LiteLLM": {"level": "WARNING"}}
+}
+"""
+
+
+def litellm_config(sims: dict[str, str]) -> str:
+    import yaml
+
+    return yaml.safe_dump(
+        {
+            "model_list": [
+                {
+                    "model_name": name,
+                    "litellm_params": {"model": f"openai/{name}", "api_base": f"{url}/v1", "api_key": "none"},
+                }
+                for name, url in sims.items()
+            ],
+            "litellm_settings": {"drop_params": True, "telemetry": False},
+        },
+        sort_keys=False,
+    )
+
+
+def start_litellm(sims: dict[str, str], log_dir: Path) -> tuple[ManagedProcess, str]:
+    if not LITELLM.exists():
+        raise SystemExit("LiteLLM is not installed: run `bash benchmarks/setup_litellm.sh` first")
+    cfg = log_dir / "litellm.yaml"
+    cfg.write_text(litellm_config(sims))
+    log_cfg = log_dir / "litellm-logging.json"
+    log_cfg.write_text(LITELLM_LOG_CONFIG)
+    port = free_port()
+    args = [LITELLM, "--config", cfg, "--host", "127.0.0.1", "--port", port, "--num_workers", "1"]
+    args += ["--log_config", log_cfg, "--telemetry", "False"]
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION"}
+    proc = ManagedProcess("litellm", args, log_dir=log_dir, env=env).start()
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(f"{url}/health/liveliness", timeout=180)
+    return proc, url
+
+
+def history_prompts(n: int, seed: int = 0) -> list[str]:
+    from router_service.history import load_builtin_history
+
+    prompts = list(load_builtin_history("history").prompts)
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
+
+
+async def measure_point(
+    url: str,
+    *,
+    model_for: Any,
+    prompts: list[str],
+    concurrency: int,
+    stream: bool,
+    total: int,
+    max_seconds: float,
+    max_tokens: int,
+    warmup: int,
+) -> tuple[list[Outcome], float]:
+    async with make_client(concurrency, timeout=60) as client:
+
+        async def one(i: int, t0: float) -> Outcome:
+            return await send_chat(
+                client,
+                url,
+                model=model_for(i),
+                prompt=prompts[i % len(prompts)],
+                max_tokens=max_tokens,
+                stream=stream,
+                t0=t0,
+            )
+
+        await closed_loop(one, concurrency=concurrency, total=warmup, max_seconds=30)
+        return await closed_loop(one, concurrency=concurrency, total=total, max_seconds=max_seconds)
+
+
+def decision_in_process(config: dict[str, Any], prompts: list[str]) -> dict[str, float]:
+    """Time RoutingEngine.rank alone (embed + kNN + estimate + score + sort) on each prompt,
+    cut to the router's routing-text length, with dual-price fits on a background thread as in
+    the router."""
+    from router_service.app import ROUTING_TEXT_CHARS
+    from router_service.config import RouterConfig
+    from router_service.engine import RoutingEngine
+
+    engine = RoutingEngine.from_config(RouterConfig.model_validate(config), background_fits=True)
+    texts = [p[:ROUTING_TEXT_CHARS] for p in prompts]
+    for p in texts[:50]:
+        engine.rank(p)
+    times = []
+    for p in texts:
+        t = time.perf_counter()
+        engine.rank(p)
+        times.append((time.perf_counter() - t) * 1000)
+    engine.close()
+    return {"n": len(times), "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    log_dir = Path(tempfile.mkdtemp(prefix="tollway-bench-overhead-"))
+    prompts = history_prompts(2000)
+    procs: list[ManagedProcess] = []
+    try:
+        sims: dict[str, str] = {}
+        for name in MODELS:
+            proc, url = start_simulator(name, log_dir, flags=SIM_FLAGS)
+            procs.append(proc)
+            sims[name] = url
+        router_cfg = {
+            "backends": [{"name": n, "url": u, "profile": MODELS[n], "replicas": 1} for n, u in sims.items()],
+            "degradation": {"maxInFlightPerReplica": 4096, "maxWaitingPerReplica": 1000},
+        }
+        router, router_url = start_router(router_cfg, log_dir)
+        procs.append(router)
+        targets: dict[str, tuple[str, Any]] = {}
+        names = list(MODELS)
+        direct_urls = [sims[n] for n in names]
+        targets["direct"] = ("", None)
+        targets["tollway"] = (router_url, lambda i: names[i % 3])
+        targets["tollway-routed"] = (router_url, lambda i: "auto")
+        if not args.no_litellm:
+            litellm, litellm_url = start_litellm(sims, log_dir)
+            procs.append(litellm)
+            targets["litellm"] = (litellm_url, lambda i: names[i % 3])
+
+        points: list[dict[str, Any]] = []
+        for stream, conc in itertools.product((False, True), args.concurrency):
+            total = args.requests if conc == 1 else args.requests * 4
+            for target, (url, model_for) in targets.items():
+                before = ""
+                if target == "tollway-routed":
+                    before = httpx.get(f"{router_url}/metrics").text
+                if target == "direct":
+                    outcomes, wall = asyncio.run(
+                        direct_point(direct_urls, names, prompts, conc, stream, total, args)
+                    )
+                else:
+                    outcomes, wall = asyncio.run(
+                        measure_point(
+                            url,
+                            model_for=model_for,
+                            prompts=prompts,
+                            concurrency=conc,
+                            stream=stream,
+                            total=total,
+                            max_seconds=args.max_seconds,
+                            max_tokens=args.max_tokens,
+                            warmup=min(50, total // 5),
+                        )
+                    )
+                row = {"target": target, "stream": stream, "concurrency": conc, **summarize(outcomes, wall)}
+                if target == "tollway-routed":
+                    after = httpx.get(f"{router_url}/metrics").text
+                    b = histogram_from_metrics(before, DECISION_METRIC)
+                    a = histogram_from_metrics(after, DECISION_METRIC)
+                    row["decision_ms"] = {
+                        "p50": histogram_quantile(b, a, 0.50) * 1000,
+                        "p99": histogram_quantile(b, a, 0.99) * 1000,
+                    }
+                points.append(row)
+                print(
+                    f"{target:15s} stream={stream!s:5s} c={conc:3d} n={row['requests']:5d} ok={row['ok']:5d} "
+                    f"p50={row['latency_ms']['p50']:7.2f} p99={row['latency_ms']['p99']:7.2f} "
+                    f"rps={row['ok_per_s']:7.1f} {row['outcomes']}",
+                    flush=True,
+                )
+        router_rss = router.rss_bytes()
+        litellm_rss = procs[-1].rss_bytes() if "litellm" in targets else None
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    decision = decision_in_process(router_cfg, prompts)
+    return {
+        "points": points,
+        "decision_in_process": decision,
+        "rss_bytes": {"tollway": router_rss, "litellm": litellm_rss},
+        "settings": {
+            "concurrency": args.concurrency,
+            "requests_per_point_1_client": args.requests,
+            "requests_per_point_more_clients": args.requests * 4,
+            "max_seconds_per_point": args.max_seconds,
+            "max_tokens": args.max_tokens,
+            "simulator_flags": SIM_FLAGS,
+            "litellm_version": litellm_version(),
+        },
+    }
+
+
+async def direct_point(
+    urls: list[str], names: list[str], prompts: list[str], conc: int, stream: bool, total: int, args: Any
+) -> tuple[list[Outcome], float]:
+    async with make_client(conc * len(urls), timeout=60) as client:
+
+        async def one(i: int, t0: float) -> Outcome:
+            k = i % len(urls)
+            return await send_chat(
+                client,
+                urls[k],
+                model=names[k],
+                prompt=prompts[i % len(prompts)],
+                max_tokens=args.max_tokens,
+                stream=stream,
+                t0=t0,
+            )
+
+        await closed_loop(one, concurrency=conc, total=min(50, total // 5), max_seconds=30)
+        return await closed_loop(one, concurrency=conc, total=total, max_seconds=args.max_seconds)
+
+
+def litellm_version() -> str | None:
+    meta = list((ROOT / ".venv-litellm" / "lib").glob("python*/site-packages/litellm-*.dist-info"))
+    return meta[0].name.removeprefix("litellm-").removesuffix(".dist-info") if meta else None
+
+
+def report(data: dict[str, Any], out_dir: Path) -> Path:
+    points = data["points"]
+    base = {(p["stream"], p["concurrency"]): p for p in points if p["target"] == "direct"}
+    rows = []
+    for p in points:
+        d = base[(p["stream"], p["concurrency"])]
+        added50 = p["latency_ms"]["p50"] - d["latency_ms"]["p50"]
+        added99 = p["latency_ms"]["p99"] - d["latency_ms"]["p99"]
+        p["added_ms"] = {"p50": added50, "p99": added99}
+        rows.append(
+            [
+                p["target"],
+                "yes" if p["stream"] else "no",
+                p["concurrency"],
+                p["ok"],
+                fmt(p["latency_ms"]["p50"]),
+                fmt(p["latency_ms"]["p99"]),
+                "-" if p["target"] == "direct" else fmt(added50),
+                "-" if p["target"] == "direct" else fmt(added99),
+                fmt(p["ok_per_s"], 1),
+                ", ".join(f"{k}: {v}" for k, v in p["outcomes"].items()),
+            ]
+        )
+    table = markdown_table(
+        [
+            "target",
+            "stream",
+            "clients",
+            "ok",
+            "p50 ms",
+            "p99 ms",
+            "added p50 ms",
+            "added p99 ms",
+            "req/s",
+            "outcomes",
+        ],
+        rows,
+    )
+    targets = sorted(
+        {p["target"] for p in points}, key=["direct", "tollway", "tollway-routed", "litellm"].index
+    )
+    max_rps = {t: max(p["ok_per_s"] for p in points if p["target"] == t) for t in targets}
+    rps_table = markdown_table(
+        ["target", "max req/s (any point)"], [[t, fmt(max_rps[t], 1)] for t in targets]
+    )
+
+    verdict = []
+    if "litellm" in targets:
+        for tgt in ("tollway", "tollway-routed"):
+            wins = [
+                p["added_ms"]["p50"] < q["added_ms"]["p50"] and p["added_ms"]["p99"] < q["added_ms"]["p99"]
+                for p in points
+                if p["target"] == tgt
+                for q in points
+                if q["target"] == "litellm"
+                and q["stream"] == p["stream"]
+                and q["concurrency"] == p["concurrency"]
+            ]
+            verdict.append(
+                f"- {tgt} adds less latency than LiteLLM (p50 and p99) at {sum(wins)} of {len(wins)} points."
+            )
+    routed = [p for p in points if p["target"] == "tollway-routed"]
+    dec99 = max((p["decision_ms"]["p99"] for p in routed), default=float("nan"))
+    dip = data["decision_in_process"]
+    verdict.append(
+        f"- Routing decision p99: {fmt(dip['p99_ms'], 3)} ms timed in-process on {dip['n']} prompts "
+        f"(p50 {fmt(dip['p50_ms'], 3)} ms); inside the loaded router, worst point's p99 from its histogram: "
+        f"{fmt(dec99, 3)} ms (bucket-interpolated; includes event-loop contention)."
+    )
+    rss = data["rss_bytes"]
+    mem = f"Router RSS after the run: {rss['tollway'] / 2**20:.0f} MiB"
+    if rss.get("litellm"):
+        mem += f"; LiteLLM proxy RSS: {rss['litellm'] / 2**20:.0f} MiB"
+    settings = data["settings"]
+    body = "\n".join(
+        [
+            "## Setup",
+            "",
+            f"- Three `tollway simulate` servers ({', '.join(MODELS)}), flags {SIM_FLAGS}: a fast backend, so the "
+            "latency is mostly HTTP hops and Python. One process each.",
+            "- `tollway router` (one process, one event loop, no access log) with the three as backends.",
+            f"- LiteLLM proxy {settings['litellm_version']} (`litellm[proxy]`, separate venv, one uvicorn worker, "
+            "access log off) with the same three simulators as `openai/<name>` deployments.",
+            "- Client: this process, httpx.AsyncClient, one connection per client, keep-alive; the same "
+            "`send_chat` for every target. Closed loop: each client sends its next request when the last ends. "
+            f"{settings['requests_per_point_1_client']} requests per point at 1 client, "
+            f"{settings['requests_per_point_more_clients']} at more (capped at {settings['max_seconds_per_point']} s), "
+            f"after a warm-up; {settings['max_tokens']} completion tokens; prompts from the shipped history.",
+            "- Added latency = target percentile - direct percentile at the same point (same run).",
+            "- **Core contention:** the load generator, the proxy under test and the three simulators all share "
+            f"this machine's {data['machine_cpus']} cores. At 16 and 64 clients the client and the simulators "
+            "take CPU from the proxy, so req/s is a whole-system figure and the added latency includes queueing "
+            "for the CPU; it is the same handicap for tollway and LiteLLM.",
+            "",
+            "## Results",
+            "",
+            table,
+            "",
+            rps_table,
+            "",
+            "## Verdict",
+            "",
+            *verdict,
+            f"- {mem}.",
+            "",
+        ]
+    )
+    fig, axes = new_figure(3, 1, size=(5.0, 3.8))
+    styles = {
+        "tollway": "tab:blue",
+        "tollway-routed": "tab:green",
+        "litellm": "tab:red",
+        "direct": "tab:gray",
+    }
+    for stream, ls in ((False, "-"), (True, "--")):
+        for t in targets:
+            pts = sorted(
+                (p for p in points if p["target"] == t and p["stream"] == stream),
+                key=lambda p: p["concurrency"],
+            )
+            xs = [p["concurrency"] for p in pts]
+            lab = f"{t}{' (stream)' if stream else ''}"
+            if t != "direct":
+                axes[0][0].plot(
+                    xs, [p["added_ms"]["p50"] for p in pts], ls, marker="o", color=styles[t], label=lab
+                )
+                axes[0][1].plot(
+                    xs, [p["added_ms"]["p99"] for p in pts], ls, marker="o", color=styles[t], label=lab
+                )
+            axes[0][2].plot(xs, [p["ok_per_s"] for p in pts], ls, marker="o", color=styles[t], label=lab)
+    for ax, title in zip(
+        axes[0], ("added latency p50 (ms)", "added latency p99 (ms)", "requests/s"), strict=True
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][2].legend(fontsize=7)
+    paths = write_report(
+        "proxy_overhead",
+        title="Proxy overhead: tollway vs direct vs LiteLLM",
+        body_md=body,
+        data=data,
+        figure=fig,
+        out_dir=out_dir,
+    )
+    return paths["md"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/proxy_overhead.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    parser.add_argument("--requests", type=int, default=400, help="requests per point at 1 client (x4 above)")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="cap per measurement point")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM (not installed)")
+    parser.add_argument("--quick", action="store_true", help="small counts (smoke run)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the report goes")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.max_seconds = 60, 5.0
+    data = {"load_average_1m_at_start": round(os.getloadavg()[0], 2)}
+    data |= run(args)
+    data["machine_cpus"] = os.cpu_count()
+    print(report(data, args.out_dir).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
