@@ -1,0 +1,285 @@
+"""A thin async adapter over the Kubernetes API for the operator's children.
+
+`Kube.apply(obj)` makes one object look like the desired manifest: create it when absent, else
+send a JSON merge patch with the desired fields (and `null` for fields that an earlier apply set
+and the desired state no longer has — remembered in the `tollway.io/last-applied` annotation,
+like kubectl's last-applied-configuration). Nothing is sent when the live object already contains
+the desired state, so drift repair costs one GET per child. `list_children`/`delete` find and
+remove children that the desired state no longer has.
+
+Credentials: the in-cluster service account, else `$KUBECONFIG` (read at connect time, not at
+import), else ~/.kube/config. Uses `kubernetes.aio` (the official client's asyncio flavour).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote, urlencode
+
+from kubernetes.aio import client as aio_client
+from kubernetes.aio import config as aio_config
+
+log = logging.getLogger("tollway.kube")
+
+LAST_APPLIED = "tollway.io/last-applied"
+MERGE_PATCH = "application/merge-patch+json"
+
+ApplyResult = Literal["created", "updated", "unchanged"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if namespace:
+            base += f"/namespaces/{quote(namespace)}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{quote(name)}"
+        if subresource:
+            base += f"/{subresource}"
+        return base
+
+
+DEPLOYMENT = Kind("apps", "v1", "deployments", "Deployment")
+SERVICE = Kind("", "v1", "services", "Service")
+CONFIGMAP = Kind("", "v1", "configmaps", "ConfigMap")
+PVC = Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
+PDB = Kind("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
+SCALED_OBJECT = Kind("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
+MODELPOOL = Kind("tollway.io", "v1alpha1", "modelpools", "ModelPool")
+ROUTINGPOLICY = Kind("tollway.io", "v1alpha1", "routingpolicies", "RoutingPolicy")
+
+KINDS = {
+    (k.api_version, k.kind): k
+    for k in (DEPLOYMENT, SERVICE, CONFIGMAP, PVC, PDB, SCALED_OBJECT, MODELPOOL, ROUTINGPOLICY)
+}
+CREATE_ONLY = {PVC}
+"""Kinds whose spec is immutable after creation: created, never patched."""
+
+
+def kind_of(obj: Mapping[str, Any]) -> Kind:
+    try:
+        return KINDS[obj["apiVersion"], obj["kind"]]
+    except KeyError:
+        raise ValueError(f"tollway does not manage {obj.get('apiVersion')}/{obj.get('kind')}") from None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (unit tested)
+# ---------------------------------------------------------------------------------------------
+
+
+def contains(live: Any, desired: Any) -> bool:
+    """Whether `live` already has every field of `desired` (the server may add defaults: extra
+    keys in dicts are fine; lists must have the same length, item by item)."""
+    if isinstance(desired, Mapping):
+        return isinstance(live, Mapping) and all(
+            k in live and contains(live[k], v) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(desired)
+            and all(contains(a, b) for a, b in zip(live, desired, strict=True))
+        )
+    if isinstance(desired, bool) or isinstance(live, bool):
+        return live is desired
+    if isinstance(desired, int | float) and isinstance(live, int | float):
+        return live == desired
+    return live == desired
+
+
+def removals(previous: Any, desired: Any) -> Any:
+    """A merge patch of `null`s for the map keys `previous` had and `desired` has not (lists are
+    replaced whole by a merge patch, so only maps need it). None when nothing is removed."""
+    if not isinstance(previous, Mapping) or not isinstance(desired, Mapping):
+        return None
+    out: dict[str, Any] = {}
+    for key, value in previous.items():
+        if key not in desired:
+            out[key] = None
+        else:
+            sub = removals(value, desired[key])
+            if sub:
+                out[key] = sub
+    return out or None
+
+
+def deep_merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def with_last_applied(desired: Mapping[str, Any]) -> dict[str, Any]:
+    obj = json.loads(json.dumps(desired))
+    record = json.dumps(
+        {k: v for k, v in obj.items() if k != "status"}, sort_keys=True, separators=(",", ":")
+    )
+    obj.setdefault("metadata", {}).setdefault("annotations", {})[LAST_APPLIED] = record
+    return obj
+
+
+def apply_patch(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that makes `live` match `desired`, or None if it already does."""
+    annotated = with_last_applied(desired)
+    raw_previous = (live.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED)
+    try:
+        previous = json.loads(raw_previous) if raw_previous else None
+    except ValueError:
+        previous = None
+    removed = removals(previous, annotated) if previous else None
+    if contains(live, annotated) and not removed:
+        return None
+    patch = json.loads(json.dumps(annotated))
+    patch.get("metadata", {}).pop("namespace", None)
+    if removed:
+        patch = deep_merge(removed, patch)
+    return patch
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------------------------
+
+
+async def connect() -> aio_client.ApiClient:
+    """An API client for the cluster this process runs in, or the one $KUBECONFIG names."""
+    configuration = aio_client.Configuration()
+    kubeconfig = os.environ.get("KUBECONFIG")
+    if not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        aio_config.load_incluster_config(client_configuration=configuration)
+    else:
+        path = kubeconfig.split(os.pathsep)[0] if kubeconfig else os.path.expanduser("~/.kube/config")
+        await aio_config.load_kube_config(config_file=path, client_configuration=configuration)
+    return aio_client.ApiClient(configuration)
+
+
+class Kube:
+    """Create / read / patch / delete children through the REST paths (any kind, one code path)."""
+
+    def __init__(self, api: aio_client.ApiClient) -> None:
+        self.api = api
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        await self.api.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
+        url = self.api.configuration.host.rstrip("/") + path + (f"?{urlencode(query)}" if query else "")
+        response = await self.api.rest_client.request(
+            method, url, headers=headers, body=body, _request_timeout=30
+        )
+        data = await response.read()
+        payload: dict[str, Any] = {}
+        if data:
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                payload = {"message": data.decode(errors="replace")[:500]}
+        if not 200 <= response.status < 300:
+            raise ApiError(
+                response.status,
+                str(payload.get("reason") or response.reason),
+                str(payload.get("message") or ""),
+            )
+        return payload
+
+    async def get(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", kind.path(namespace, name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def list(
+        self, kind: Kind, namespace: str | None, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        try:
+            return list((await self.request("GET", kind.path(namespace), query=query)).get("items") or [])
+        except ApiError as e:
+            if e.status == 404 and kind in (SCALED_OBJECT, PDB):
+                return []  # the API (KEDA, policy/v1) is not installed
+            raise
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        kind = kind_of(obj)
+        return await self.request("POST", kind.path(obj["metadata"]["namespace"]), body=obj)
+
+    async def patch(
+        self, kind: Kind, namespace: str | None, name: str, patch: Any, subresource: str | None = None
+    ) -> dict[str, Any]:
+        return await self.request(
+            "PATCH", kind.path(namespace, name, subresource), body=patch, content_type=MERGE_PATCH
+        )
+
+    async def patch_status(
+        self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return await self.patch(kind, namespace, name, {"status": dict(status)}, subresource="status")
+
+    async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
+        try:
+            await self.request("DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"})
+            return True
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    async def apply(self, desired: Mapping[str, Any]) -> tuple[ApplyResult, dict[str, Any]]:
+        """Create or patch one child so that it contains `desired`."""
+        kind = kind_of(desired)
+        meta = desired["metadata"]
+        live = await self.get(kind, meta["namespace"], meta["name"])
+        if live is None:
+            try:
+                return "created", await self.create(with_last_applied(desired))
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                live = await self.get(kind, meta["namespace"], meta["name"])
+                if live is None:
+                    raise
+        if kind in CREATE_ONLY:
+            return "unchanged", live
+        patch = apply_patch(live, desired)
+        if patch is None:
+            return "unchanged", live
+        return "updated", await self.patch(kind, meta["namespace"], meta["name"], patch)

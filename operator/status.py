@@ -1,0 +1,365 @@
+"""Status: pure functions from observed children to the status a custom resource reports.
+
+Conditions follow the Kubernetes conventions (type, status "True"/"False"/"Unknown", a CamelCase
+reason, a human message, lastTransitionTime, observedGeneration); `lastTransitionTime` changes
+only when a condition's status changes.
+
+ModelPool conditions
+- Ready: every model is available (a deployed model has >= 1 ready replica or is scaled to zero
+  on purpose; external endpoints always count). Reasons: AllModelsAvailable, ModelsUnavailable,
+  InvalidSpec, ReconcileFailed.
+- Progressing: some Deployment has not reached its desired replicas or has not observed its latest
+  spec yet. Reasons: RollingOut, Stable (InvalidSpec when nothing can progress).
+- Degraded: the pool serves, but not fully: some models are unavailable while others are
+  available, a rollout exceeded its deadline, or the autoscaler reports `healthy: false`
+  (`status.autoscaling`; its reason and message are carried over). Reasons: ModelsUnavailable,
+  RolloutStuck, the autoscaler's reason (AutoscalerUnhealthy if it gives none), AsExpected.
+
+RoutingPolicy conditions
+- Ready: the router has >= 1 ready replica with a config built from an existing, valid pool.
+  Reasons: RouterReady, RouterNotReady, PoolNotFound, PoolInvalid, UnknownModels, InvalidSpec, ...
+- Progressing: the router Deployment is rolling out. Reasons: RollingOut, Stable.
+- Degraded: some backends have no ready replica (the router degrades their traffic), or the
+  router runs below its desired replicas. Reasons: BackendsUnavailable, RouterPartiallyReady,
+  AsExpected.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tollway_operator.api import ModelPoolSpec
+from tollway_operator.desired import deployed_models, model_child_name, model_endpoint, router_endpoint
+
+READY = "Ready"
+PROGRESSING = "Progressing"
+DEGRADED = "Degraded"
+CONDITION_ORDER = (READY, PROGRESSING, DEGRADED)
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Cond:
+    type: str
+    status: bool | None  # None: Unknown
+    reason: str
+    message: str = ""
+
+    @property
+    def status_text(self) -> str:
+        return "Unknown" if self.status is None else ("True" if self.status else "False")
+
+
+def merge_conditions(
+    previous: Sequence[Mapping[str, Any]] | None, new: Sequence[Cond], now: str, generation: int | None
+) -> list[dict[str, Any]]:
+    """New conditions as wire dicts; `lastTransitionTime` is kept from `previous` when the
+    condition's status did not change. Conditions of other types in `previous` are kept as they
+    are (someone else may own them)."""
+    before = {c.get("type"): c for c in previous or []}
+    out: list[dict[str, Any]] = []
+    for cond in new:
+        old = before.get(cond.type)
+        changed = old is None or old.get("status") != cond.status_text
+        entry: dict[str, Any] = {
+            "type": cond.type,
+            "status": cond.status_text,
+            "reason": cond.reason,
+            "message": cond.message[:1000],
+            "lastTransitionTime": now
+            if changed or not old.get("lastTransitionTime")
+            else old["lastTransitionTime"],
+        }
+        if generation is not None:
+            entry["observedGeneration"] = generation
+        out.append(entry)
+    mine = {c.type for c in new}
+    out += [dict(c) for c in previous or [] if c.get("type") not in mine]
+    return out
+
+
+def find_condition(conditions: Sequence[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions or [] if c.get("type") == type_), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Observed Deployments
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    """What the status builders need from a live Deployment."""
+
+    name: str
+    desired: int
+    ready: int
+    updated: int
+    observed_generation: int
+    generation: int
+    deadline_exceeded: bool = False
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any]) -> DeploymentView:
+        meta = obj.get("metadata", {})
+        spec = obj.get("spec", {})
+        status = obj.get("status") or {}
+        progressing = next((c for c in status.get("conditions", []) if c.get("type") == "Progressing"), {})
+        return cls(
+            name=meta.get("name", ""),
+            desired=int(spec.get("replicas", 1)),
+            ready=int(status.get("readyReplicas", 0) or 0),
+            updated=int(status.get("updatedReplicas", 0) or 0),
+            observed_generation=int(status.get("observedGeneration", 0) or 0),
+            generation=int(meta.get("generation", 0) or 0),
+            deadline_exceeded=progressing.get("reason") == "ProgressDeadlineExceeded",
+        )
+
+    @property
+    def rolling(self) -> bool:
+        return (
+            self.observed_generation < self.generation
+            or self.ready != self.desired
+            or self.updated < self.desired
+        )
+
+    @property
+    def available(self) -> bool:
+        return self.ready > 0 or self.desired == 0
+
+
+def _names(items: Sequence[str]) -> str:
+    return ", ".join(items)
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelPool
+# ---------------------------------------------------------------------------------------------
+
+
+def pool_status(
+    name: str,
+    namespace: str,
+    spec: ModelPoolSpec,
+    deployments: Mapping[str, Mapping[str, Any]],
+    autoscaling: Mapping[str, Any] | None,
+    previous: Mapping[str, Any] | None,
+    generation: int | None,
+    now: str,
+) -> dict[str, Any]:
+    """The ModelPool status patch (without `autoscaling`, which only the autoscaler writes).
+
+    `deployments`: live Deployment objects by name (`<pool>-<model>`).
+    """
+    previous = previous or {}
+    models: list[dict[str, Any]] = []
+    unavailable: list[str] = []
+    missing: list[str] = []
+    rolling: list[str] = []
+    stuck: list[str] = []
+    deployed = {m.name for m in deployed_models(spec)}
+    for model in spec.models:
+        entry: dict[str, Any] = {"name": model.name, "endpoint": model_endpoint(name, namespace, model)}
+        if model.name not in deployed:
+            entry.update(desiredReplicas=0, readyReplicas=0)
+            models.append(entry)
+            continue
+        obj = deployments.get(model_child_name(name, model.name))
+        if obj is None:
+            entry.update(desiredReplicas=0, readyReplicas=0)
+            missing.append(model.name)
+            unavailable.append(model.name)
+            models.append(entry)
+            continue
+        view = DeploymentView.from_object(obj)
+        entry.update(desiredReplicas=view.desired, readyReplicas=view.ready)
+        models.append(entry)
+        if not view.available:
+            unavailable.append(model.name)
+        if view.rolling:
+            rolling.append(f"{model.name} {view.ready}/{view.desired} ready")
+        if view.deadline_exceeded:
+            stuck.append(model.name)
+    total = len(spec.models)
+    available = total - len(unavailable)
+    conds: list[Cond] = []
+    if unavailable:
+        detail = f"not available: {_names(unavailable)}" + (
+            f" (no Deployment yet: {_names(missing)})" if missing else ""
+        )
+        conds.append(
+            Cond(READY, False, "ModelsUnavailable", f"{available}/{total} models available; {detail}")
+        )
+    else:
+        conds.append(Cond(READY, True, "AllModelsAvailable", f"{total}/{total} models available"))
+    if rolling or missing:
+        conds.append(
+            Cond(PROGRESSING, True, "RollingOut", _names(rolling + [f"{m} being created" for m in missing]))
+        )
+    else:
+        conds.append(Cond(PROGRESSING, False, "Stable", "every model has its desired replicas"))
+    auto = autoscaling or {}
+    if stuck:
+        conds.append(Cond(DEGRADED, True, "RolloutStuck", f"rollout exceeded its deadline: {_names(stuck)}"))
+    elif unavailable and available > 0:
+        conds.append(
+            Cond(
+                DEGRADED,
+                True,
+                "ModelsUnavailable",
+                f"serving without {_names(unavailable)}; the router sends their traffic elsewhere",
+            )
+        )
+    elif auto and auto.get("healthy") is False:
+        conds.append(
+            Cond(
+                DEGRADED,
+                True,
+                auto.get("reason") or "AutoscalerUnhealthy",
+                auto.get("message") or "the autoscaler reports unhealthy",
+            )
+        )
+    else:
+        conds.append(Cond(DEGRADED, False, "AsExpected", ""))
+    return {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous.get("conditions"), conds, now, generation),
+        "models": models,
+        "summary": f"{available}/{total} ready",
+    }
+
+
+def invalid_status(
+    previous: Mapping[str, Any] | None,
+    message: str,
+    generation: int | None,
+    now: str,
+    reason: str = "InvalidSpec",
+) -> dict[str, Any]:
+    """Status of an object whose spec cannot be acted on."""
+    previous = previous or {}
+    conds = [
+        Cond(READY, False, reason, message),
+        Cond(PROGRESSING, False, reason, "nothing is reconciled until the spec is fixed"),
+        Cond(DEGRADED, True, reason, message),
+    ]
+    return {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous.get("conditions"), conds, now, generation),
+    }
+
+
+def failed_status(
+    previous: Mapping[str, Any] | None, reason: str, message: str, generation: int | None, now: str
+) -> dict[str, Any]:
+    """Status after a reconcile that could not complete (API errors, ...): Ready is kept as it was
+    observed before, Degraded tells why."""
+    previous = previous or {}
+    old_ready = find_condition(previous.get("conditions"), READY)
+    ready = (
+        Cond(READY, None, reason, message)
+        if old_ready is None
+        else Cond(
+            READY,
+            {"True": True, "False": False}.get(str(old_ready.get("status"))),
+            str(old_ready.get("reason") or reason),
+            str(old_ready.get("message") or ""),
+        )
+    )
+    conds = [ready, Cond(DEGRADED, True, reason, message)]
+    return {"conditions": merge_conditions(previous.get("conditions"), conds, now, generation)}
+
+
+# ---------------------------------------------------------------------------------------------
+# RoutingPolicy
+# ---------------------------------------------------------------------------------------------
+
+
+def policy_status(
+    name: str,
+    namespace: str,
+    router: Mapping[str, Any] | None,
+    backends_ready: Mapping[str, int],
+    budgets: Mapping[str, int],
+    previous: Mapping[str, Any] | None,
+    generation: int | None,
+    now: str,
+    notes: Sequence[str] = (),
+    scaled_to_zero: Collection[str] = (),
+) -> dict[str, Any]:
+    """Status of a policy whose children were applied. `router`: the live router Deployment;
+    `scaled_to_zero`: models whose Deployment asks for 0 replicas on purpose (not a degradation:
+    the autoscaler wakes them on demand)."""
+    previous = previous or {}
+    view = DeploymentView.from_object(router) if router is not None else None
+    conds: list[Cond] = []
+    if view is None:
+        conds.append(Cond(READY, False, "RouterNotReady", "the router Deployment does not exist yet"))
+    elif view.ready > 0:
+        conds.append(
+            Cond(
+                READY,
+                True,
+                "RouterReady",
+                f"{view.ready}/{view.desired} router replicas ready; endpoint {router_endpoint(name, namespace)}",
+            )
+        )
+    else:
+        conds.append(Cond(READY, False, "RouterNotReady", f"0/{view.desired} router replicas ready"))
+    if view is None or view.rolling:
+        detail = (
+            "being created" if view is None else f"{view.ready}/{view.desired} ready, {view.updated} updated"
+        )
+        conds.append(Cond(PROGRESSING, True, "RollingOut", f"router {detail}"))
+    else:
+        conds.append(Cond(PROGRESSING, False, "Stable", "the router runs its desired replicas"))
+    down = sorted(m for m, n in backends_ready.items() if n <= 0 and m not in scaled_to_zero)
+    asleep = sorted(m for m, n in backends_ready.items() if n <= 0 and m in scaled_to_zero)
+    if asleep:
+        notes = [*notes, f"scaled to zero: {_names(asleep)}"]
+    if down:
+        conds.append(
+            Cond(
+                DEGRADED,
+                True,
+                "BackendsUnavailable",
+                f"no ready replica for {_names(down)}; the router degrades their traffic"
+                + (f"; {'; '.join(notes)}" if notes else ""),
+            )
+        )
+    elif view is not None and 0 < view.ready < view.desired:
+        conds.append(
+            Cond(DEGRADED, True, "RouterPartiallyReady", f"{view.ready}/{view.desired} router replicas ready")
+        )
+    else:
+        conds.append(Cond(DEGRADED, False, "AsExpected", "; ".join(notes)))
+    return {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous.get("conditions"), conds, now, generation),
+        "endpoint": router_endpoint(name, namespace),
+        "routerReplicas": view.ready if view is not None else 0,
+        "budgets": dict(budgets),
+    }
+
+
+def waiting_policy_status(
+    previous: Mapping[str, Any] | None, reason: str, message: str, generation: int | None, now: str
+) -> dict[str, Any]:
+    """A policy that cannot be reconciled until something else changes (its pool appears, the
+    pool gains the models it names, ...). Its children, if any, are left as they were."""
+    previous = previous or {}
+    conds = [
+        Cond(READY, False, reason, message),
+        Cond(PROGRESSING, False, reason, "waiting; rechecked when the pool changes and periodically"),
+        Cond(DEGRADED, True, reason, message),
+    ]
+    return {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous.get("conditions"), conds, now, generation),
+    }

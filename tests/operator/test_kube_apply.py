@@ -1,0 +1,84 @@
+"""The apply logic of the I/O adapter: when to patch, and what."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tollway_operator import kube as k
+
+
+def desired(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "x", "namespace": "ns", "labels": {"a": "1"}},
+        "spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "c", "image": "i:1"}]}}} | spec,
+    }
+
+
+def live_from(obj: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What a server would return: our object (with the last-applied record) plus defaults."""
+    live = k.with_last_applied(obj)
+    live["metadata"] |= {"uid": "u", "resourceVersion": "7"}
+    live["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+    live["spec"] |= extra
+    live["status"] = {"readyReplicas": 2}
+    return live
+
+
+def test_contains_tolerates_server_defaults() -> None:
+    assert k.contains({"a": 1, "b": [{"x": 1, "y": 2}], "c": 3}, {"a": 1, "b": [{"x": 1}]})
+    assert not k.contains({"a": 1, "b": [{"x": 1}, {"x": 2}]}, {"b": [{"x": 1}]})  # list length matters
+    assert not k.contains({"a": "1"}, {"a": 1})
+    assert not k.contains({"a": 1}, {"a": True})
+    assert k.contains({"a": 1.0}, {"a": 1})
+
+
+def test_no_patch_when_live_matches() -> None:
+    obj = desired()
+    assert k.apply_patch(live_from(obj, progressDeadlineSeconds=600), obj) is None
+
+
+def test_drift_is_patched_back() -> None:
+    obj = desired()
+    live = live_from(obj)
+    live["spec"]["replicas"] = 5
+    live["spec"]["template"]["spec"]["containers"][0]["image"] = "hacked"
+    patch = k.apply_patch(live, obj)
+    assert patch is not None
+    assert patch["spec"]["replicas"] == 2
+    assert patch["spec"]["template"]["spec"]["containers"][0]["image"] == "i:1"
+    assert "namespace" not in patch["metadata"]
+
+
+def test_removed_fields_are_nulled() -> None:
+    old = desired()
+    old["metadata"]["labels"]["gone"] = "yes"
+    old["spec"]["template"]["spec"]["nodeSelector"] = {"gpu": "a100"}
+    live = live_from(old)
+    patch = k.apply_patch(live, desired())
+    assert patch is not None
+    assert patch["metadata"]["labels"] == {"a": "1", "gone": None}
+    assert patch["spec"]["template"]["spec"]["nodeSelector"] is None
+    # ... and the record is updated so the next apply is quiet
+    record = json.loads(patch["metadata"]["annotations"][k.LAST_APPLIED])
+    assert "nodeSelector" not in record["spec"]["template"]["spec"]
+
+
+def test_fields_set_by_others_are_left_alone() -> None:
+    obj = desired()
+    live = live_from(obj)
+    live["metadata"]["annotations"]["someone/else"] = "keep"
+    live["metadata"]["labels"]["foreign"] = "keep"
+    assert k.apply_patch(live, obj) is None
+
+
+def test_kinds_and_paths() -> None:
+    assert k.kind_of(desired()) is k.DEPLOYMENT
+    assert k.DEPLOYMENT.path("ns", "x", "status") == "/apis/apps/v1/namespaces/ns/deployments/x/status"
+    assert k.SERVICE.path("ns") == "/api/v1/namespaces/ns/services"
+    with pytest.raises(ValueError, match="does not manage"):
+        k.kind_of({"apiVersion": "v1", "kind": "Pod"})

@@ -1,0 +1,234 @@
+"""Status builders: conditions tell the truth about observed children."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tollway_operator import status as s
+from tollway_operator.api import parse_model_pool
+
+SPEC = parse_model_pool(
+    {
+        "models": [
+            {"name": "small", "model": "a/s"},
+            {"name": "large", "model": "a/l"},
+            {"name": "ext", "endpoint": {"url": "https://x.example"}},
+        ]
+    }
+)
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+def dep(
+    name: str,
+    replicas: int,
+    ready: int,
+    generation: int = 1,
+    observed: int = 1,
+    reason: str = "NewReplicaSetAvailable",
+) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "observedGeneration": observed,
+        "replicas": replicas,
+        "updatedReplicas": replicas,
+    }
+    if ready:
+        status["readyReplicas"] = ready
+    status["conditions"] = [{"type": "Progressing", "status": "True", "reason": reason}]
+    return {
+        "metadata": {"name": name, "generation": generation},
+        "spec": {"replicas": replicas},
+        "status": status,
+    }
+
+
+def cond(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    found = s.find_condition(st["conditions"], type_)
+    assert found is not None
+    return dict(found)
+
+
+def pool_status(
+    deps: dict[str, Any],
+    autoscaling: dict[str, Any] | None = None,
+    previous: dict[str, Any] | None = None,
+    now: str = T0,
+) -> dict[str, Any]:
+    return s.pool_status("chat", "ml", SPEC, deps, autoscaling, previous, 3, now)
+
+
+def test_all_available() -> None:
+    st = pool_status({"chat-small": dep("chat-small", 2, 2), "chat-large": dep("chat-large", 1, 1)})
+    ready = cond(st, "Ready")
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == (
+        "True",
+        "AllModelsAvailable",
+        3,
+    )
+    assert cond(st, "Progressing")["status"] == "False"
+    assert cond(st, "Degraded")["status"] == "False"
+    assert st["observedGeneration"] == 3
+    assert st["summary"] == "3/3 ready"
+    models = {m["name"]: m for m in st["models"]}
+    assert models["small"] == {
+        "name": "small",
+        "endpoint": "http://chat-small.ml.svc.cluster.local:8000",
+        "desiredReplicas": 2,
+        "readyReplicas": 2,
+    }
+    assert models["ext"]["endpoint"] == "https://x.example"
+    assert "autoscaling" not in st  # the autoscaler's subtree is never written here
+
+
+def test_initial_rollout_is_progressing_not_degraded() -> None:
+    spec = parse_model_pool(
+        {"models": [{"name": "small", "model": "a/s"}, {"name": "large", "model": "a/l"}]}
+    )
+    st = s.pool_status(
+        "chat",
+        "ml",
+        spec,
+        {"chat-small": dep("chat-small", 1, 0), "chat-large": dep("chat-large", 1, 0)},
+        None,
+        None,
+        3,
+        T0,
+    )
+    assert cond(st, "Ready")["status"] == "False" and cond(st, "Ready")["reason"] == "ModelsUnavailable"
+    assert "small" in cond(st, "Ready")["message"] and "large" in cond(st, "Ready")["message"]
+    assert cond(st, "Progressing")["status"] == "True"
+    assert cond(st, "Degraded")["status"] == "False"
+    # With an external model serving meanwhile, the pool is up but degraded.
+    st = pool_status({"chat-small": dep("chat-small", 1, 0), "chat-large": dep("chat-large", 1, 0)})
+    assert cond(st, "Degraded")["status"] == "True"
+
+
+def test_partially_available_is_degraded() -> None:
+    st = pool_status({"chat-small": dep("chat-small", 1, 1), "chat-large": dep("chat-large", 1, 0)})
+    degraded = cond(st, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ModelsUnavailable")
+    assert "large" in degraded["message"] and "small" not in degraded["message"]
+    assert st["summary"] == "2/3 ready"
+
+
+def test_missing_deployment_counts_as_unavailable() -> None:
+    st = pool_status({"chat-small": dep("chat-small", 1, 1)})
+    assert cond(st, "Ready")["status"] == "False"
+    assert "no Deployment yet: large" in cond(st, "Ready")["message"]
+    assert cond(st, "Progressing")["status"] == "True"
+
+
+def test_scaled_to_zero_is_available() -> None:
+    st = pool_status({"chat-small": dep("chat-small", 1, 1), "chat-large": dep("chat-large", 0, 0)})
+    assert cond(st, "Ready")["status"] == "True"
+    assert cond(st, "Degraded")["status"] == "False"
+
+
+def test_stuck_rollout() -> None:
+    st = pool_status(
+        {
+            "chat-small": dep("chat-small", 1, 1),
+            "chat-large": dep("chat-large", 1, 1, 2, 2, reason="ProgressDeadlineExceeded"),
+        }
+    )
+    assert cond(st, "Degraded")["reason"] == "RolloutStuck"
+
+
+def test_new_generation_not_yet_observed_is_progressing() -> None:
+    st = pool_status(
+        {
+            "chat-small": dep("chat-small", 1, 1, generation=2, observed=1),
+            "chat-large": dep("chat-large", 1, 1),
+        }
+    )
+    assert cond(st, "Progressing")["status"] == "True"
+    assert cond(st, "Ready")["status"] == "True"
+
+
+def test_autoscaler_health_drives_degraded() -> None:
+    deps = {"chat-small": dep("chat-small", 1, 1), "chat-large": dep("chat-large", 1, 1)}
+    st = pool_status(
+        deps, {"healthy": False, "reason": "PrometheusUnavailable", "message": "connection refused"}
+    )
+    degraded = cond(st, "Degraded")
+    assert (degraded["status"], degraded["reason"], degraded["message"]) == (
+        "True",
+        "PrometheusUnavailable",
+        "connection refused",
+    )
+    st = pool_status(deps, {"healthy": False})
+    assert cond(st, "Degraded")["reason"] == "AutoscalerUnhealthy"
+    assert cond(pool_status(deps, {"healthy": True}), "Degraded")["status"] == "False"
+
+
+def test_last_transition_time_is_kept_while_status_holds() -> None:
+    deps = {"chat-small": dep("chat-small", 1, 1), "chat-large": dep("chat-large", 1, 0)}
+    first = pool_status(deps, now=T0)
+    second = pool_status({**deps, "chat-small": dep("chat-small", 2, 1)}, previous=first, now=T1)
+    assert cond(second, "Ready")["lastTransitionTime"] == T0  # still False
+    deps["chat-large"] = dep("chat-large", 1, 1)
+    third = pool_status(deps, previous=second, now=T1)
+    assert cond(third, "Ready")["status"] == "True" and cond(third, "Ready")["lastTransitionTime"] == T1
+
+
+def test_foreign_conditions_are_preserved() -> None:
+    previous = {
+        "conditions": [{"type": "Scaling", "status": "True", "reason": "X", "lastTransitionTime": T0}]
+    }
+    st = pool_status(
+        {"chat-small": dep("chat-small", 1, 1), "chat-large": dep("chat-large", 1, 1)}, previous=previous
+    )
+    assert cond(st, "Scaling")["reason"] == "X"
+
+
+def test_invalid_status() -> None:
+    st = s.invalid_status(None, "spec.models[0].replicas: min (3) must be <= max (2)", 4, T0)
+    ready = cond(st, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert "spec.models[0].replicas" in ready["message"]
+    assert cond(st, "Degraded")["status"] == "True" and st["observedGeneration"] == 4
+
+
+def test_policy_status_ready_and_degraded_backends() -> None:
+    router = dep("chat-auto-router", 2, 2)
+    st = s.policy_status("chat-auto", "ml", router, {"small": 1, "large": 0}, {"small": 10}, None, 1, T0)
+    assert cond(st, "Ready")["status"] == "True"
+    assert (cond(st, "Degraded")["status"], cond(st, "Degraded")["reason"]) == ("True", "BackendsUnavailable")
+    assert "large" in cond(st, "Degraded")["message"]
+    assert (
+        st["endpoint"] == "http://chat-auto.ml.svc/v1"
+        and st["routerReplicas"] == 2
+        and st["budgets"] == {"small": 10}
+    )
+
+
+def test_policy_status_scaled_to_zero_backend_is_not_degraded() -> None:
+    st = s.policy_status(
+        "p", "ml", dep("p-router", 1, 1), {"small": 1, "large": 0}, {}, None, 1, T0, scaled_to_zero={"large"}
+    )
+    assert cond(st, "Degraded")["status"] == "False"
+    assert "scaled to zero: large" in cond(st, "Degraded")["message"]
+
+
+def test_policy_status_router_not_ready_and_partial() -> None:
+    st = s.policy_status("p", "ml", dep("p-router", 2, 0), {"a": 1}, {}, None, 1, T0)
+    assert (cond(st, "Ready")["status"], cond(st, "Ready")["reason"]) == ("False", "RouterNotReady")
+    assert cond(st, "Progressing")["status"] == "True"
+    st = s.policy_status("p", "ml", dep("p-router", 3, 1), {"a": 1}, {}, None, 1, T0)
+    assert cond(st, "Degraded")["reason"] == "RouterPartiallyReady"
+    st = s.policy_status("p", "ml", None, {"a": 1}, {}, None, 1, T0)
+    assert cond(st, "Ready")["status"] == "False" and st["routerReplicas"] == 0
+
+
+def test_waiting_policy_status() -> None:
+    st = s.waiting_policy_status(None, "PoolNotFound", "ModelPool 'chat' does not exist", 2, T0)
+    assert (cond(st, "Ready")["status"], cond(st, "Ready")["reason"]) == ("False", "PoolNotFound")
+    assert cond(st, "Progressing")["status"] == "False"
+
+
+def test_failed_status_keeps_ready_as_observed() -> None:
+    previous = pool_status({"chat-small": dep("chat-small", 1, 1), "chat-large": dep("chat-large", 1, 1)})
+    st = s.failed_status(previous, "ReconcileFailed", "503 ServiceUnavailable", 3, T1)
+    assert cond(st, "Ready")["status"] == "True" and cond(st, "Ready")["lastTransitionTime"] == T0
+    assert (cond(st, "Degraded")["status"], cond(st, "Degraded")["reason"]) == ("True", "ReconcileFailed")
+    assert cond(s.failed_status(None, "ReconcileFailed", "x", 1, T0), "Ready")["status"] == "Unknown"
