@@ -168,7 +168,10 @@ class SentenceTransformerEmbedder:
 
         self._model = SentenceTransformer(path, device=device)
         self._batch_size = batch_size
-        self._dim = int(self._model.get_sentence_embedding_dimension())
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or (
+            self._model.get_sentence_embedding_dimension
+        )
+        self._dim = int(get_dim())
         self._name = f"st:{Path(path).name if model is None else model}"
 
     @property

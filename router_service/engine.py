@@ -302,8 +302,18 @@ class RoutingEngine:
         else:
             remaining, full = self._remaining_budgets(), self._full_budgets()
         with self._fit_lock:
-            self.controller.fit(remaining, full)
+            self.controller.fit(remaining, full, remaining_queries=self._remaining_queries())
         return self.gamma
+
+    def _remaining_queries(self) -> float:
+        """Expected queries left in this budget window: the larger of what the count says
+        (N - seen) and what the clock says (N x time left); the larger one is the cautious one."""
+        n = self.controller.expected_queries
+        by_count = n - self.controller.observed
+        if self.ledger is None:
+            return max(by_count, 1)
+        by_time = n * (1.0 - self.ledger.window_elapsed_fraction())
+        return max(by_count, by_time, 1.0)
 
     def _fit_safely(self) -> None:
         try:

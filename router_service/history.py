@@ -257,12 +257,13 @@ def read_jsonl(path: str | Path) -> History:
             scores.append(s)
             costs.append(c)
             tokens.append(t)
-            split.append(rec.get("split", "history"))
+            split.append(rec.get("split"))
     n, m = len(prompts), len(models)
+    labels = None if all(s is None for s in split) else [s or "history" for s in split]
     return History(
         prompts, models, np.array(scores, dtype=np.float64).reshape(n, m),
         np.array(costs, dtype=np.float64).reshape(n, m), np.array(tokens, dtype=np.float64).reshape(n, m),
-        evals, split, skipped,
+        evals, labels, skipped,
     )  # fmt: skip
 
 
