@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
-from router_service.simulator.engine import Engine, RequestHandle
+from router_service.simulator.engine import Engine, EngineStopped, RequestHandle
 from router_service.simulator.faults import FaultInjector
 from router_service.simulator.profile import SimulatorProfile
 from router_service.simulator.protocol import (
@@ -175,10 +175,15 @@ class Simulator:
 
     def submit(self, plans: list[ChoicePlan], created_at: float) -> tuple[list[RequestHandle], asyncio.Event]:
         notify = asyncio.Event()
-        handles = [
-            self.engine.submit(p.prompt_tokens, p.output_tokens, p.finish_reason, created_at, notify)
-            for p in plans
-        ]
+        handles: list[RequestHandle] = []
+        try:
+            for p in plans:
+                handles.append(
+                    self.engine.submit(p.prompt_tokens, p.output_tokens, p.finish_reason, created_at, notify)
+                )
+        except EngineStopped as exc:
+            self.abort(handles)
+            raise SimulatorError(503, f"The simulator engine is not running: {exc}") from None
         return handles, notify
 
     def abort(self, handles: list[RequestHandle]) -> None:
@@ -191,7 +196,7 @@ class Simulator:
         """Until every handle finished (or, with `tokens`, that many tokens were generated in all)."""
         while not all(h.done for h in handles):
             if any(h.error for h in handles):
-                raise SimulatorError(503, "The simulator is shutting down.")
+                raise SimulatorError(503, "The simulator engine stopped before the request finished.")
             if tokens is not None and sum(h.delivered for h in handles) >= tokens:
                 return
             await notify.wait()
@@ -341,8 +346,8 @@ class Simulator:
         created_at = await self.admit(request)
         if created_at is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        notify = asyncio.Event()
-        handles = [self.engine.submit(tokens, 0, "stop", created_at, notify) for _, tokens in inputs]
+        plans = [ChoicePlan(i, tokens, [], "stop") for i, (_, tokens) in enumerate(inputs)]
+        handles, notify = self.submit(plans, created_at)
         if not await _unless_disconnected(request, self.wait_for(handles, notify)):
             self.abort(handles)
             return Response(status_code=CLIENT_CLOSED_REQUEST)

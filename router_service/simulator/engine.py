@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from router_service.simulator.capacity import Scheduler, SeqState, Sequence, Ste
 from router_service.simulator.faults import FaultInjector
 from router_service.simulator.metrics import SimulatorMetrics
 from router_service.simulator.profile import SimulatorProfile
+
+log = logging.getLogger(__name__)
 
 MAX_LAG_SECONDS = 0.05
 MIN_SLEEP_SECONDS = 0.0005
@@ -125,6 +128,19 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: fail every waiter instead of leaving them hanging
+            log.exception("simulator engine for %s crashed", self.profile.model)
+            self._task = None
+            for handle in list(self._handles.values()):
+                handle.error = exc
+                handle.notify.set()
+            self._handles.clear()
+
+    async def _loop(self) -> None:
         assert self._wake is not None
         speedup = self.profile.speedup
         deadline: float | None = None

@@ -138,13 +138,21 @@ class SimulatorServer:
 class SimulatorProcess:
     """One simulator as a child process; `kill()` makes it die abruptly (SIGKILL)."""
 
-    def __init__(self, profile: SimulatorProfile, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        profile: SimulatorProfile,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_path: str | os.PathLike[str] | None = None,
+        log_level: str = "warning",
+    ) -> None:
         from router_service.simulator.cli import profile_to_argv
 
         self.profile = profile
         self.host = host
+        self.log_path = log_path
         self._argv = [sys.executable, "-m", "router_service.simulator.cli", *profile_to_argv(profile)]
-        self._argv += ["--host", host, "--port", str(port)]
+        self._argv += ["--host", host, "--port", str(port), "--log-level", log_level]
         self.process: subprocess.Popen[str] | None = None
         self.port: int | None = None
 
@@ -160,9 +168,15 @@ class SimulatorProcess:
 
     def start(self) -> SimulatorProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
-            self._argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-        )
+        with contextlib.ExitStack() as stack:
+            stderr = (
+                stack.enter_context(open(self.log_path, "a"))
+                if self.log_path is not None
+                else subprocess.DEVNULL
+            )
+            self.process = subprocess.Popen(
+                self._argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+            )
         ready: dict[str, Any] = {}
 
         def read_ready_line() -> None:
