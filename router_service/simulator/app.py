@@ -224,9 +224,12 @@ class Simulator:
             )
             return DroppableStreamingResponse(body, media_type="text/event-stream")
         if die_after is not None:
-            finished = await _unless_disconnected(request, self.wait_for(handles, notify, tokens=die_after))
+            # Work until the fault's token count, then "crash": a truncated body and a dropped connection.
+            reached = await _unless_disconnected(request, self.wait_for(handles, notify, tokens=die_after))
             self.abort(handles)
-            return DroppableStreamingResponse(_truncated_json(finished), media_type="application/json")
+            if not reached:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return DroppableStreamingResponse(_truncated_json(response_id), media_type="application/json")
         if not await _unless_disconnected(request, self.wait_for(handles, notify)):
             self.abort(handles)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -386,8 +389,8 @@ class Simulator:
         }
 
 
-async def _truncated_json(finished: bool) -> AsyncIterator[bytes]:
-    yield b'{"id":"cmpl-dropped","object":"'
+async def _truncated_json(response_id: str) -> AsyncIterator[bytes]:
+    yield f'{{"id":"{response_id}","object":"'.encode()
     raise _DropConnection
 
 
