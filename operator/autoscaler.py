@@ -12,7 +12,7 @@ When Prometheus is down, a query fails or returns nothing, the replicas stay as 
 
 I/O sits behind two small protocols (`ReplicaScaler`, `StatusWriter`) so the whole loop runs in
 tests against a real Prometheus with an in-memory Deployment, and in the operator against the
-Kubernetes API (official client, in a thread).
+Kubernetes API through the operator's async client (`kube.Kube`, kubernetes.aio).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from typing import Any, Protocol
 import kopf
 
 from tollway_operator import autoscaling as decision
+from tollway_operator import kube as k
 from tollway_operator.api import (
     GROUP,
     VERSION,
@@ -379,54 +378,18 @@ async def run_pool(
 
 
 # ---------------------------------------------------------------------------------------------
-# Kubernetes adapters (official client, in a thread)
+# Kubernetes adapters (the operator's own async client, `kube.Kube`)
 # ---------------------------------------------------------------------------------------------
-
-_api_client: Any = None
-
-
-def kube_api_client() -> Any:
-    """A shared `kubernetes.client.ApiClient`: in-cluster config, else the kubeconfig."""
-    global _api_client
-    if _api_client is None:
-        import kubernetes
-
-        try:
-            kubernetes.config.load_incluster_config()
-        except kubernetes.config.ConfigException:
-            # The default path is read when `kubernetes` is imported; honour KUBECONFIG set later.
-            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-        _api_client = kubernetes.client.ApiClient()
-    return _api_client
-
-
-def reset_kube_api_client() -> None:
-    """Forget the cached client (tests that point KUBECONFIG elsewhere)."""
-    global _api_client
-    _api_client = None
 
 
 class KubeReplicaScaler:
-    """Reads and patches Deployments' spec.replicas through the Kubernetes API."""
+    """Reads and merge-patches Deployments' spec.replicas through the Kubernetes API."""
 
-    def __init__(self, api_client: Any | None = None) -> None:
-        import kubernetes
-
-        self._apps = kubernetes.client.AppsV1Api(api_client or kube_api_client())
+    def __init__(self, kube: k.Kube) -> None:
+        self._kube = kube
 
     async def read(self, namespace: str, name: str) -> DeploymentReplicas | None:
-        import kubernetes
-
-        def get() -> dict[str, Any] | None:
-            try:
-                raw = self._apps.read_namespaced_deployment(name, namespace, _preload_content=False)
-            except kubernetes.client.exceptions.ApiException as e:
-                if e.status == 404:
-                    return None
-                raise
-            return json.loads(raw.data)
-
-        body = await asyncio.to_thread(get)
+        body = await self._kube.get(k.DEPLOYMENT, namespace, name)
         if body is None:
             return None
         spec = body.get("spec") or {}
@@ -434,36 +397,42 @@ class KubeReplicaScaler:
         return DeploymentReplicas(int(spec.get("replicas", 1)), int(status.get("readyReplicas") or 0))
 
     async def scale(self, namespace: str, name: str, replicas: int) -> None:
-        await asyncio.to_thread(
-            self._apps.patch_namespaced_deployment,
-            name,
-            namespace,
-            {"spec": {"replicas": replicas}},
-            _content_type="application/merge-patch+json",
-            _preload_content=False,
-        )
+        await self._kube.patch(k.DEPLOYMENT, namespace, name, {"spec": {"replicas": replicas}})
 
 
 class KubeStatusWriter:
     """Merge-patches status.autoscaling through the ModelPool's status subresource."""
 
-    def __init__(self, api_client: Any | None = None) -> None:
-        import kubernetes
-
-        self._custom = kubernetes.client.CustomObjectsApi(api_client or kube_api_client())
+    def __init__(self, kube: k.Kube) -> None:
+        self._kube = kube
 
     async def write(self, namespace: str, pool: str, autoscaling: dict[str, Any]) -> None:
-        await asyncio.to_thread(
-            self._custom.patch_namespaced_custom_object_status,
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            pool,
-            {"status": {"autoscaling": autoscaling}},
-            _content_type="application/merge-patch+json",
-            _preload_content=False,
-        )
+        await self._kube.patch_status(k.MODELPOOL, namespace, pool, {"autoscaling": autoscaling})
+
+
+class _SharedKube:
+    """One API client for every pool's daemon, connected on first use, closed at cleanup."""
+
+    def __init__(self) -> None:
+        self._kube: k.Kube | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def get(self) -> k.Kube:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._kube is None:
+                self._kube = k.Kube(await k.connect())
+            return self._kube
+
+    async def close(self) -> None:
+        if self._kube is not None:
+            kube, self._kube = self._kube, None
+            await kube.close()
+        self._lock = None
+
+
+SHARED_KUBE = _SharedKube()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +466,8 @@ async def autoscale_pool(
     name: str, namespace: str, spec: Any, status: Any, body: Any, stopped: Any, logger: Any, **_: Any
 ) -> None:
     """One daemon per ModelPool in operator mode; kopf stops it when the pool or the mode goes."""
-    autoscaler = PoolAutoscaler(pool=name, namespace=namespace, scaler=KubeReplicaScaler())
+    kube = await SHARED_KUBE.get()
+    autoscaler = PoolAutoscaler(pool=name, namespace=namespace, scaler=KubeReplicaScaler(kube))
 
     def post(kind: str, reason: str, message: str) -> None:
         (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message[:1000])
@@ -506,7 +476,7 @@ async def autoscale_pool(
         await run_pool(
             autoscaler,
             read_spec=lambda: _live_spec(spec, logger),  # `spec` is a live view in kopf daemons
-            status_writer=KubeStatusWriter(),
+            status_writer=KubeStatusWriter(kube),
             post_event=post,
             stopped=lambda: bool(stopped),
             wait=stopped.wait,
@@ -515,3 +485,8 @@ async def autoscale_pool(
     finally:
         with contextlib.suppress(Exception):
             await autoscaler.aclose()
+
+
+@kopf.on.cleanup()
+async def close_autoscaler_client(**_: Any) -> None:
+    await SHARED_KUBE.close()
