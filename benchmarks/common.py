@@ -41,8 +41,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-TOLLWAY = ROOT / ".venv" / "bin" / "tollway"
+# The `tollway` entry point of the running interpreter's environment (normally .venv).
+TOLLWAY = Path(sys.executable).parent / "tollway"
+if not TOLLWAY.exists():
+    TOLLWAY = ROOT / ".venv" / "bin" / "tollway"
 
 # --------------------------------------------------------------------------------------------
 # processes
