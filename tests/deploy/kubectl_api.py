@@ -26,6 +26,15 @@ class DiscoveryEmulator(kmock.KubernetesEmulator):
         payload["groupVersion"] = payload["groupVersion"].lstrip("/")
         return payload
 
+    async def _serve_server_version(self, request: Any) -> Any:
+        """Report the Kubernetes version the manifests are validated against (kmock says 1.26)."""
+        return {
+            **await super()._serve_server_version(request),
+            "major": "1",
+            "minor": "32",
+            "gitVersion": "v1.32.0",
+        }
+
     def register_crds(self, directory: Path = CRD_DIR) -> None:
         """What the API server does once a CRD is created: serve (and advertise) its resource."""
         for path in sorted(directory.glob("*.yaml")):
@@ -53,11 +62,21 @@ class KubeAPI:
     kubectl_path: str
 
     async def kubectl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run kubectl without blocking the event loop that serves the emulator."""
+        return await self.run(self.kubectl_path, *args, timeout=timeout)
+
+    async def run(self, program: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a client of this API without blocking the event loop that serves the emulator."""
         proc = await asyncio.create_subprocess_exec(
-            self.kubectl_path,
+            program,
             *args,
-            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+            env={
+                **os.environ,
+                "KUBECONFIG": str(self.kubeconfig),
+                **{
+                    f"HELM_{d}_HOME": str(self.kubeconfig.parent / f"helm-{d.lower()}")
+                    for d in ("CACHE", "CONFIG", "DATA")
+                },
+            },
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -67,6 +86,4 @@ class KubeAPI:
             proc.kill()
             await proc.wait()
             raise
-        return subprocess.CompletedProcess(
-            [self.kubectl_path, *args], proc.returncode or 0, out.decode(), err.decode()
-        )
+        return subprocess.CompletedProcess([program, *args], proc.returncode or 0, out.decode(), err.decode())

@@ -9,15 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import kmock
 import kubernetes_validate
 import pytest
 import yaml
 from crd_validation import REPO_ROOT
+from kubectl_api import KubeAPI
 
 KUBERNETES_VERSION = "1.32.0"
 CHART = REPO_ROOT / "charts" / "tollway"
-CUSTOM_KINDS = {"ServiceMonitor", "KopfPeering", "ClusterKopfPeering"}  # not in Kubernetes' own schemas
+CUSTOM_KINDS = {"ServiceMonitor"}  # not in Kubernetes' own schemas
 ALL_FLAGS = (
     "--set",
     "serviceMonitor.enabled=true,keda.enabled=true,peering.enabled=true,scrapeConfig.create=true,replicas=2",
@@ -86,27 +87,67 @@ def test_rendered_manifests_pass_kubernetes_validate_strict(
     assert without_schema <= CUSTOM_KINDS
 
 
-def test_kopf_peering_objects_match_their_crds(helm_template: Render) -> None:
-    for args in (ALL_FLAGS, (*ALL_FLAGS, *WATCHED)):
-        rendered = helm_template(*args)
-        crds = {c["spec"]["names"]["kind"]: c for c in objects(rendered, "CustomResourceDefinition")}
-        assert set(crds) == {"ClusterKopfPeering", "KopfPeering"}
-        peerings = objects(rendered, "KopfPeering") + objects(rendered, "ClusterKopfPeering")
-        assert peerings, "peering on but no peering object rendered"
-        for obj in peerings:
-            crd = crds[obj["kind"]]
-            assert obj["apiVersion"] == f"{crd['spec']['group']}/v1"
-            assert obj["metadata"]["name"] == "tollway"
-            assert ("namespace" in obj["metadata"]) == (crd["spec"]["scope"] == "Namespaced")
-            jsonschema.Draft4Validator(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]).validate(obj)
-            # a custom object cannot be applied together with its new CRD: it must come after, as a hook
-            assert obj["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+def test_peering_installs_kopf_crds_unless_told_not_to(helm_template: Render) -> None:
+    rendered = helm_template(*ALL_FLAGS)
+    crds = {c["spec"]["names"]["kind"]: c for c in objects(rendered, "CustomResourceDefinition")}
+    assert set(crds) == {"ClusterKopfPeering", "KopfPeering"}
+    assert {c["spec"]["group"] for c in crds.values()} == {"kopf.dev"}
+    assert crds["ClusterKopfPeering"]["spec"]["scope"] == "Cluster"
+    assert crds["KopfPeering"]["spec"]["scope"] == "Namespaced"
+    for crd in crds.values():
+        # shared with any other kopf operator in the cluster: never deleted with this release
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # The peering objects are the operator's to create: a release cannot hold a CRD and its objects.
+    assert not objects(rendered, "ClusterKopfPeering") and not objects(rendered, "KopfPeering")
+    assert (
+        objects(helm_template(*ALL_FLAGS, "--set", "peering.installCRDs=false"), "CustomResourceDefinition")
+        == []
+    )
 
 
 def test_no_peering_objects_by_default(helm_template: Render) -> None:
     rendered = helm_template()
     kinds = {obj["kind"] for obj in objects(rendered)}
     assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+
+
+async def test_helm_install_dry_run_renders_notes(kube_api: KubeAPI, tool: Callable[[str], str]) -> None:
+    """`helm install` against a (emulated) Kubernetes 1.32: the kubeVersion constraint holds and NOTES render."""
+    install = (
+        "install",
+        "tollway",
+        str(CHART),
+        "--namespace",
+        "tollway-system",
+        "--dry-run=client",
+        "--disable-openapi-validation",
+    )
+    result = await kube_api.run(tool("helm"), *install)
+    assert result.returncode == 0, result.stderr
+    assert "serves ModelPools and RoutingPolicies in all namespaces" in result.stdout
+    assert "kubectl -n tollway-system rollout status deployment/tollway" in result.stdout
+    assert "files/prometheus-scrape-config.yaml" in result.stdout
+    assert "customresourcedefinition" not in result.stdout.lower().split("notes:")[1]
+
+    # ServiceMonitors need prometheus-operator's CRD: without it the install says so ...
+    result = await kube_api.run(tool("helm"), *install, *ALL_FLAGS, *WATCHED)
+    assert result.returncode != 0
+    assert 'no matches for kind "ServiceMonitor" in version "monitoring.coreos.com/v1"' in result.stderr
+    # ... and with it, everything installs.
+    kube_api.emulator.resources[kmock.resource("monitoring.coreos.com", "v1", "servicemonitors")] = (
+        kmock.ResourceInfo(
+            namespaced=True,
+            kind="ServiceMonitor",
+            singular="servicemonitor",
+            verbs={"get", "list", "create", "patch"},
+        )
+    )
+    result = await kube_api.run(tool("helm"), *install, *ALL_FLAGS, *WATCHED)
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:")[1]
+    assert "in these namespaces: team-a, team-b" in notes
+    assert 'Peering is on (2 replicas, peering object "tollway")' in notes
+    assert "ServiceMonitors tollway-model-servers and tollway-routers" in notes
 
 
 # --- the operator Deployment --------------------------------------------------------------------------
@@ -278,7 +319,7 @@ def test_rbac_flags_add_only_their_rules(helm_template: Render) -> None:
     roles = {r["metadata"]["name"]: grants(r) for r in objects(rendered, "ClusterRole")}
     assert roles == {
         "tollway": OPERATOR_RULES | KEDA_RULES,
-        "tollway-peering": {("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}},
+        "tollway-peering": {("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "create", "patch"}},
     }
 
 
@@ -288,7 +329,9 @@ def test_rbac_watched_namespaces_bind_only_there(helm_template: Render) -> None:
         "a namespaced install must grant nothing cluster-wide"
     )
     roles = {r["metadata"]["name"]: grants(r) for r in objects(rendered, "ClusterRole")}
-    assert roles["tollway-peering"] == {("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"}}
+    assert roles["tollway-peering"] == {
+        ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "create", "patch"}
+    }
     bound = sorted(
         (b["metadata"]["namespace"], b["roleRef"]["name"]) for b in objects(rendered, "RoleBinding")
     )
