@@ -32,6 +32,7 @@ from opentelemetry import propagate, trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
 from router_service import openai_errors as errors
 from router_service.config import RouterConfig, load_router_config
@@ -101,14 +102,29 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _encodable(payload: object) -> bool:
+    """False when a JSON string escape left a lone surrogate that UTF-8 cannot carry upstream."""
+    try:
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_request(body: bytes, capability: str) -> ParsedRequest:
     """Validate the few fields the router relies on; the backend validates the rest."""
     try:
         payload = json.loads(body)
     except ValueError as exc:
         raise errors.bad_request(f"Request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise errors.bad_request("Request body is nested too deeply.") from None
     if not isinstance(payload, dict):
         raise errors.bad_request("Request body must be a JSON object.")
+    if (b"\\ud" in body or b"\\uD" in body) and not _encodable(payload):
+        raise errors.bad_request(
+            "Request body contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF)."
+        )
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise errors.bad_request("`model` is required and must be a non-empty string.", param="model")
@@ -211,6 +227,21 @@ def failure_error(failure: UpstreamFailure, retry_after: int) -> errors.ApiError
 # --- the proxy ------------------------------------------------------------------------------------
 
 
+class RelayResponse(StreamingResponse):
+    """A streamed response that always runs `on_close`, also when it never started sending."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
+
+
 class Proxy:
     """Admission, upstream attempts and response shaping for one router."""
 
@@ -310,23 +341,23 @@ class Proxy:
             )
             decision_seconds = time.perf_counter() - started
         else:
-            rt.metrics.requests.labels("none", "none", "unknown_model").inc()
+            rt.metrics.child(rt.metrics.requests, "none", "none", "unknown_model").inc()
             raise errors.model_not_found(parsed.model, [config.served_model_name, *state.backends])
 
         for model, why in decision.skipped:
             if why == "unavailable":
-                rt.metrics.demand.labels(model).inc()
+                rt.metrics.child(rt.metrics.demand, model).inc()
                 rt.load.record_demand(model)
         if self.tracing:
             self._decision_span(decision, priority, phase, decision_seconds, started)
         if decision.refusal is not None:
-            rt.metrics.sheds.labels(decision.refusal.kind, priority).inc()
-            rt.metrics.requests.labels("none", "none", decision.refusal.kind).inc()
+            rt.metrics.child(rt.metrics.sheds, decision.refusal.kind, priority).inc()
+            rt.metrics.child(rt.metrics.requests, "none", "none", decision.refusal.kind).inc()
             budget_retry = max(1, math.ceil(rt.ledger.snapshot()["window_resets_in_seconds"]))
             raise refusal_error(decision, retry_after, budget_retry)
         if decision.route == "degraded" and decision.skipped:
             from_model, why = decision.skipped[0]
-            rt.metrics.degradations.labels(from_model, decision.model, why).inc()
+            rt.metrics.child(rt.metrics.degradations, from_model, decision.model, why).inc()
 
         tried: list[str] = []
         failure: UpstreamFailure | None = None
@@ -374,11 +405,11 @@ class Proxy:
             )
             if nxt.model is None:
                 break
-            rt.metrics.retries.labels(model, failure.kind).inc()
+            rt.metrics.child(rt.metrics.retries, model, failure.kind).inc()
             log.info("retrying on %s after %s", nxt.model, failure.message)
             decision = nxt
         assert failure is not None
-        rt.metrics.requests.labels(tried[-1], decision.route or "none", "upstream_error").inc()
+        rt.metrics.child(rt.metrics.requests, tried[-1], decision.route or "none", "upstream_error").inc()
         raise failure_error(failure, retry_after)
 
     def _decision_span(
@@ -447,11 +478,15 @@ class Proxy:
                 rt.ledger.release(reservation)
             else:
                 rt.ledger.settle(reservation, usage.total)
-                rt.metrics.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
-                rt.metrics.tokens.labels(model, "completion").inc(usage.completion_tokens)
-                rt.metrics.cost.labels(model).inc(price.usd(usage.prompt_tokens, usage.completion_tokens))
-            rt.metrics.upstream_seconds.labels(model, "total").observe(time.perf_counter() - started)
-            rt.metrics.requests.labels(model, decision.route or "none", outcome).inc()
+                rt.metrics.child(rt.metrics.tokens, model, "prompt").inc(usage.prompt_tokens)
+                rt.metrics.child(rt.metrics.tokens, model, "completion").inc(usage.completion_tokens)
+                rt.metrics.child(rt.metrics.cost, model).inc(
+                    price.usd(usage.prompt_tokens, usage.completion_tokens)
+                )
+            rt.metrics.child(rt.metrics.upstream_seconds, model, "total").observe(
+                time.perf_counter() - started
+            )
+            rt.metrics.child(rt.metrics.requests, model, decision.route or "none", outcome).inc()
             if span is not None:
                 span.set_attribute("tollway.outcome", outcome)
                 if usage is not None:
@@ -476,7 +511,9 @@ class Proxy:
         except BaseException:
             finish(None, "cancelled")
             raise
-        rt.metrics.upstream_seconds.labels(model, "first_byte").observe(time.perf_counter() - started)
+        rt.metrics.child(rt.metrics.upstream_seconds, model, "first_byte").observe(
+            time.perf_counter() - started
+        )
         headers = {**response_headers(response), **out_headers}
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
 
@@ -540,9 +577,15 @@ class Proxy:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
 
+        async def close() -> None:
+            # The client may leave before the body is ever iterated: the relay's own `finally`
+            # then never runs, so the response settles here (both paths are idempotent).
+            finish(watcher.usage(prompt_tokens), "cancelled")
+            await response.aclose()
+
         headers.setdefault("cache-control", "no-cache")
         headers["x-accel-buffering"] = "no"
-        return StreamingResponse(relay(), status_code=200, headers=headers)
+        return RelayResponse(relay(), close, status_code=200, headers=headers)
 
 
 # --- the app --------------------------------------------------------------------------------------
@@ -621,17 +664,14 @@ def create_app(
     app.state.watcher = watcher
     _error_handlers(app)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await proxy.handle(request, "chat")
+    # The inference routes are plain Starlette routes: FastAPI's dependency resolution would
+    # add tens of microseconds per request and gives nothing to a handler that reads raw bytes.
+    for capability, route_path in _PATHS.items():
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await proxy.handle(request, "completions")
+        async def endpoint(request: Request, capability: str = capability) -> Response:
+            return await proxy.handle(request, capability)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        return await proxy.handle(request, "embeddings")
+        app.router.routes.append(Route(route_path, endpoint, methods=["POST"], name=capability))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -658,8 +698,14 @@ def create_app(
             data = json.loads(body)
         except ValueError as exc:
             raise errors.bad_request(f"Request body is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise errors.bad_request("Request body is nested too deeply.") from None
         if not isinstance(data, dict):
             raise errors.bad_request("Request body must be a JSON object.")
+        if (b"\\ud" in body or b"\\uD" in body) and not _encodable(data):
+            raise errors.bad_request(
+                "Request body contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF)."
+            )
         prompt, model, score, tokens = (
             data.get("prompt"),
             data.get("model"),

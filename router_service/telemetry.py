@@ -175,6 +175,16 @@ class RouterMetrics:
         )
         if read_live is not None:
             r.register(_LiveCollector(read_live))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: the label sets are few (models x routes x outcomes) and
+        `labels()` validates and locks on every call."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
 
 # --- tracing ------------------------------------------------------------------------------------

@@ -472,3 +472,18 @@ def test_graceful_shutdown_drains_streams(clean_sims) -> None:
         assert len(tokens) == 60
     finally:
         router.stop()
+
+
+def test_client_leaving_mid_stream_frees_everything(urls, start_router) -> None:
+    router = start_router(router_config(urls), engine=FixedEngine(["small", "medium", "large"]))
+    body = {"model": "auto", "messages": MSG, "max_tokens": 200, "stream": True}
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream("POST", router.base_url + "/chat/completions", json=body) as r,
+    ):
+        assert r.status_code == 200
+        next(r.iter_raw())
+    wait_until(lambda: router.runtime.load.in_flight("small") == 0)
+    used = router.runtime.ledger.snapshot()["models"]["small"]
+    assert used["in_flight"] == 0 and 0 < used["used"] < 200  # charged what was generated, hold released
+    assert metric(router, 'tollway_requests_total{model="small",outcome="cancelled"') == 1
