@@ -42,8 +42,11 @@ async def kube_api(tmp_path: Path, tool: Callable[[str], str]) -> AsyncIterator[
 def helm_template(tool: Callable[[str], str], repo_root: Path) -> Callable[..., str]:
     """`helm_template("--set", "x=y")` -> the chart rendered as release `tollway` in `tollway-system`."""
     helm = tool("helm")
+    cache: dict[tuple[str, ...], str] = {}
 
     def render(*args: str) -> str:
+        if args in cache:
+            return cache[args]
         result = subprocess.run(
             [
                 helm,
@@ -59,6 +62,7 @@ def helm_template(tool: Callable[[str], str], repo_root: Path) -> Callable[..., 
             timeout=60,
         )
         assert result.returncode == 0, f"helm template {' '.join(args)} failed:\n{result.stderr}"
+        cache[args] = result.stdout
         return result.stdout
 
     return render

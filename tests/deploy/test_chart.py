@@ -9,12 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kmock
 import kubernetes_validate
 import pytest
 import yaml
 from crd_validation import REPO_ROOT
 from kubectl_api import KubeAPI
+
+from tollway_operator import cli, run
 
 KUBERNETES_VERSION = "1.32.0"
 CHART = REPO_ROOT / "charts" / "tollway"
@@ -97,12 +100,33 @@ def test_peering_installs_kopf_crds_unless_told_not_to(helm_template: Render) ->
     for crd in crds.values():
         # shared with any other kopf operator in the cluster: never deleted with this release
         assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    # The peering objects are the operator's to create: a release cannot hold a CRD and its objects.
-    assert not objects(rendered, "ClusterKopfPeering") and not objects(rendered, "KopfPeering")
     assert (
         objects(helm_template(*ALL_FLAGS, "--set", "peering.installCRDs=false"), "CustomResourceDefinition")
         == []
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "kind", "namespaces"),
+    [
+        (ALL_FLAGS, "ClusterKopfPeering", [None]),
+        ((*ALL_FLAGS, *WATCHED), "KopfPeering", ["team-a", "team-b"]),
+    ],
+    ids=["cluster-wide", "watched-namespaces"],
+)
+def test_peering_object_once_the_cluster_serves_kopf_dev(
+    helm_template: Render, args: tuple[str, ...], kind: str, namespaces: list[str | None]
+) -> None:
+    # A release cannot hold a new CRD and its objects (Helm maps all objects before creating any) ...
+    assert objects(helm_template(*args), kind) == []
+    # ... so the object comes with the next upgrade, once kopf.dev is served.
+    rendered = helm_template(*args, "--api-versions", f"kopf.dev/v1/{kind}")
+    peerings = objects(rendered, kind)
+    assert [p["metadata"].get("namespace") for p in peerings] == namespaces
+    (crd,) = [c for c in objects(rendered, "CustomResourceDefinition") if c["spec"]["names"]["kind"] == kind]
+    for obj in peerings:
+        assert obj["apiVersion"] == "kopf.dev/v1" and obj["metadata"]["name"] == "tollway"
+        jsonschema.Draft4Validator(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]).validate(obj)
 
 
 def test_no_peering_objects_by_default(helm_template: Render) -> None:
@@ -147,6 +171,7 @@ async def test_helm_install_dry_run_renders_notes(kube_api: KubeAPI, tool: Calla
     notes = result.stdout.split("NOTES:")[1]
     assert "in these namespaces: team-a, team-b" in notes
     assert 'Peering is on (2 replicas, peering object "tollway")' in notes
+    assert "Run `helm upgrade` once more with the same values to create the KopfPeering" in notes
     assert "ServiceMonitors tollway-model-servers and tollway-routers" in notes
 
 
@@ -169,15 +194,15 @@ def test_deployment_defaults(helm_template: Render) -> None:
     assert container["command"] == ["tollway"]
     assert container["args"] == [
         "operator",
-        "--log-level=info",
         "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=8090",
         "--standalone",
         "--all-namespaces",
     ]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TOLLWAY_PROMETHEUS_URL"] == "http://prometheus-operated.monitoring.svc:9090"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"healthz": 8080, "metrics": 8081}
+    assert ports == {"healthz": 8080, "metrics": 8090}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert pod["serviceAccountName"] == the(rendered, "ServiceAccount")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -199,8 +224,9 @@ def test_deployment_follows_values(helm_template: Render) -> None:
     assert container["image"] == "ghcr.io/tollway/tollway:1.2.3"
     assert container["args"] == [
         "operator",
-        "--log-level=debug",
+        "--debug",
         "--liveness=http://0.0.0.0:9000/healthz",
+        "--metrics-port=8090",
         "--peering=tollway",  # more than one replica: kopf peering keeps one active
         "--namespace=team-a",
         "--namespace=team-b",
@@ -211,10 +237,24 @@ def test_deployment_follows_values(helm_template: Render) -> None:
     assert container["resources"]["requests"]["cpu"] == "250m"
 
 
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_container_command_is_a_valid_tollway_operator_command_line(helm_template: Render, name: str) -> None:
+    """The chart and `tollway operator` agree on the command line (parsed by the operator's own parser)."""
+    container = operator_container(helm_template(*RENDERINGS[name]))
+    assert container["command"] == ["tollway"] and container["args"][0] == "operator"
+    assert cli.SUBCOMMANDS["operator"][0] == "tollway_operator.run"
+    args = run.build_parser().parse_args(container["args"][1:])
+    kopf = run.kopf_args(args)
+    assert ("--all-namespaces" in kopf) == ("watchNamespaces" not in " ".join(RENDERINGS[name]))
+    assert ("--standalone" in kopf) == ("replicas=2" not in " ".join(RENDERINGS[name]))
+    assert kopf[kopf.index("--liveness") + 1] == "http://0.0.0.0:8080/healthz"
+    assert args.metrics_port == 8090
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--set", "logLevel=verbose"), 'logLevel: logLevel must be one of the following: "debug", "info"'),
+        (("--set", "logLevel=warning"), 'logLevel: logLevel must be one of the following: "debug", "info"'),
         (("--set", "watchNamespaces={Team_A}"), "watchNamespaces.0: Does not match pattern"),
         (
             ("--set", "watchNamespaces=team-a"),
