@@ -1,6 +1,6 @@
 """Router overhead: what one hop through `tollway router` adds to a request, and requests/s.
 
-    .venv/bin/python benchmarks/router_overhead.py           # ~2-3 min on 2 cores
+    .venv/bin/python benchmarks/router_overhead.py           # ~4 min on 2 cores
     .venv/bin/python benchmarks/router_overhead.py --quick   # ~30 s smoke run
 
 Three simulators (`tollway simulate`, a fast profile: the backend itself answers in about a
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -215,12 +216,17 @@ def report(results: dict[str, Any]) -> None:
     print(f"wrote {paths['md']}")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point")
     args = parser.parse_args(argv)
-    args.n1, args.n64 = (150, 1500) if args.quick else (900, 9000)
+    args.n1, args.n64 = (150, 1200) if args.quick else (600, 3000)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
     with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp:
         results = asyncio.run(run(args, Path(tmp)))
     report(results)

@@ -82,6 +82,7 @@ _PATHS = {
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
+    raw: bytes
     payload: dict[str, Any]
     model: str
     stream: bool
@@ -166,6 +167,7 @@ def parse_request(body: bytes, capability: str) -> ParsedRequest:
         routing = ""
         stream = False
     return ParsedRequest(
+        raw=body,
         payload=payload,
         model=model,
         stream=stream,
@@ -442,10 +444,11 @@ class Proxy:
         """One upstream call. Raises UpstreamFailure before the client saw anything."""
         rt = self.rt
         model = backend.name
-        payload = parsed.payload
-        if payload.get("model") != backend.upstream_model:
-            payload = {**payload, "model": backend.upstream_model}
-        upstream_body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        if parsed.model == backend.upstream_model:
+            upstream_body = parsed.raw  # pinned to its own name: forward the client's bytes untouched
+        else:
+            payload = {**parsed.payload, "model": backend.upstream_model}
+            upstream_body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         extra: dict[str, str] = {}
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         extra["x-request-id"] = request_id

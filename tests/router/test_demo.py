@@ -88,3 +88,14 @@ def test_summary_scores_served_requests_with_true_quality() -> None:
     assert s["quality"] == round(expected_quality, 3)
     assert s["cost"] == round((100 * 10 + 10 * 30 + 100 * 0.2 + 10 * 0.2) / 1e6, 6)
     assert s["served_by_model"] == {"small": 1, "medium": 0, "large": 1}
+
+
+def test_shipped_demo_router_config_is_valid() -> None:
+    from pathlib import Path
+
+    import router_service
+    from router_service.config import load_router_config
+
+    cfg = load_router_config(Path(router_service.__file__).parent / "data" / "demo-router.yaml")
+    assert [b.name for b in cfg.backends] == ["small", "medium", "large"]
+    assert cfg.budgets.tokens["large"] < cfg.budgets.tokens["small"]
