@@ -9,7 +9,9 @@ embedding plus Gaussian noise (re-normalised), so the entries form clusters arou
 as a large real history does. Embeddings are the router's default kind (hashed word n-grams,
 IDF fitted on the shipped prompts) at --dim dimensions (default 256; the router default is
 1,024, whose 1M x 1,024 float32 vectors alone take 4 GiB and whose HNSW build would take most of
-an hour on 2 cores).
+an hour on 2 cores). The HNSW build parameters default to M=16, efConstruction=64 (the router's
+defaults, M=32 and efConstruction=200, build several times slower; pass --hnsw-m 32
+--ef-construction 200 to measure them).
 
 Measured per size, in this process, each index built from the same vectors:
 - build: `RoutingEngine(...)` construction (index build + dual-price prior fit), seconds, and the
@@ -84,14 +86,16 @@ def grow(history: Any, vectors: np.ndarray, n: int, noise: float, seed: int = 0)
     return grown_history, grown
 
 
-def build_engine(history: Any, embedder: Any, vectors: np.ndarray, exact: bool) -> tuple[Any, float, float]:
+def build_engine(
+    history: Any, embedder: Any, vectors: np.ndarray, exact: bool, ann: dict[str, Any] | None = None
+) -> tuple[Any, float, float]:
     from router_service.config import RouterConfig
     from router_service.engine import RoutingEngine
 
     cfg = RouterConfig.model_validate(
         {
             "backends": [{"name": n, "url": "http://127.0.0.1:9", "profile": p} for n, p in BACKENDS.items()],
-            "ann": {"exactBelow": len(history) + 1} if exact else {},
+            "ann": {"exactBelow": len(history) + 1} if exact else (ann or {}),
         }
     )
     gc.collect()
@@ -158,7 +162,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         faiss.omp_set_num_threads(args.build_threads)
-        engine, build_s, rss = build_engine(grown, embedder, grown_vectors, exact=False)
+        ann = {"hnswM": args.hnsw_m, "efConstruction": args.ef_construction, "efSearch": args.ef_search}
+        engine, build_s, rss = build_engine(grown, embedder, grown_vectors, exact=False, ann=ann)
         kind = engine.estimator.index.kind
         faiss.omp_set_num_threads(args.search_threads)
         timing = time_decisions(engine, queries)
@@ -264,7 +269,8 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
             f"hashed n-gram embeddings at **{s['dim']} dimensions** (the router default is 1,024; see the "
             "script's docstring for why not here), three backends.",
             f"- Router index: faiss HNSW (M={ri['hnsw_m']}, efConstruction={ri['ef_construction']}, "
-            f"efSearch={ri['ef_search']}: the router defaults) past `ann.exactBelow`; exact baseline: faiss "
+            f"efSearch={ri['ef_search']}; router defaults: M=32, efConstruction=200, efSearch=64) past "
+            "`ann.exactBelow`; exact baseline: faiss "
             "IndexFlatIP on the same vectors, same run.",
             f"- Decision = `RoutingEngine.rank` on real prompts ({s['queries']} for the router's index, "
             f"{s['exact_queries']} for the exact baseline), one at a time. faiss OpenMP threads: "
