@@ -17,8 +17,8 @@ Semantics (Kubernetes HPA, with two additions for queue-style metrics):
   (at least one). A waiting queue reads 0 both at "just enough" and "far too many" replicas, so
   without the step limit a pool under steady load would drop to `min`, queue up, and bounce.
   For the waiting-queue metric a scale-down also has to pass a forecast: the running requests of
-  the replicas removed join the queue, and a count that would then ask for more is not taken
-  (`queue_safe_replicas`).
+  the replicas removed join the queue, and a count that would then ask for more at any sample of
+  the down-window is not taken (`queue_safe_replicas`).
 * **Zero**: a model reaches 0 replicas only through the idle rule (``replicas.min == 0``,
   ``scaleToZero``, nothing running, waiting or demanded for ``idleSecondsBeforeZero``), and leaves
   0 as soon as the router reports demand (or the metric shows load), bypassing the windows.
@@ -303,10 +303,27 @@ class Stabilizer:
 
     def __init__(self, started_at: float) -> None:
         self._history: deque[tuple[float, int]] = deque()
+        self._queues: deque[tuple[float, int, float, float]] = deque()
         self.last_change = started_at
 
     def record_change(self, now: float) -> None:
         self.last_change = now
+
+    def queue_safe(self, now: float, current: int, to: int, window_s: float, policy: ScalingPolicy) -> int:
+        """`queue_safe_replicas` over every queue sample of the down-window: the forecast must
+        hold at the busiest moment, not only at the instant a scrape happened to catch."""
+        safe = to
+        for t, replicas, waiting, running in self._queues:
+            if t >= now - window_s and replicas == current:
+                safe = max(
+                    safe, queue_safe_replicas(current, to, waiting, running, policy.target, policy.tolerance)
+                )
+        return safe
+
+    def record_queue(self, now: float, current: int, waiting: float, running: float, window_s: float) -> None:
+        self._queues.append((now, current, waiting, running))
+        while self._queues and self._queues[0][0] < now - window_s:
+            self._queues.popleft()
 
     def stabilize(self, now: float, current: int, recommendation: int, policy: ScalingPolicy) -> int:
         """Record `recommendation` and return the stabilized replica count (before bounds)."""
@@ -400,8 +417,10 @@ def _decide(
     rec = desired_replicas(current, load, policy.target, policy.tolerance)
     to = clamp(state.stabilizer.stabilize(now, current, rec, policy), policy.floor, policy.max_replicas)
     forecast = ""
+    if obs.running is not None:
+        state.stabilizer.record_queue(now, current, load, obs.running, policy.down_window_s)
     if to < current and current <= policy.max_replicas and obs.running is not None:
-        safe = queue_safe_replicas(current, to, load, obs.running, policy.target, policy.tolerance)
+        safe = state.stabilizer.queue_safe(now, current, to, policy.down_window_s, policy)
         if safe > to:
             forecast = f", queue forecast with {obs.running:g} running keeps {safe}"
             to = safe

@@ -177,6 +177,22 @@ def test_queue_forecast_prevents_flapping_between_two_counts() -> None:
     assert steady == sorted(steady, reverse=True)  # only down after the first step: no reversal
 
 
+def test_queue_forecast_holds_at_the_busiest_sample_of_the_window() -> None:
+    """A scrape that catches clients between requests (1 waiting, 15 running instead of 4 and 16)
+    would allow 4 -> 3 on its own; the window's busier samples keep 4."""
+    p = policy(down_window_s=5.0, max_replicas=6)
+    state = a.ModelState.start(0.0)
+    for t in (1.0, 2.0, 3.0, 4.0):
+        a.decide(p, a.Observation(current=4, load=4.0, activity=20, ready=4, running=16.0), state, t)
+    d = a.decide(p, a.Observation(current=4, load=1.0, activity=16, ready=4, running=15.0), state, 6.0)
+    assert (d.replicas, d.reason) == (4, "QueueForecast")
+    assert "queue forecast" in d.message
+    # Alone (fresh state, window passed), the lucky sample would have allowed the step.
+    fresh = a.ModelState.start(0.0)
+    d = a.decide(p, a.Observation(current=4, load=1.0, activity=16, ready=4, running=15.0), fresh, 6.0)
+    assert d.replicas == 3
+
+
 def test_queue_safe_replicas() -> None:
     # 4 replicas, 4 waiting, 16 running: dropping to 3 queues 8 (2.67/replica > 2.2).
     assert a.queue_safe_replicas(4, 2, waiting=4, running=16, target=2, tolerance=0.1) == 4
