@@ -15,6 +15,8 @@ import numpy as np
 
 from router_service.config import AnnSettings
 
+SMALL_BATCH = 4
+
 
 class NeighbourIndex:
     """k-NN over unit vectors; `search` returns (ids [q, k], similarities [q, k])."""
@@ -71,5 +73,15 @@ class NeighbourIndex:
         if queries.shape[1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
         with self._lock:
-            sims, ids = self._index.search(queries, k)
+            if len(queries) <= SMALL_BATCH:
+                # One query gains nothing from OpenMP threads, and their wake-up/spin costs dominate
+                # the tail latency on a busy host: search it on the calling thread.
+                threads = faiss.omp_get_max_threads()
+                faiss.omp_set_num_threads(1)
+                try:
+                    sims, ids = self._index.search(queries, k)
+                finally:
+                    faiss.omp_set_num_threads(threads)
+            else:
+                sims, ids = self._index.search(queries, k)
         return ids, sims

@@ -213,10 +213,11 @@ DEFAULT_ALGORITHMS: tuple[str, ...] = (
 
 def make_runner(name: str, scn: Scenario, tollway: TollwayOptions | None = None) -> Runner:
     """The replay function for one algorithm (order-independent work done once, here)."""
+    eps = (tollway or TollwayOptions()).warmup_fraction
     if name == "port":
-        return lambda s, o, r: run_port(s, o, r, method="lp")
+        return lambda s, o, r: run_port(s, o, r, method="lp", eps=eps)
     if name == "port-lbfgsb":
-        return lambda s, o, r: run_port(s, o, r, method="lbfgsb")
+        return lambda s, o, r: run_port(s, o, r, method="lbfgsb", eps=eps)
     if name == "tollway":
         return lambda s, o, r: run_tollway(s, o, r, options=tollway)
     if name == "random":
