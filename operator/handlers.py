@@ -4,13 +4,15 @@ One reconcile per custom resource, run under a per-object lock, from any of thes
 - kopf's create / update / resume handlers (a bad spec raises `kopf.PermanentError`, so kopf
   does not retry until the spec changes; a policy waiting for its pool raises
   `kopf.TemporaryError`, retried every `TOLLWAY_OPERATOR_RETRY_SECONDS`);
-- a timer every `TOLLWAY_OPERATOR_RESYNC_SECONDS` (drift repair, missed events);
+- a resync loop every `TOLLWAY_OPERATOR_RESYNC_SECONDS` over every pool and policy kopf has
+  indexed (drift repair, missed events, waiting policies) — one loop rather than kopf timers,
+  because kopf puts a finalizer on every object with a timer;
 - events of the children themselves (a child deleted or edited by hand, a Deployment's ready
   replicas changing): the owner is reconciled after a short debounce;
 - a ModelPool change or deletion re-reconciles the RoutingPolicies that reference it (kopf index
   `policies_by_pool`), so a policy created before its pool recovers as soon as the pool appears.
 
-No finalizers: children carry ownerReferences, so the API server's garbage collector deletes them
+No finalizers of ours: children carry ownerReferences, so the API server's garbage collector deletes them
 with their owner. Status is written with merge patches to the status subresource; the operator
 never writes `status.autoscaling` (the autoscaler's subtree).
 
@@ -93,6 +95,10 @@ class OperatorState:
     pending: dict[tuple[str, str, str], asyncio.Task[None]] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     policies_index: Any = None
+    pools_index: Any = None
+    resync_task: asyncio.Task[None] | None = None
+    last_reconciled: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    keda_absent_until: float = 0.0
     stopping: bool = False
 
     def lock(self, key: tuple[str, str, str]) -> asyncio.Lock:
@@ -138,10 +144,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    # Let a timer that is mid-reconcile finish instead of being orphaned at exit.
-    settings.background.instant_exit_timeout = 0.5
     STATE.stopping = False
     STATE.kube = k.Kube(await k.connect())
+    STATE.resync_task = asyncio.get_running_loop().create_task(resync_loop())
+    STATE.tasks.add(STATE.resync_task)
+    STATE.resync_task.add_done_callback(STATE.tasks.discard)
     port = os.environ.get("TOLLWAY_OPERATOR_METRICS_PORT", "")
     if port:
         metrics.serve(int(port), os.environ.get("TOLLWAY_OPERATOR_METRICS_HOST", "0.0.0.0"))
@@ -209,15 +216,39 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
 
 
-async def _apply_all(
-    body: Mapping[str, Any], children: list[dict[str, Any]]
-) -> dict[tuple[str, str], dict[str, Any]]:
-    """Apply children in order; returns the resulting objects by (kind, name)."""
+Children = dict[tuple[str, str], dict[str, Any]]
+"""Live children by (kind, name)."""
+
+
+async def _list_children(body: Mapping[str, Any], kinds: tuple[k.Kind, ...], selector: str) -> Children:
+    """One LIST per kind: the live children of an owner (by label and owner uid)."""
     kube = _kube()
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for child in children:
+    meta = body["metadata"]
+    out: Children = {}
+    for kind in kinds:
+        if kind == k.SCALED_OBJECT and time.monotonic() < STATE.keda_absent_until:
+            continue
         try:
-            result, obj = await kube.apply(child)
+            items = await kube.list(kind, meta["namespace"], selector)
+        except k.ApiError as e:
+            if e.status == 404 and kind == k.SCALED_OBJECT:
+                STATE.keda_absent_until = time.monotonic() + 300
+                continue
+            raise
+        for obj in items:
+            if _owned_by(obj, meta.get("uid", "")):
+                out[kind.kind, obj["metadata"]["name"]] = obj
+    return out
+
+
+async def _apply_all(body: Mapping[str, Any], children: list[dict[str, Any]], live: Children) -> Children:
+    """Apply children in order against their live state; returns the resulting objects."""
+    kube = _kube()
+    out: Children = {}
+    for child in children:
+        key = (child["kind"], child["metadata"]["name"])
+        try:
+            result, obj = await kube.apply(child, live.get(key))
         except k.ApiError as e:
             if k.kind_of(child) == k.SCALED_OBJECT and e.status == 404:
                 raise k.ApiError(
@@ -226,28 +257,27 @@ async def _apply_all(
                     "autoscaling.mode is keda but the KEDA ScaledObject API is not installed",
                 ) from None
             raise
-        out[child["kind"], child["metadata"]["name"]] = obj
+        out[key] = obj
         if result != "unchanged":
+            log.info(
+                "%s %s/%s %s", child["kind"], body["metadata"]["namespace"], child["metadata"]["name"], result
+            )
             metrics.CHILD_CHANGES.labels(child["kind"], result).inc()
             verb = "Created" if result == "created" else "Updated"
             _post(body, "Normal", verb, f"{verb} {child['kind']} {child['metadata']['name']}")
     return out
 
 
-async def _prune(
-    body: Mapping[str, Any], kinds: tuple[k.Kind, ...], selector: str, keep: set[tuple[str, str]]
-) -> None:
-    """Delete children (ours, by label and owner uid) that the desired state no longer has."""
+async def _prune(body: Mapping[str, Any], live: Children, keep: Children) -> None:
+    """Delete live children that the desired state no longer has."""
     kube = _kube()
-    meta = body["metadata"]
-    for kind in kinds:
-        for obj in await kube.list(kind, meta["namespace"], selector):
-            name = obj["metadata"]["name"]
-            if (kind.kind, name) in keep or not _owned_by(obj, meta.get("uid", "")):
-                continue
-            if await kube.delete(kind, meta["namespace"], name):
-                metrics.CHILD_CHANGES.labels(kind.kind, "deleted").inc()
-                _post(body, "Normal", "Deleted", f"Deleted {kind.kind} {name} (no longer in the spec)")
+    namespace = body["metadata"]["namespace"]
+    for (kind_name, name), obj in live.items():
+        if (kind_name, name) in keep:
+            continue
+        if await kube.delete(k.kind_of(obj), namespace, name):
+            metrics.CHILD_CHANGES.labels(kind_name, "deleted").inc()
+            _post(body, "Normal", "Deleted", f"Deleted {kind_name} {name} (no longer in the spec)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -267,38 +297,63 @@ def builtin_profile_quality() -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-async def reconcile_pool(namespace: str, name: str, trigger: str) -> Outcome:
+CONFLICT_ATTEMPTS = 3
+
+
+async def _run_reconcile(
+    kind: k.Kind, state_key: str, namespace: str, name: str, trigger: str, body_fn: Any
+) -> Outcome:
+    """Reconcile one custom resource under its lock: fetch it fresh, run `body_fn(body)`, retry on
+    write conflicts (someone changed a child meanwhile), and report API failures in its status."""
     started = time.monotonic()
     outcome = Outcome()
     if STATE.stopping:
         return outcome
-    async with STATE.lock(("pool", namespace, name)):
-        if STATE.stopping:
-            return outcome
-        body = await _kube().get(k.MODELPOOL, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return outcome
+    async with STATE.lock((state_key, namespace, name)):
         try:
-            outcome = await _reconcile_pool(body)
-        except k.ApiError as e:
+            for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+                if STATE.stopping:
+                    return outcome
+                body = await _kube().get(kind, namespace, name)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    return outcome
+                STATE.last_reconciled[state_key, namespace, name] = time.monotonic()
+                try:
+                    outcome = await body_fn(body)
+                    break
+                except k.ApiError as e:
+                    if e.status == 409 and attempt < CONFLICT_ATTEMPTS:
+                        log.info(
+                            "%s %s/%s: conflict (%s); reconciling again",
+                            kind.kind,
+                            namespace,
+                            name,
+                            e.message,
+                        )
+                        continue
+                    outcome = Outcome("error", f"{e.reason}: {e.message}")
+                    previous = body.get("status") or {}
+                    generation = body["metadata"].get("generation")
+                    new = status.failed_status(
+                        previous, "ReconcileFailed", outcome.message, generation, status.now_rfc3339()
+                    )
+                    _warn_on_change(body, previous, {}, "ReconcileFailed", outcome.message)
+                    with contextlib.suppress(k.ApiError):
+                        await _write_status(kind, body, previous, new)
+        except k.ApiError as e:  # fetching the object itself failed
             outcome = Outcome("error", f"{e.reason}: {e.message}")
-            previous = body.get("status") or {}
-            new = status.failed_status(
-                previous,
-                "ReconcileFailed",
-                outcome.message,
-                body["metadata"].get("generation"),
-                status.now_rfc3339(),
-            )
-            _warn_on_change(body, previous, {}, "ReconcileFailed", outcome.message)
-            with contextlib.suppress(k.ApiError):
-                await _write_status(k.MODELPOOL, body, previous, new)
         finally:
-            metrics.DURATION.labels("ModelPool").observe(time.monotonic() - started)
-            metrics.RECONCILES.labels("ModelPool", trigger, outcome.state).inc()
-    if outcome.state in ("invalid", "error"):
-        metrics.ERRORS.labels("ModelPool", "InvalidSpec" if outcome.state == "invalid" else "ApiError").inc()
-    await refresh_policies(namespace, name)
+            metrics.DURATION.labels(kind.kind).observe(time.monotonic() - started)
+            metrics.RECONCILES.labels(kind.kind, trigger, outcome.state).inc()
+    if not outcome.ok:
+        metrics.ERRORS.labels(kind.kind, "InvalidSpec" if outcome.state == "invalid" else outcome.state).inc()
+    return outcome
+
+
+async def reconcile_pool(namespace: str, name: str, trigger: str, refresh: bool = True) -> Outcome:
+    outcome = await _run_reconcile(k.MODELPOOL, "pool", namespace, name, trigger, _reconcile_pool)
+    if refresh:
+        await refresh_policies(namespace, name)
     return outcome
 
 
@@ -317,24 +372,18 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
         await _write_status(k.MODELPOOL, body, previous, new)
         return Outcome("invalid", message)
     owner = d.Owner.from_body(body)
-    kube = _kube()
-    selector = d.pool_children_selector(name)
-    live = {
-        o["metadata"]["name"]: o
-        for o in await kube.list(k.DEPLOYMENT, namespace, selector)
-        if _owned_by(o, owner.uid)
-    }
+    live = await _list_children(body, POOL_CHILD_KINDS, d.pool_children_selector(name))
     live_replicas = {
-        m.name: int(live[d.model_child_name(name, m.name)].get("spec", {}).get("replicas", 1))
+        m.name: int(live["Deployment", d.model_child_name(name, m.name)].get("spec", {}).get("replicas", 1))
         for m in d.deployed_models(spec)
-        if d.model_child_name(name, m.name) in live
+        if ("Deployment", d.model_child_name(name, m.name)) in live
     }
     scaled: list[dict[str, Any]] = []
     if d.autoscaling_mode(spec) == "keda" and desired_scaled_objects is not None:
         scaled = desired_scaled_objects(name, namespace, spec)
     children = d.pool_children(owner, spec, live_replicas, scaled)
-    applied = await _apply_all(body, children)
-    await _prune(body, POOL_CHILD_KINDS, selector, set(applied))
+    applied = await _apply_all(body, children, live)
+    await _prune(body, live, applied)
     deployments = {n: obj for (kind, n), obj in applied.items() if kind == "Deployment"}
     new = status.pool_status(
         name, namespace, spec, deployments, previous.get("autoscaling"), previous, generation, now
@@ -354,32 +403,42 @@ def _raise_for(outcome: Outcome) -> None:
 @kopf.on.create(GROUP, VERSION, POOLS)
 @kopf.on.update(GROUP, VERSION, POOLS)
 async def pool_changed(
-    namespace: str, name: str, reason: str, policies_by_pool: kopf.Index, **_: Any
+    namespace: str,
+    name: str,
+    reason: str,
+    policies_by_pool: kopf.Index,
+    pools_by_namespace: kopf.Index,
+    **_: Any,
 ) -> None:
-    STATE.policies_index = policies_by_pool
+    remember_indexes(policies_by_pool, pools_by_namespace)
     _raise_for(await reconcile_pool(namespace, name, str(reason)))
-
-
-@kopf.timer(GROUP, VERSION, POOLS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def pool_resync(namespace: str, name: str, policies_by_pool: kopf.Index, **_: Any) -> None:
-    STATE.policies_index = policies_by_pool
-    await reconcile_pool(namespace, name, "timer")
 
 
 @kopf.on.event(GROUP, VERSION, POOLS)
 async def pool_event(
-    event: Mapping[str, Any], namespace: str, name: str, policies_by_pool: kopf.Index, **_: Any
+    event: Mapping[str, Any],
+    namespace: str,
+    name: str,
+    policies_by_pool: kopf.Index,
+    pools_by_namespace: kopf.Index,
+    **_: Any,
 ) -> None:
     """A deleted pool: its children go by garbage collection; its policies must say so."""
-    STATE.policies_index = policies_by_pool
+    remember_indexes(policies_by_pool, pools_by_namespace)
     if event.get("type") == "DELETED":
         metrics.RECONCILES.labels("ModelPool", "deleted", "ok").inc()
+        forget("pool", namespace, name)
         await refresh_policies(namespace, name)
 
 
 # ---------------------------------------------------------------------------------------------
 # RoutingPolicy
 # ---------------------------------------------------------------------------------------------
+
+
+@kopf.index(GROUP, VERSION, POOLS)
+def pools_by_namespace(namespace: str, name: str, **_: Any) -> dict[str, str]:
+    return {namespace: name}
 
 
 @kopf.index(GROUP, VERSION, POLICIES)
@@ -408,37 +467,7 @@ async def refresh_policies(namespace: str, pool: str) -> None:
 
 
 async def reconcile_policy(namespace: str, name: str, trigger: str) -> Outcome:
-    started = time.monotonic()
-    outcome = Outcome()
-    if STATE.stopping:
-        return outcome
-    async with STATE.lock(("policy", namespace, name)):
-        if STATE.stopping:
-            return outcome
-        body = await _kube().get(k.ROUTINGPOLICY, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return outcome
-        try:
-            outcome = await _reconcile_policy(body)
-        except k.ApiError as e:
-            outcome = Outcome("error", f"{e.reason}: {e.message}")
-            previous = body.get("status") or {}
-            new = status.failed_status(
-                previous,
-                "ReconcileFailed",
-                outcome.message,
-                body["metadata"].get("generation"),
-                status.now_rfc3339(),
-            )
-            _warn_on_change(body, previous, {}, "ReconcileFailed", outcome.message)
-            with contextlib.suppress(k.ApiError):
-                await _write_status(k.ROUTINGPOLICY, body, previous, new)
-        finally:
-            metrics.DURATION.labels("RoutingPolicy").observe(time.monotonic() - started)
-            metrics.RECONCILES.labels("RoutingPolicy", trigger, outcome.state).inc()
-    if not outcome.ok:
-        metrics.ERRORS.labels("RoutingPolicy", outcome.state).inc()
-    return outcome
+    return await _run_reconcile(k.ROUTINGPOLICY, "policy", namespace, name, trigger, _reconcile_policy)
 
 
 async def _reconcile_policy(body: dict[str, Any]) -> Outcome:
@@ -500,8 +529,9 @@ async def _reconcile_policy(body: dict[str, Any]) -> Outcome:
         return await wait(e.reason, e.message)
     except (ValidationError, ValueError) as e:
         return await invalid(f"the router config built from this policy is invalid: {e}")
-    applied = await _apply_all(body, plan.children)
-    await _prune(body, POLICY_CHILD_KINDS, d.policy_children_selector(name), set(applied))
+    live = await _list_children(body, POLICY_CHILD_KINDS, d.policy_children_selector(name))
+    applied = await _apply_all(body, plan.children, live)
+    await _prune(body, live, applied)
     router = applied.get(("Deployment", d.router_child_name(name)))
     backends_ready = {b.name: b.replicas for b in plan.config.backends}
     new = status.policy_status(
@@ -520,20 +550,72 @@ async def _reconcile_policy(body: dict[str, Any]) -> Outcome:
     return Outcome()
 
 
+@kopf.on.event(GROUP, VERSION, POLICIES)
+async def policy_event(event: Mapping[str, Any], namespace: str, name: str, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        metrics.RECONCILES.labels("RoutingPolicy", "deleted", "ok").inc()
+        forget("policy", namespace, name)
+
+
 @kopf.on.resume(GROUP, VERSION, POLICIES)
 @kopf.on.create(GROUP, VERSION, POLICIES)
 @kopf.on.update(GROUP, VERSION, POLICIES)
 async def policy_changed(
-    namespace: str, name: str, reason: str, policies_by_pool: kopf.Index, **_: Any
+    namespace: str,
+    name: str,
+    reason: str,
+    policies_by_pool: kopf.Index,
+    pools_by_namespace: kopf.Index,
+    **_: Any,
 ) -> None:
-    STATE.policies_index = policies_by_pool
+    remember_indexes(policies_by_pool, pools_by_namespace)
     _raise_for(await reconcile_policy(namespace, name, str(reason)))
 
 
-@kopf.timer(GROUP, VERSION, POLICIES, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def policy_resync(namespace: str, name: str, policies_by_pool: kopf.Index, **_: Any) -> None:
-    STATE.policies_index = policies_by_pool
-    await reconcile_policy(namespace, name, "timer")
+# ---------------------------------------------------------------------------------------------
+# Periodic resync (drift repair, waiting policies)
+# ---------------------------------------------------------------------------------------------
+
+
+def forget(kind: str, namespace: str, name: str) -> None:
+    """Drop the bookkeeping of a deleted object."""
+    key = (kind, namespace, name)
+    STATE.last_reconciled.pop(key, None)
+    lock = STATE.locks.get(key)
+    if lock is not None and not lock.locked():
+        STATE.locks.pop(key, None)
+
+
+def remember_indexes(policies: Any, pools: Any) -> None:
+    """kopf hands indexes to resource handlers only; keep them for the resync loop."""
+    STATE.policies_index = policies
+    STATE.pools_index = pools
+
+
+async def resync_once() -> None:
+    """Reconcile every known pool and policy once (from kopf's indexes)."""
+    pools = sorted((ns, n) for ns, names in (STATE.pools_index or {}).items() for n in set(names))
+    policies = sorted({(ns, n) for (ns, _pool), names in (STATE.policies_index or {}).items() for n in names})
+    fresh_after = time.monotonic() - RESYNC_SECONDS / 2  # skip what a recent event already reconciled
+    for namespace, name in pools:
+        if STATE.last_reconciled.get(("pool", namespace, name), 0.0) < fresh_after:
+            await reconcile_pool(namespace, name, "resync", refresh=False)
+    for namespace, name in policies:
+        if STATE.last_reconciled.get(("policy", namespace, name), 0.0) < fresh_after:
+            await reconcile_policy(namespace, name, "resync")
+
+
+async def resync_loop() -> None:
+    """One loop instead of per-object kopf timers: kopf puts a finalizer on every object with a
+    timer, which would block deleting pools while the operator is down."""
+    while not STATE.stopping:
+        await asyncio.sleep(RESYNC_SECONDS)
+        try:
+            await resync_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("periodic resync failed; retrying in %.0f s", RESYNC_SECONDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,6 +650,7 @@ async def _debounced(key: tuple[str, str, str]) -> None:
     await asyncio.sleep(DEBOUNCE_SECONDS)
     STATE.pending.pop(key, None)
     kind, namespace, name = key
+    log.info("reconciling %s %s/%s after a child event", kind, namespace, name)
     try:
         if kind == "pool":
             await reconcile_pool(namespace, name, "child")

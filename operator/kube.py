@@ -155,7 +155,8 @@ def apply_patch(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str
     except ValueError:
         previous = None
     removed = removals(previous, annotated) if previous else None
-    if contains(live, annotated) and not removed:
+    # The record itself may be stale (e.g. replicas the autoscaler changed): not a reason to patch.
+    if contains(live, desired) and not removed:
         return None
     patch = json.loads(json.dumps(annotated))
     patch.get("metadata", {}).pop("namespace", None)
@@ -263,11 +264,15 @@ class Kube:
                 return False
             raise
 
-    async def apply(self, desired: Mapping[str, Any]) -> tuple[ApplyResult, dict[str, Any]]:
-        """Create or patch one child so that it contains `desired`."""
+    async def apply(
+        self, desired: Mapping[str, Any], live: Mapping[str, Any] | Literal["fetch"] | None = "fetch"
+    ) -> tuple[ApplyResult, dict[str, Any]]:
+        """Create or patch one child so that it contains `desired`. `live`: the object as just
+        listed (None: absent), or "fetch" to GET it first."""
         kind = kind_of(desired)
         meta = desired["metadata"]
-        live = await self.get(kind, meta["namespace"], meta["name"])
+        if live == "fetch":
+            live = await self.get(kind, meta["namespace"], meta["name"])
         if live is None:
             try:
                 return "created", await self.create(with_last_applied(desired))
@@ -277,9 +282,14 @@ class Kube:
                 live = await self.get(kind, meta["namespace"], meta["name"])
                 if live is None:
                     raise
+        assert isinstance(live, Mapping)
         if kind in CREATE_ONLY:
-            return "unchanged", live
+            return "unchanged", dict(live)
         patch = apply_patch(live, desired)
         if patch is None:
-            return "unchanged", live
+            return "unchanged", dict(live)
+        # Optimistic concurrency: the patch was computed from `live`; if someone (the autoscaler,
+        # a user) changed the object since, the server answers 409 and the owner is reconciled
+        # again from fresh state instead of overwriting their change.
+        patch["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
         return "updated", await self.patch(kind, meta["namespace"], meta["name"], patch)

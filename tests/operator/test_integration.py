@@ -1,0 +1,427 @@
+"""The real operator (kopf, `tollway_operator.handlers`) against the Kubernetes emulator.
+
+Driven with the `kubernetes` client and with `kubectl`. The emulator has no controllers:
+tests/kube_emulator.py's FakeControllers play garbage collection (ownerReferences) and the
+Deployment controller (ready replicas = spec.replicas, unless a test holds one unready).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+from typing import Any
+
+import kubernetes
+import pytest
+import yaml
+from conftest import wait_for
+from operator_testlib import EXAMPLES, GROUP, VERSION, condition, example
+
+from router_service.config import RouterConfig
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Cluster:
+    """Small typed wrappers over the kubernetes client for the assertions below."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        self.ns = namespace
+        self.apps = kubernetes.client.AppsV1Api(api)
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.policy_api = kubernetes.client.PolicyV1Api(api)
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.api = api
+
+    def raw(self, path: str) -> dict[str, Any] | None:
+        """GET a REST path as plain JSON (no model round trip); None on 404."""
+        try:
+            data = self.api.call_api(*self.api.param_serialize("GET", path, auth_settings=["BearerToken"]))
+        except kubernetes.client.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        data.read()
+        if data.status == 404:
+            return None
+        return json.loads(data.data)
+
+    def deployment(self, name: str) -> dict[str, Any] | None:
+        return self.raw(f"/apis/apps/v1/namespaces/{self.ns}/deployments/{name}")
+
+    def service(self, name: str) -> dict[str, Any] | None:
+        return self.raw(f"/api/v1/namespaces/{self.ns}/services/{name}")
+
+    def names(self, plural: str, api_version: str = "v1") -> set[str]:
+        prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        items = (self.raw(f"{prefix}/namespaces/{self.ns}/{plural}") or {}).get("items", [])
+        return {i["metadata"]["name"] for i in items}
+
+    def config(self, policy: str = "chat-auto") -> RouterConfig | None:
+        cm = self.raw(f"/api/v1/namespaces/{self.ns}/configmaps/{policy}-router")
+        return RouterConfig.model_validate(yaml.safe_load(cm["data"]["router.yaml"])) if cm else None
+
+    def get(self, plural: str, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, plural, name)
+
+    def create(self, body: dict[str, Any]) -> None:
+        plural = {"ModelPool": "modelpools", "RoutingPolicy": "routingpolicies"}[body["kind"]]
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, plural, body)
+
+    def patch(self, plural: str, name: str, patch: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, plural, name, patch)
+
+    def delete(self, plural: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.ns, plural, name)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        items = (self.raw(f"/api/v1/namespaces/{self.ns}/events") or {}).get("items", [])
+        return [e for e in items if e.get("involvedObject", {}).get("name") == name]
+
+    def cond(self, plural: str, name: str, type_: str) -> dict[str, Any]:
+        return condition(self.get(plural, name), type_)
+
+
+@pytest.fixture()
+def cl(api: Any, namespace: str) -> Cluster:
+    return Cluster(api, namespace)
+
+
+def container(dep: dict[str, Any]) -> dict[str, Any]:
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def arg(dep: dict[str, Any], flag: str) -> str:
+    args = container(dep)["args"]
+    return args[args.index(flag) + 1]
+
+
+def apply_examples(cl: Cluster) -> None:
+    cl.create(example("modelpool", cl.ns))
+    cl.create(example("routingpolicy", cl.ns))
+    wait_for(
+        lambda: cl.cond("routingpolicies", "chat-auto", "Ready").get("status") == "True", what="policy Ready"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_kubectl_apply_examples_yields_children_and_true_conditions(
+    cluster: Any, api: Any, operator: Any
+) -> None:
+    """The README's claim: apply manifests/examples/ with the operator running."""
+    env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig))
+    out = subprocess.run(
+        ["kubectl", "apply", "--validate=false", "-f", str(EXAMPLES)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "modelpool.tollway.io/chat created" in out.stdout
+    cl = Cluster(api, "default")
+    wait_for(lambda: cl.cond("modelpools", "chat", "Ready").get("status") == "True", what="pool Ready")
+    wait_for(
+        lambda: cl.cond("routingpolicies", "chat-auto", "Ready").get("status") == "True", what="policy Ready"
+    )
+
+    assert {"chat-small", "chat-medium", "chat-large", "chat-auto-router"} <= cl.names(
+        "deployments", "apps/v1"
+    )
+    assert {"chat-small", "chat-medium", "chat-large", "chat-auto"} <= cl.names("services")
+    assert {"chat-medium-cache", "chat-large-cache"} <= cl.names("persistentvolumeclaims")
+    assert "chat-auto-router" in cl.names("poddisruptionbudgets", "policy/v1")
+
+    medium = cl.deployment("chat-medium")
+    assert medium is not None
+    assert arg(medium, "--model") == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    assert arg(medium, "--tensor-parallel-size") == "2" and arg(medium, "--max-model-len") == "16384"
+    assert "--enable-prefix-caching" in container(medium)["args"]
+    assert container(medium)["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert medium["metadata"]["ownerReferences"][0]["kind"] == "ModelPool"
+    large = cl.deployment("chat-large")
+    assert large is not None and large["spec"]["replicas"] == 0  # min 0 with scaleToZero
+    assert large["spec"]["template"]["spec"]["nodeSelector"] == {
+        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"
+    }
+
+    config = cl.config()
+    assert config is not None
+    assert [b.name for b in config.backends] == ["small", "medium", "large"]
+    assert config.backends[0].url == "http://chat-small.default.svc.cluster.local:8000"
+    assert [b.replicas for b in config.backends] == [1, 1, 0]
+    assert sum(config.budgets.tokens.values()) == 20_000_000 and config.budgets.replica_share == 0.5
+    svc = cl.service("chat-auto")
+    assert svc is not None and svc["spec"]["ports"][0]["port"] == 80
+
+    pool = cl.get("modelpools", "chat")
+    assert pool["status"]["observedGeneration"] == pool["metadata"]["generation"]
+    assert {m["name"]: m["readyReplicas"] for m in pool["status"]["models"]} == {
+        "small": 1,
+        "medium": 1,
+        "large": 0,
+    }
+    policy = cl.get("routingpolicies", "chat-auto")
+    assert policy["status"]["endpoint"] == "http://chat-auto.default.svc/v1"
+    assert policy["status"]["routerReplicas"] == 2
+    assert condition(policy, "Degraded")["status"] == "False"  # large is scaled to zero on purpose
+    assert "scaled to zero: large" in condition(policy, "Degraded")["message"]
+    assert any(e["reason"] == "Created" for e in cl.events("chat"))
+
+    got = subprocess.run(
+        [
+            "kubectl",
+            "get",
+            "modelpools,routingpolicies,deployments,services,configmaps",
+            "-n",
+            "default",
+            "-o",
+            "name",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert got.returncode == 0, got.stderr
+    assert "deployment.apps/chat-small" in got.stdout and "configmap/chat-auto-router" in got.stdout
+    out = subprocess.run(
+        ["kubectl", "delete", "--wait=false", "-f", str(EXAMPLES)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: not cl.names("deployments", "apps/v1"), what="cascade deletion in default")
+
+
+def test_spec_changes_roll_through(cl: Cluster) -> None:
+    apply_examples(cl)
+    checksum = cl.deployment("chat-auto-router")["spec"]["template"]["metadata"]["annotations"][
+        "tollway.io/config-checksum"
+    ]  # type: ignore[index]
+    models = example("modelpool")["spec"]["models"]
+    models[0] |= {"maxModelLen": 4096, "extraArgs": ["--enforce-eager"]}
+    models[1]["cost"] = {"inputPerMillionTokens": 0.5, "outputPerMillionTokens": 0.7}
+    cl.patch("modelpools", "chat", {"spec": {"models": models}})
+    wait_for(
+        lambda: arg(cl.deployment("chat-small"), "--max-model-len") == "4096",
+        what="args rolled into the Deployment",
+    )  # type: ignore[arg-type]
+    assert "--enforce-eager" in container(cl.deployment("chat-small"))["args"]  # type: ignore[arg-type]
+    # The policy's ConfigMap follows the pool (prices), and the router pods roll (checksum).
+    wait_for(
+        lambda: cl.config().backend("medium").price.output_per_million_tokens == 0.7,
+        what="router config refreshed",
+    )  # type: ignore[union-attr]
+    wait_for(
+        lambda: (
+            cl.deployment("chat-auto-router")["spec"]["template"]["metadata"]["annotations"][
+                "tollway.io/config-checksum"
+            ]
+            != checksum
+        ),  # type: ignore[index]
+        what="router pods rolled (checksum)",
+    )
+    pool = wait_for(
+        lambda: (p := cl.get("modelpools", "chat"))["status"].get("observedGeneration") == 2 and p,
+        what="observedGeneration 2",
+    )
+    assert condition(pool, "Ready")["observedGeneration"] == 2
+
+    cl.patch(
+        "routingpolicies", "chat-auto", {"spec": {"router": {"replicas": 1}, "objective": {"alpha": 2.0}}}
+    )
+    wait_for(
+        lambda: "chat-auto-router" not in cl.names("poddisruptionbudgets", "policy/v1"),
+        what="PDB removed at 1 replica",
+    )
+    wait_for(
+        lambda: cl.config().objective.alpha == 2.0 and cl.config().budgets.replica_share == 1.0,
+        what="config alpha + share",
+    )  # type: ignore[union-attr]
+    assert cl.deployment("chat-auto-router")["spec"]["replicas"] == 1  # type: ignore[index]
+
+
+def test_children_deleted_or_edited_by_hand_are_restored(cl: Cluster) -> None:
+    apply_examples(cl)
+    uid = cl.service("chat-small")["metadata"]["uid"]  # type: ignore[index]
+    cl.core.delete_namespaced_service("chat-small", cl.ns)
+    wait_for(
+        lambda: (s := cl.service("chat-small")) and s["metadata"]["uid"] != uid, what="Service recreated"
+    )
+    cl.apps.patch_namespaced_deployment(
+        "chat-small",
+        cl.ns,
+        {"spec": {"template": {"spec": {"containers": [{"name": "vllm", "image": "evil:latest"}]}}}},
+    )
+    wait_for(
+        lambda: container(cl.deployment("chat-small"))["image"] == "vllm/vllm-openai:v0.11.0",
+        what="image restored",
+    )  # type: ignore[arg-type]
+    assert container(cl.deployment("chat-small"))["args"][0] == "--model"  # type: ignore[arg-type]
+    cl.core.delete_namespaced_config_map("chat-auto-router", cl.ns)
+    wait_for(lambda: cl.config() is not None, what="router ConfigMap recreated")
+    cl.apps.delete_namespaced_deployment("chat-auto-router", cl.ns)
+    wait_for(lambda: cl.deployment("chat-auto-router") is not None, what="router Deployment recreated")
+
+
+def test_removing_a_model_removes_its_children_and_backend(cl: Cluster) -> None:
+    apply_examples(cl)
+    models = [m for m in example("modelpool")["spec"]["models"] if m["name"] != "medium"]
+    cl.patch("modelpools", "chat", {"spec": {"models": models}})
+    wait_for(
+        lambda: (
+            "chat-medium" not in cl.names("deployments", "apps/v1")
+            and "chat-medium" not in cl.names("services")
+            and "chat-medium-cache" not in cl.names("persistentvolumeclaims")
+        ),
+        what="Deployment, Service and cache claim removed",
+    )
+    assert {"chat-small", "chat-large"} <= cl.names("deployments", "apps/v1")
+    wait_for(
+        lambda: [b.name for b in cl.config().backends] == ["small", "large"],
+        what="backend removed from config",
+    )  # type: ignore[union-attr]
+    assert any(e["reason"] == "Deleted" and "chat-medium" in e["message"] for e in cl.events("chat"))
+
+
+def test_deleting_parents_cascades(cluster: Any, cl: Cluster) -> None:
+    apply_examples(cl)
+    cl.delete("modelpools", "chat")
+    wait_for(
+        lambda: not {"chat-small", "chat-medium", "chat-large"} & cl.names("deployments", "apps/v1"),
+        what="model Deployments collected",
+    )
+    assert not {"chat-small", "chat-medium", "chat-large"} & cl.names("services")
+    # the policy tells the truth about its missing pool and keeps its router
+    wait_for(
+        lambda: cl.cond("routingpolicies", "chat-auto", "Ready").get("reason") == "PoolNotFound",
+        what="PoolNotFound",
+    )
+    assert "chat-auto-router" in cl.names("deployments", "apps/v1")
+    cl.delete("routingpolicies", "chat-auto")
+    wait_for(
+        lambda: (
+            not cl.names("deployments", "apps/v1") and not cl.names("configmaps") and not cl.names("services")
+        ),
+        what="router collected",
+    )
+    collected = {(kind, name) for kind, ns, name in cluster.controllers.collected if ns == cl.ns}
+    assert ("deployments", "chat-auto-router") in collected and ("services", "chat-auto") in collected
+
+
+def test_policy_before_its_pool_recovers_when_the_pool_appears(cl: Cluster) -> None:
+    cl.create(example("routingpolicy", cl.ns))
+    ready = wait_for(
+        lambda: (c := cl.cond("routingpolicies", "chat-auto", "Ready")).get("reason") == "PoolNotFound" and c,
+        what="PoolNotFound",
+    )
+    assert ready["status"] == "False" and "'chat'" in ready["message"]
+    wait_for(
+        lambda: any(e["reason"] == "PoolNotFound" and e["type"] == "Warning" for e in cl.events("chat-auto")),
+        what="Warning Event",
+    )
+    assert "chat-auto-router" not in cl.names("deployments", "apps/v1")
+    cl.create(example("modelpool", cl.ns))
+    wait_for(
+        lambda: cl.cond("routingpolicies", "chat-auto", "Ready").get("status") == "True",
+        timeout=10,
+        what="policy Ready after the pool appeared",
+    )
+    assert cl.config() is not None
+
+
+def test_policy_naming_unknown_models_reports_it(cl: Cluster) -> None:
+    cl.create(example("modelpool", cl.ns))
+    policy = example("routingpolicy", cl.ns)
+    policy["spec"]["budgets"] = {"perModel": {"small": 1000, "xl": 5}}
+    cl.create(policy)
+    ready = wait_for(
+        lambda: (
+            (c := cl.cond("routingpolicies", "chat-auto", "Ready")).get("reason") == "UnknownModels" and c
+        ),
+        what="UnknownModels",
+    )
+    assert "xl" in ready["message"]
+    models = example("modelpool")["spec"]["models"] + [
+        {"name": "xl", "endpoint": {"url": "https://xl.example"}}
+    ]
+    cl.patch("modelpools", "chat", {"spec": {"models": models}})
+    wait_for(
+        lambda: cl.cond("routingpolicies", "chat-auto", "Ready").get("status") == "True",
+        what="recovered when the pool gained xl",
+    )
+    assert cl.config().budgets.tokens == {"small": 1000, "xl": 5}  # type: ignore[union-attr]
+
+
+def test_bad_spec_is_reported_once_without_a_retry_storm(cl: Cluster, operator: Any) -> None:
+    bad = example("modelpool", cl.ns)
+    bad["spec"]["models"][0]["replicas"] = {"min": 3, "max": 2}
+    cl.create(bad)
+    ready = wait_for(
+        lambda: (c := cl.cond("modelpools", "chat", "Ready")).get("reason") == "InvalidSpec" and c,
+        what="InvalidSpec",
+    )
+    assert "spec.models[0].replicas" in ready["message"] and "min (3) must be <= max (2)" in ready["message"]
+    wait_for(lambda: [e for e in cl.events("chat") if e["reason"] == "InvalidSpec"], what="Warning Event")
+    assert not cl.names("deployments", "apps/v1")
+    before = cl.get("modelpools", "chat")["metadata"]["resourceVersion"]
+    import time
+
+    time.sleep(2.5)  # more than a resync interval and several retry delays
+    warnings = [e for e in cl.events("chat") if e["reason"] == "InvalidSpec"]
+    assert len(warnings) == 1 and warnings[0].get("count", 1) == 1
+    assert cl.get("modelpools", "chat")["metadata"]["resourceVersion"] == before  # nothing rewritten
+    # fixing the spec recovers
+    good = example("modelpool")["spec"]
+    cl.patch("modelpools", "chat", {"spec": {"models": good["models"]}})
+    wait_for(
+        lambda: cl.cond("modelpools", "chat", "Ready").get("status") == "True", what="recovered after the fix"
+    )
+    assert "chat-small" in cl.names("deployments", "apps/v1")
+
+
+def test_unready_model_degrades_pool_and_policy_then_recovers(cluster: Any, cl: Cluster) -> None:
+    apply_examples(cl)
+    cluster.hold_unready(cl.ns, "chat-medium")
+    degraded = wait_for(
+        lambda: (c := cl.cond("modelpools", "chat", "Degraded")).get("status") == "True" and c,
+        what="pool Degraded",
+    )
+    assert degraded["reason"] == "ModelsUnavailable" and "medium" in degraded["message"]
+    assert cl.cond("modelpools", "chat", "Ready")["status"] == "False"
+    wait_for(
+        lambda: cl.cond("routingpolicies", "chat-auto", "Degraded").get("reason") == "BackendsUnavailable",
+        what="policy Degraded",
+    )
+    assert cl.config().backend("medium").replicas == 0  # type: ignore[union-attr]
+    cluster.hold_unready(cl.ns, "chat-medium", held=False)
+    wait_for(lambda: cl.cond("modelpools", "chat", "Ready").get("status") == "True", what="pool recovered")
+    wait_for(lambda: cl.config().backend("medium").replicas == 1, what="backend replicas back")  # type: ignore[union-attr]
+
+
+def test_autoscaled_replicas_are_kept_within_bounds(cl: Cluster) -> None:
+    apply_examples(cl)
+    cl.apps.patch_namespaced_deployment(
+        "chat-small", cl.ns, {"spec": {"replicas": 3}}
+    )  # what the autoscaler does
+    wait_for(
+        lambda: cl.config().backend("small").replicas == 3, what="ready replicas reach the router config"
+    )  # type: ignore[union-attr]
+    assert cl.deployment("chat-small")["spec"]["replicas"] == 3  # type: ignore[index]
+    cl.apps.patch_namespaced_deployment("chat-small", cl.ns, {"spec": {"replicas": 9}})  # beyond max 4
+    wait_for(lambda: cl.deployment("chat-small")["spec"]["replicas"] == 4, what="clamped to max")  # type: ignore[index]
+
+
+def test_operator_metrics_are_served(operator: Any, metrics_port: int, cl: Cluster) -> None:
+    apply_examples(cl)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'tollway_operator_reconciles_total{kind="ModelPool"' in text
+    assert "tollway_operator_reconcile_duration_seconds_bucket" in text
+    assert 'tollway_operator_child_changes_total{action="created",kind="Deployment"}' in text
