@@ -8,9 +8,9 @@ CEL rule (`x-kubernetes-validations`) on the same model.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from router_service.config import (
     AnnSettings,
@@ -175,11 +175,18 @@ class ModelSpec(CamelModel):
         return self.profile or self.name
 
 
+DEFAULT_TARGETS = {"num_requests_waiting": 2.0, "kv_cache_usage": 0.8, "router_demand": 8.0, "promql": 1.0}
+
+
 class AutoscalingSpec(CamelModel):
     model_config = CamelModel.model_config | {
         "json_schema_extra": {
             "x-kubernetes-validations": [
-                cel("self.metric != 'promql' || has(self.query)", "metric promql needs query")
+                cel("self.metric != 'promql' || has(self.query)", "metric promql needs query"),
+                cel(
+                    "self.metric != 'kv_cache_usage' || !has(self.target) || double(self.target) <= 1.0",
+                    "target must be <= 1 for metric kv_cache_usage (1 = 100% of one replica's KV cache)",
+                ),
             ]
         }
     }
@@ -189,14 +196,25 @@ class AutoscalingSpec(CamelModel):
         "operator",
         description="operator: the operator patches replicas; keda: emit a KEDA ScaledObject instead.",
     )
-    prometheus_url: str = Field(pattern=r"^https?://", description="Prometheus HTTP API base URL.")
+    prometheus_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="Prometheus HTTP API base URL; default: the operator's TOLLWAY_PROMETHEUS_URL (chart value prometheusUrl).",
+    )
     metric: Literal["num_requests_waiting", "kv_cache_usage", "router_demand", "promql"] = Field(
         "num_requests_waiting", description="Load signal whose per-replica value is held at target."
     )
     query: str | None = Field(
         None, description="Custom PromQL (metric promql); `$model` and `$namespace` are substituted."
     )
-    target: float = Field(2.0, gt=0, description="Target value of the metric per replica.")
+    target: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Target value of the metric per replica; default by metric: num_requests_waiting 2, "
+            "kv_cache_usage 0.8, router_demand 8 (in-flight requests), promql 1."
+        ),
+    )
     tolerance: float = Field(0.1, ge=0, lt=1, description="No change while |value/target - 1| <= tolerance.")
     interval_seconds: int = Field(15, ge=1, le=3600, description="How often to evaluate.")
     scale_up_stabilization_seconds: int = Field(0, ge=0, le=3600)
@@ -210,6 +228,19 @@ class AutoscalingSpec(CamelModel):
     def _query(self) -> AutoscalingSpec:
         if self.metric == "promql" and not self.query:
             raise ValueError("metric 'promql' needs query (a PromQL expression)")
+        return self
+
+    @property
+    def effective_target(self) -> float:
+        return self.target if self.target is not None else DEFAULT_TARGETS[self.metric]
+
+    @model_validator(mode="after")
+    def _kv_target(self) -> AutoscalingSpec:
+        if self.metric == "kv_cache_usage" and self.effective_target > 1:
+            raise ValueError(
+                f"target ({self.effective_target:g}) must be <= 1 for metric kv_cache_usage: one replica's KV cache "
+                "use is at most 1 (100%); use e.g. 0.8"
+            )
         return self
 
 
@@ -232,13 +263,14 @@ class ModelPoolSpec(CamelModel):
     models: list[ModelSpec] = Field(min_length=1, max_length=MAX_MODELS)
     autoscaling: AutoscalingSpec | None = None
 
-    @model_validator(mode="after")
-    def _unique(self) -> ModelPoolSpec:
-        names = [m.name for m in self.models]
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        names = [m.name for m in models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {dupes}")
-        return self
+        return models
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
@@ -250,6 +282,8 @@ class ScaleDecisionStatus(CamelModel):
     to_replicas: int
     value: float | None = None
     reason: str
+    message: str | None = Field(None, description="The decision's inputs and why, in words.")
+    last_scale_time: str | None = Field(None, description="When this model's replicas last changed.")
 
 
 class ModelStatus(CamelModel):
@@ -266,7 +300,9 @@ class AutoscalingStatus(CamelModel):
     reason: str = ""
     message: str = ""
     last_evaluation_time: str | None = None
-    models: dict[str, ScaleDecisionStatus] = Field(default_factory=dict, description="Last decision per model.")
+    models: dict[str, ScaleDecisionStatus] = Field(
+        default_factory=dict, description="Last decision per model."
+    )
 
 
 class ModelPoolStatus(CamelModel):
@@ -301,7 +337,9 @@ class BudgetsSpec(CamelModel):
     }
 
     window_seconds: int = Field(3600, ge=1, le=31 * 86400, description="Budgets refill every window.")
-    per_model: dict[str, int] | None = Field(None, description="Tokens per window for each named model.")
+    per_model: dict[str, Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Tokens per window for each named model."
+    )
     total_tokens: int | None = Field(
         None, ge=1, description="Tokens per window split across models by `split`."
     )
@@ -314,9 +352,6 @@ class BudgetsSpec(CamelModel):
     def _one_kind(self) -> BudgetsSpec:
         if self.per_model is not None and self.total_tokens is not None:
             raise ValueError("set perModel or totalTokens, not both")
-        negative = sorted(k for k, v in (self.per_model or {}).items() if v < 0)
-        if negative:
-            raise ValueError(f"perModel budgets must be >= 0; negative for {negative}")
         return self
 
 

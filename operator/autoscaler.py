@@ -157,7 +157,7 @@ class PoolAutoscaler:
                 ),
                 [],
             )
-        client = self.prometheus(autoscaling.prometheus_url)
+        client = self.prometheus(decision.prometheus_url(autoscaling) or "")
         results = await asyncio.gather(*(self._evaluate_model(client, autoscaling, m, stamp) for m in models))
         entries: dict[str, ScaleDecisionStatus] = {}
         changes: list[ScaleChange] = []

@@ -28,12 +28,15 @@ Semantics (Kubernetes HPA, with two additions for queue-style metrics):
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from string import Template
 from typing import Any, Literal
 
 from tollway_operator.api import AutoscalingSpec, ModelPoolSpec, ModelSpec, ReplicaRange
+
+PROMETHEUS_URL_ENV = "TOLLWAY_PROMETHEUS_URL"
 
 # ---------------------------------------------------------------------------------------------
 # PromQL
@@ -150,13 +153,18 @@ def load_query(autoscaling: AutoscalingSpec, model: str, namespace: str, pool: s
 
 
 def spec_problem(autoscaling: AutoscalingSpec) -> str | None:
-    """A setting the API accepts but that cannot work; None when fine."""
-    if autoscaling.metric == "kv_cache_usage" and autoscaling.target > 1:
+    """A setting the API accepts but that cannot work here; None when fine."""
+    if prometheus_url(autoscaling) is None:
         return (
-            f"spec.autoscaling.target: {autoscaling.target} is above 1, but kv_cache_usage per replica "
-            "is at most 1 (1 = 100%); use e.g. 0.8"
+            "spec.autoscaling.prometheusUrl is unset and the operator has no default "
+            f"({PROMETHEUS_URL_ENV}, the chart's prometheusUrl value): set one of them"
         )
     return None
+
+
+def prometheus_url(autoscaling: AutoscalingSpec) -> str | None:
+    """The spec's Prometheus URL, else the operator-wide default from the environment."""
+    return autoscaling.prometheus_url or os.environ.get(PROMETHEUS_URL_ENV) or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +212,7 @@ class ScalingPolicy:
     @classmethod
     def from_spec(cls, autoscaling: AutoscalingSpec, replicas: ReplicaRange) -> ScalingPolicy:
         return cls(
-            target=autoscaling.target,
+            target=autoscaling.effective_target,
             tolerance=autoscaling.tolerance,
             min_replicas=replicas.min,
             max_replicas=replicas.max,
@@ -490,9 +498,9 @@ def desired_scaled_objects(pool_name: str, namespace: str, spec: ModelPoolSpec) 
                 "name": "load",
                 "metricType": "AverageValue",
                 "metadata": {
-                    "serverAddress": autoscaling.prometheus_url,
+                    "serverAddress": prometheus_url(autoscaling),
                     "query": load_query(autoscaling, model.name, namespace, pool_name),
-                    "threshold": f"{autoscaling.target:g}",
+                    "threshold": f"{autoscaling.effective_target:g}",
                     "activationThreshold": "0",
                     "ignoreNullValues": "true",
                 },
@@ -507,7 +515,7 @@ def desired_scaled_objects(pool_name: str, namespace: str, spec: ModelPoolSpec) 
                     "name": "activity",
                     "metricType": "AverageValue",
                     "metadata": {
-                        "serverAddress": autoscaling.prometheus_url,
+                        "serverAddress": prometheus_url(autoscaling),
                         "query": activity,
                         "threshold": str(ACTIVATION_ONLY_THRESHOLD),
                         "activationThreshold": "0",

@@ -59,8 +59,17 @@ class Price(CamelModel):
         ) / 1e6
 
 
+def _cel(rule: str, message: str) -> ConfigDict:
+    """A model_config carrying one CEL rule for the generated CRD (the pydantic validator mirrors it)."""
+    return CamelModel.model_config | {
+        "json_schema_extra": {"x-kubernetes-validations": [{"rule": rule, "message": message}]}
+    }
+
+
 class EmbeddingSettings(CamelModel):
     """How queries are embedded before the nearest-neighbour search."""
+
+    model_config = _cel("self.kind != 'openai' || has(self.url)", "url is required when kind is openai")
 
     kind: Literal["hashed", "sentence-transformers", "openai"] = Field(
         "hashed",
@@ -71,11 +80,15 @@ class EmbeddingSettings(CamelModel):
         ),
     )
     model: str | None = Field(
-        None, description="Model name or local path (sentence-transformers) or the served model name (openai)."
+        None,
+        description="Model name or local path (sentence-transformers) or the served model name (openai).",
     )
     url: str | None = Field(None, description="Base URL of the /v1/embeddings endpoint (kind openai).")
     dimensions: int = Field(
-        1024, ge=8, le=65536, description="Output dimension of the hashed embedder (other kinds: model's own)."
+        1024,
+        ge=8,
+        le=65536,
+        description="Output dimension of the hashed embedder (other kinds: model's own).",
     )
 
     @model_validator(mode="after")
@@ -146,7 +159,9 @@ class DegradationSettings(CamelModel):
     max_in_flight_per_replica: int = Field(
         256, ge=1, description="... or when the router's own in-flight requests per replica exceed this."
     )
-    scrape_interval_seconds: float = Field(1.0, gt=0, le=60, description="How often backends' /metrics are read.")
+    scrape_interval_seconds: float = Field(
+        1.0, gt=0, le=60, description="How often backends' /metrics are read."
+    )
     stale_after_seconds: float = Field(
         10.0, gt=0, description="Metrics older than this are ignored (only in-flight counts are used)."
     )
@@ -164,15 +179,21 @@ class BackendConfig(CamelModel):
     """One model the router can send work to."""
 
     name: ModelName = Field(description="Served model name; what clients may pin with `model`.")
-    url: str = Field(description="Base URL of the OpenAI-compatible server, without /v1 (e.g. http://m:8000).")
+    url: str = Field(
+        description="Base URL of the OpenAI-compatible server, without /v1 (e.g. http://m:8000)."
+    )
     profile: str = Field(description="Which model's columns in the routing history describe this model.")
     price: Price = Field(default_factory=Price)
     capabilities: list[Literal["chat", "completions", "embeddings"]] = Field(
         default_factory=lambda: ["chat", "completions"]
     )
-    replicas: int = Field(1, ge=0, description="Ready replicas behind the URL (scales saturation thresholds).")
+    replicas: int = Field(
+        1, ge=0, description="Ready replicas behind the URL (scales saturation thresholds)."
+    )
     metrics_url: str | None = Field(None, description="vLLM /metrics URL; default: <url>/metrics.")
-    api_key_env: str | None = Field(None, description="Environment variable holding a bearer key for the backend.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding a bearer key for the backend."
+    )
     upstream_model: str | None = Field(
         None, description="Model name to send upstream if it differs from `name` (external endpoints)."
     )
@@ -194,8 +215,16 @@ class BudgetConfig(CamelModel):
 class HistorySettings(CamelModel):
     """Where the reference queries with per-model quality and cost come from."""
 
+    model_config = _cel(
+        "(has(self.path) ? 1 : 0) + (has(self.configMap) ? 1 : 0) + (has(self.url) ? 1 : 0)"
+        " + ((has(self.builtin) && self.builtin) ? 1 : 0) == 1",
+        "set exactly one of path, configMap, url or builtin: true",
+    )
+
     path: str | None = Field(None, description="A file (CSV in RouterBench schema or tollway JSONL).")
-    config_map: str | None = Field(None, description="ConfigMap name holding the history (mounted by the operator).")
+    config_map: str | None = Field(
+        None, description="ConfigMap name holding the history (mounted by the operator)."
+    )
     url: str | None = Field(None, description="HTTP(S) URL to download the history from at start-up.")
     builtin: bool = Field(
         False, description="Use the RouterBench-derived history shipped with tollway (for demos and tests)."
@@ -206,7 +235,9 @@ class HistorySettings(CamelModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> HistorySettings:
-        sources = [s for s in (self.path, self.config_map, self.url) if s] + (["builtin"] if self.builtin else [])
+        sources = [s for s in (self.path, self.config_map, self.url) if s] + (
+            ["builtin"] if self.builtin else []
+        )
         if len(sources) != 1:
             raise ValueError(
                 "history needs exactly one source: set one of path, configMap, url or builtin: true "

@@ -324,7 +324,7 @@ MODEL_RULES: list[tuple[str, type[BaseModel], str, dict[str, Any], dict[str, Any
         "_unique",
         {"models": [MODEL, {**MODEL, "name": "large"}]},
         {"models": [MODEL, MODEL]},
-        "ModelPoolSpec: model names must be unique; repeated: ['small']",
+        "ModelPoolSpec.models: model names must be unique; repeated: ['small']",
     ),
     (
         "per-model-xor-total",
@@ -335,12 +335,12 @@ MODEL_RULES: list[tuple[str, type[BaseModel], str, dict[str, Any], dict[str, Any
         "BudgetsSpec: set perModel or totalTokens, not both",
     ),
     (
-        "per-model-not-negative",
-        api.BudgetsSpec,
-        "_one_kind",
-        {"perModel": {"small": 0}},
-        {"perModel": {"small": -5, "large": 1}},
-        "BudgetsSpec: perModel budgets must be >= 0; negative for ['small']",
+        "kv-cache-target-at-most-one",
+        api.AutoscalingSpec,
+        "_kv_target",
+        {"metric": "kv_cache_usage", "target": 0.7},
+        {"metric": "kv_cache_usage", "target": 1.5},
+        "AutoscalingSpec: target (1.5) must be <= 1 for metric kv_cache_usage",
     ),
     (
         "openai-embedding-needs-url",
@@ -401,7 +401,8 @@ MODEL_RULES: list[tuple[str, type[BaseModel], str, dict[str, Any], dict[str, Any
 def test_cross_field_rule(
     model: type[BaseModel], validator: str, good: dict[str, Any], bad: dict[str, Any], says: str
 ) -> None:
-    assert validator in model.__pydantic_decorators__.model_validators
+    decorators = model.__pydantic_decorators__
+    assert validator in decorators.model_validators or validator in decorators.field_validators
     model.model_validate(good)
     with pytest.raises(ValidationError) as info:
         model.model_validate(bad)
@@ -487,6 +488,11 @@ def pool(**changes: Any) -> dict[str, Any]:
     return {"apiVersion": api.API_VERSION, "kind": "ModelPool", "metadata": {"name": "p"}, "spec": spec}
 
 
+def policy_spec(**fields: Any) -> dict[str, Any]:
+    spec = {"poolRef": {"name": "chat"}, **fields}
+    return {"apiVersion": api.API_VERSION, "kind": "RoutingPolicy", "metadata": {"name": "r"}, "spec": spec}
+
+
 def policy(**budgets: Any) -> dict[str, Any]:
     spec = {"poolRef": {"name": "chat"}, "budgets": budgets}
     return {"apiVersion": api.API_VERSION, "kind": "RoutingPolicy", "metadata": {"name": "r"}, "spec": spec}
@@ -528,6 +534,27 @@ CEL_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         pool(autoscaling={"prometheusUrl": "http://p", "metric": "promql", "query": "up"}),
         pool(autoscaling={"prometheusUrl": "http://p", "metric": "promql"}),
         "spec.autoscaling",
+    ),
+    (
+        "target must be <= 1 for metric kv_cache_usage (1 = 100% of one replica's KV cache)",
+        "spec.autoscaling",
+        pool(autoscaling={"metric": "kv_cache_usage", "target": 0.8}),
+        pool(autoscaling={"metric": "kv_cache_usage", "target": 2}),
+        "spec.autoscaling",
+    ),
+    (
+        "url is required when kind is openai",
+        "spec.embedding",
+        policy_spec(embedding={"kind": "openai", "url": "http://e:8000"}),
+        policy_spec(embedding={"kind": "openai"}),
+        "spec.embedding",
+    ),
+    (
+        "set exactly one of path, configMap, url or builtin: true",
+        "spec.history",
+        policy_spec(history={"configMap": "history"}),
+        policy_spec(history={"configMap": "history", "url": "https://h/x.csv"}),
+        "spec.history",
     ),
     (
         "set perModel or totalTokens, not both",

@@ -357,14 +357,30 @@ def test_label_values_are_escaped() -> None:
     assert a.label_value('a"b\\c') == '"a\\"b\\\\c"'
 
 
-def test_kv_cache_target_above_one_is_reported() -> None:
+def test_kv_cache_target_defaults_below_one_and_rejects_above() -> None:
     spec = ModelPoolSpec.model_validate(
-        {
-            "models": [{"name": "m", "model": "x"}],
-            "autoscaling": {"prometheusUrl": "http://p:9090", "metric": "kv_cache_usage", "target": 2},
-        }
+        {"models": [{"name": "m", "model": "x"}], "autoscaling": {"metric": "kv_cache_usage"}}
     )
-    assert "spec.autoscaling.target" in (a.spec_problem(spec.autoscaling) or "")  # type: ignore[arg-type]
+    assert spec.autoscaling is not None and spec.autoscaling.effective_target == 0.8
+    with pytest.raises(ValueError, match="target \\(2\\) must be <= 1 for metric kv_cache_usage"):
+        ModelPoolSpec.model_validate(
+            {
+                "models": [{"name": "m", "model": "x"}],
+                "autoscaling": {"metric": "kv_cache_usage", "target": 2},
+            }
+        )
+
+
+def test_prometheus_url_falls_back_to_the_operator_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = ModelPoolSpec.model_validate({"models": [{"name": "m", "model": "x"}], "autoscaling": {}})
+    assert spec.autoscaling is not None
+    monkeypatch.delenv(a.PROMETHEUS_URL_ENV, raising=False)
+    assert "prometheusUrl is unset" in (a.spec_problem(spec.autoscaling) or "")
+    monkeypatch.setenv(a.PROMETHEUS_URL_ENV, "http://prom:9090")
+    assert a.spec_problem(spec.autoscaling) is None
+    assert a.prometheus_url(spec.autoscaling) == "http://prom:9090"
+    explicit = spec.autoscaling.model_copy(update={"prometheus_url": "http://own:9090"})
+    assert a.prometheus_url(explicit) == "http://own:9090"
 
 
 # --------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ BAD_OBJECTS: list[tuple[str, str, Callable[[dict[str, Any]], None], str, str, st
         "spec.models",
         "model names must be unique",
         # A pydantic model validator reports at the model (spec); the message names the field.
-        "spec: model names must be unique; repeated: ['small']",
+        "spec.models: model names must be unique; repeated: ['small']",
     ),
     (
         "model-without-model-or-endpoint",
