@@ -146,12 +146,44 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     STATE.stopping = False
     STATE.kube = k.Kube(await k.connect())
+    if settings.peering.mandatory and not settings.peering.standalone:
+        namespaces = [n for n in os.environ.get("TOLLWAY_OPERATOR_NAMESPACES", "").split(",") if n]
+        await ensure_peering(STATE.kube, settings.peering.name, settings.peering.clusterwide, namespaces)
     STATE.resync_task = asyncio.get_running_loop().create_task(resync_loop())
     STATE.tasks.add(STATE.resync_task)
     STATE.resync_task.add_done_callback(STATE.tasks.discard)
     port = os.environ.get("TOLLWAY_OPERATOR_METRICS_PORT", "")
     if port:
         metrics.serve(int(port), os.environ.get("TOLLWAY_OPERATOR_METRICS_HOST", "0.0.0.0"))
+
+
+async def ensure_peering(kube: k.Kube, name: str, clusterwide: bool, namespaces: list[str]) -> list[str]:
+    """Create the kopf peering object(s) the replicas elect a leader in, when missing (a Helm
+    release cannot hold kopf's new CRDs and their objects at once). Returns what was created.
+    Namespace globs cannot be resolved here and are skipped."""
+    created = []
+    if clusterwide:
+        targets = [(k.CLUSTER_KOPF_PEERING, None)]
+    else:
+        targets = [(k.KOPF_PEERING, ns) for ns in namespaces if not any(c in ns for c in "*?![]")]
+    for kind, namespace in targets:
+        meta: dict[str, Any] = {"name": name, "labels": d.common_labels()}
+        if namespace:
+            meta["namespace"] = namespace
+        try:
+            await kube.create({"apiVersion": kind.api_version, "kind": kind.kind, "metadata": meta})
+            created.append(f"{kind.kind} {namespace + '/' if namespace else ''}{name}")
+        except k.ApiError as e:
+            if e.status == 409:
+                continue
+            log.error(
+                "cannot create the peering object %s %s (%s: %s); install kopf's peering CRDs "
+                "(kopf.dev) or run with --standalone",
+                kind.kind, name, e.reason, e.message,
+            )  # fmt: skip
+    for what in created:
+        log.info("created the peering object %s", what)
+    return created
 
 
 @kopf.on.cleanup()

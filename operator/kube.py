@@ -63,10 +63,23 @@ PDB = Kind("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 SCALED_OBJECT = Kind("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
 MODELPOOL = Kind("tollway.io", "v1alpha1", "modelpools", "ModelPool")
 ROUTINGPOLICY = Kind("tollway.io", "v1alpha1", "routingpolicies", "RoutingPolicy")
+KOPF_PEERING = Kind("kopf.dev", "v1", "kopfpeerings", "KopfPeering")
+CLUSTER_KOPF_PEERING = Kind("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering")
 
 KINDS = {
     (k.api_version, k.kind): k
-    for k in (DEPLOYMENT, SERVICE, CONFIGMAP, PVC, PDB, SCALED_OBJECT, MODELPOOL, ROUTINGPOLICY)
+    for k in (
+        DEPLOYMENT,
+        SERVICE,
+        CONFIGMAP,
+        PVC,
+        PDB,
+        SCALED_OBJECT,
+        MODELPOOL,
+        ROUTINGPOLICY,
+        KOPF_PEERING,
+        CLUSTER_KOPF_PEERING,
+    )
 }
 CREATE_ONLY = {PVC}
 """Kinds whose spec is immutable after creation: created, never patched."""
@@ -241,7 +254,7 @@ class Kube:
 
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         kind = kind_of(obj)
-        return await self.request("POST", kind.path(obj["metadata"]["namespace"]), body=obj)
+        return await self.request("POST", kind.path(obj["metadata"].get("namespace")), body=obj)
 
     async def patch(
         self, kind: Kind, namespace: str | None, name: str, patch: Any, subresource: str | None = None

@@ -5,9 +5,10 @@
     tollway operator --standalone                            # one replica, no peering
     tollway operator --peering tollway                       # two+ replicas: one active, others standby
 
-Peering (leader election): every replica registers in the KopfPeering / ClusterKopfPeering object
-named by `--peering` (it must exist: `manifests/` or the Helm chart creates it); kopf pauses every
-replica that sees a peer with a higher priority, so exactly one replica works. The priority is
+Peering (leader election): every replica registers in the KopfPeering (per watched namespace) or
+ClusterKopfPeering object named by `--peering`, which the operator creates at start-up when it is
+missing (kopf's `kopf.dev` CRDs must be installed: the Helm chart does); kopf pauses every replica
+that sees a peer with a higher priority, so exactly one replica works. The priority is
 random per process unless `--priority` is given (equal priorities would pause all replicas).
 
 Loads `tollway_operator.handlers` and, when present, `tollway_operator.autoscaler`.
@@ -110,6 +111,7 @@ def configure_environment(args: argparse.Namespace) -> None:
     """Settings the handler module reads when kopf imports it."""
     os.environ["TOLLWAY_OPERATOR_RESYNC_SECONDS"] = str(args.resync_seconds)
     os.environ["TOLLWAY_OPERATOR_RETRY_SECONDS"] = str(args.retry_seconds)
+    os.environ["TOLLWAY_OPERATOR_NAMESPACES"] = ",".join(args.namespace)  # peering objects go there
     if args.metrics_port:
         os.environ["TOLLWAY_OPERATOR_METRICS_PORT"] = str(args.metrics_port)
     else:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -28,34 +26,7 @@ os.environ.setdefault("TOLLWAY_OPERATOR_DEBOUNCE_SECONDS", "0.05")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for kube_emulator
 
 from kube_emulator import EmulatorThread
-
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(
-    check: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
-) -> T:
-    """Poll `check` until it returns something truthy (bounded)."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as e:  # e.g. 404 while an object is being created
-            last_error = e
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout} s waiting for {what}"
-        + (f" (last error: {last_error})" if last_error else "")
-    )
+from operator_testlib import free_port
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,7 @@ from typing import Any
 import kubernetes
 import pytest
 import yaml
-from conftest import wait_for
-from operator_testlib import EXAMPLES, GROUP, VERSION, condition, example
+from operator_testlib import EXAMPLES, GROUP, VERSION, condition, example, wait_for
 
 from router_service.config import RouterConfig
 
@@ -425,3 +424,47 @@ def test_operator_metrics_are_served(operator: Any, metrics_port: int, cl: Clust
     assert 'tollway_operator_reconciles_total{kind="ModelPool"' in text
     assert "tollway_operator_reconcile_duration_seconds_bucket" in text
     assert 'tollway_operator_child_changes_total{action="created",kind="Deployment"}' in text
+
+
+def test_peering_objects_are_created_once(api: Any, operator: Any, cl: Cluster) -> None:
+    """`--peering NAME` needs kopf's peering object; the operator creates it when missing."""
+    import asyncio
+
+    from tollway_operator import handlers, kube
+
+    for kind, plural, scope in (
+        ("KopfPeering", "kopfpeerings", "Namespaced"),
+        ("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
+    ):
+        crd = {
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.kopf.dev"},
+            "spec": {
+                "group": "kopf.dev",
+                "scope": scope,
+                "names": {"kind": kind, "plural": plural},
+                "versions": [{"name": "v1", "served": True, "storage": True}],
+            },
+        }
+        kubernetes.client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
+
+    async def run() -> tuple[list[str], list[str], list[str]]:
+        client = kube.Kube(await kube.connect())
+        try:
+            first = await handlers.ensure_peering(client, "tollway", False, [cl.ns, "team-*"])
+            again = await handlers.ensure_peering(client, "tollway", False, [cl.ns])
+            cluster = await handlers.ensure_peering(client, "tollway", True, [])
+            return first, again, cluster
+        finally:
+            await client.close()
+
+    first, again, cluster = asyncio.run(run())
+    assert first == [f"KopfPeering {cl.ns}/tollway"] and again == []  # globs skipped, 409 is fine
+    assert cluster == ["ClusterKopfPeering tollway"]
+    assert (
+        cl.custom.get_namespaced_custom_object("kopf.dev", "v1", cl.ns, "kopfpeerings", "tollway")[
+            "metadata"
+        ]["name"]
+        == "tollway"
+    )
