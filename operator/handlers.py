@@ -140,8 +140,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
-    # Our own Events are explicit (kopf.event); kopf's log lines become Events only from WARNING.
-    settings.posting.level = logging.WARNING
+    # Events: ours are explicit (kopf.event); kopf's own log lines and the autoscaler's
+    # kopf.info() calls are posted from INFO (kopf's default), so scale decisions show up too.
+    settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     STATE.stopping = False
