@@ -657,7 +657,6 @@ def router_deployment(
         {"name": "tmp", "emptyDir": {}},
     ]
     env: list[dict[str, Any]] = [
-        {"name": "TOLLWAY_LOG_LEVEL", "value": router.log_level},
         {"name": "TOLLWAY_CACHE_DIR", "value": CACHE_DIR},
         {"name": "HOME", "value": "/tmp"},
     ]
@@ -697,6 +696,8 @@ def router_deployment(
             "0.0.0.0",
             "--port",
             str(ROUTER_PORT),
+            "--log-level",
+            router.log_level,
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         "env": env,

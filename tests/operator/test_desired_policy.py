@@ -206,22 +206,14 @@ def test_router_deployment() -> None:
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["image"] == "reg/tollway:9"
     assert c["command"] == [
-        "tollway",
-        "router",
-        "--config",
-        "/etc/tollway/router.yaml",
-        "--host",
-        "0.0.0.0",
-        "--port",
-        "8080",
-    ]
+        "tollway", "router", "--config", "/etc/tollway/router.yaml", "--host", "0.0.0.0", "--port", "8080", "--log-level", "debug",
+    ]  # fmt: skip
     assert (
         c["readinessProbe"]["httpGet"]["path"] == "/readyz"
         and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     )
     assert c["resources"] == {"limits": {"memory": "1Gi"}}
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
-    assert env["TOLLWAY_LOG_LEVEL"] == "debug"
     assert env["TOLLWAY_BACKEND_GPT_API_KEY"] == {"secretKeyRef": {"name": "openai", "key": "key"}}
     assert (
         c["securityContext"]["runAsNonRoot"] is True
