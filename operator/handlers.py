@@ -143,6 +143,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Events: ours are explicit (kopf.event); kopf's own log lines and the autoscaler's
     # kopf.info() calls are posted from INFO (kopf's default), so scale decisions show up too.
     settings.posting.level = logging.INFO
+    # One-time API discovery instead of watching CRDs and Namespaces: the chart's least-privilege
+    # RBAC grants neither (namespaces are named explicitly or all are watched; the CRDs come first).
+    settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     STATE.stopping = False

@@ -120,26 +120,26 @@ def test_daemon_scales_the_deployment_and_reports_status(kube: EmulatorThread) -
             },
         )
         load = ClosedLoopLoad(lambda: [sim.url], "m", concurrency=8)  # ~6 waiting: asks for 3
-        loader = threading.Thread(target=lambda: asyncio.run(load.run(duration=20.0)), daemon=True)
+        loader = threading.Thread(target=lambda: asyncio.run(load.run(duration=40.0)), daemon=True)
         args = ["run", "-A", "--standalone", "-m", "tollway_operator.autoscaler"]
         with KopfRunner(args, timeout=60) as runner:
             try:
-                status = eventually(pool_status, lambda s: s.get("healthy") is True, 10, "a healthy status")
+                status = eventually(pool_status, lambda s: s.get("healthy") is True, 30, "a healthy status")
                 assert status["models"]["m"]["toReplicas"] == 1
                 loader.start()
-                eventually(replicas, lambda n: n == 3, 12, "the Deployment scaled to 3")
+                eventually(replicas, lambda n: n == 3, 30, "the Deployment scaled to 3")
                 status = eventually(
-                    pool_status, lambda s: s["models"]["m"]["toReplicas"] == 3, 5, "status at 3"
+                    pool_status, lambda s: s["models"]["m"]["toReplicas"] == 3, 15, "status at 3"
                 )
                 assert status["models"]["m"]["fromReplicas"] in (1, 3) and status["lastEvaluationTime"]
-                eventually(reasons, lambda r: "ScaledUp" in r, 5, "a ScaledUp event")
+                eventually(reasons, lambda r: "ScaledUp" in r, 15, "a ScaledUp event")
             finally:
                 load.stop()
                 loader.join(timeout=30) if loader.is_alive() else None
             prom.stop()
-            status = eventually(pool_status, lambda s: s.get("healthy") is False, 8, "an unhealthy status")
+            status = eventually(pool_status, lambda s: s.get("healthy") is False, 20, "an unhealthy status")
             assert status["reason"] == "PrometheusUnavailable" and prom.url in status["message"]
             assert replicas() == 3  # held
-            eventually(reasons, lambda r: "PrometheusUnavailable" in r, 5, "a warning event")
+            eventually(reasons, lambda r: "PrometheusUnavailable" in r, 15, "a warning event")
     assert runner.exception is None, runner.exception
     assert runner.exit_code == 0
