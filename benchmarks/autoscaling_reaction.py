@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import random
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "autoscaling"))  # the Prometheus harness the tests use
 
 import common  # noqa: E402
-from harness import ClosedLoopLoad, Job, LocalPrometheus, MemoryScaler, MemoryStatus, host_port  # noqa: E402
+from harness import (  # noqa: E402
+    AutoscalerLoop,
+    ClosedLoopLoad,
+    Job,
+    LocalPrometheus,
+    MemoryScaler,
+    host_port,
+)
 
 from tollway_operator import autoscaling as decision  # noqa: E402
 from tollway_operator.api import ModelPoolSpec  # noqa: E402
-from tollway_operator.autoscaler import PoolAutoscaler, run_pool  # noqa: E402
+from tollway_operator.autoscaler import PoolAutoscaler  # noqa: E402
 
 MODEL = "m"
 POOL = "bench"
@@ -91,43 +97,9 @@ def pool_spec(args: argparse.Namespace, prom_url: str) -> ModelPoolSpec:
     )
 
 
-@dataclass
-class Loop:
-    task: asyncio.Task[int]
-    stop: asyncio.Event
-    status: MemoryStatus
-    events: list[tuple[str, str, str]]
-    autoscaler: PoolAutoscaler
-
-    async def close(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 60)
-        await self.autoscaler.aclose()
-
-
-def start_loop(spec: ModelPoolSpec, scaler: MemoryScaler, forecast: bool = True) -> Loop:
-    stop = asyncio.Event()
-    status = MemoryStatus()
-    events: list[tuple[str, str, str]] = []
+def start_loop(spec: ModelPoolSpec, scaler: MemoryScaler, forecast: bool = True) -> AutoscalerLoop:
     cls = PoolAutoscaler if forecast else NoForecastAutoscaler
-    autoscaler = cls(POOL, "default", scaler, query_timeout=2.0)
-
-    async def wait(seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
-
-    task = asyncio.create_task(
-        run_pool(
-            autoscaler,
-            lambda: spec,
-            status,
-            lambda *e: events.append(e),
-            stop.is_set,
-            wait,
-            max_evaluations=10_000,
-        )
-    )
-    return Loop(task, stop, status, events, autoscaler)
+    return AutoscalerLoop.start(cls(POOL, "default", scaler, query_timeout=2.0), spec, max_evaluations=10_000)
 
 
 async def wait_quiet(prom: LocalPrometheus, timeout: float = 30.0) -> None:

@@ -31,7 +31,8 @@ from typing import Any
 import httpx
 import yaml
 
-from tollway_operator.autoscaler import DeploymentReplicas
+from tollway_operator.api import ModelPoolSpec
+from tollway_operator.autoscaler import DeploymentReplicas, PoolAutoscaler, run_pool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_SCRAPE_CONFIG = REPO_ROOT / "charts" / "tollway" / "files" / "prometheus-scrape-config.yaml"
@@ -276,3 +277,42 @@ class ClosedLoopLoad:
             except httpx.HTTPError:
                 self.errors += 1
                 await asyncio.sleep(0.05)
+
+
+@dataclass
+class AutoscalerLoop:
+    """The operator's autoscaler loop (`run_pool`) running as a task against in-memory adapters."""
+
+    task: asyncio.Task[int]
+    stop: asyncio.Event
+    status: MemoryStatus
+    events: list[tuple[str, str, str]]
+    autoscaler: PoolAutoscaler
+
+    @classmethod
+    def start(cls, autoscaler: PoolAutoscaler, spec: ModelPoolSpec, max_evaluations: int) -> AutoscalerLoop:
+        stop = asyncio.Event()
+        status = MemoryStatus()
+        events: list[tuple[str, str, str]] = []
+
+        async def wait(seconds: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+
+        task = asyncio.create_task(
+            run_pool(
+                autoscaler,
+                lambda: spec,
+                status,
+                lambda *e: events.append(e),
+                stop.is_set,
+                wait,
+                max_evaluations=max_evaluations,
+            )
+        )
+        return cls(task, stop, status, events, autoscaler)
+
+    async def close(self, timeout: float = 60.0) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, timeout)
+        await self.autoscaler.aclose()

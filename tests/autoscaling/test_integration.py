@@ -12,19 +12,25 @@ It scrapes three simulators that honour content negotiation like real vLLM, so O
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from harness import ClosedLoopLoad, Job, LocalPrometheus, MemoryScaler, MemoryStatus, host_port
+from harness import (
+    AutoscalerLoop,
+    ClosedLoopLoad,
+    Job,
+    LocalPrometheus,
+    MemoryScaler,
+    host_port,
+)
 
 from router_service.simulator.profile import SimulatorProfile
 from router_service.simulator.server import SimulatorServer
 from tollway_operator import autoscaling as a
 from tollway_operator.api import ModelPoolSpec
-from tollway_operator.autoscaler import PoolAutoscaler, run_pool
+from tollway_operator.autoscaler import PoolAutoscaler
 from tollway_operator.prometheus import NoData, PrometheusClient, PrometheusQueryError
 
 pytestmark = pytest.mark.timeout(120)
@@ -174,26 +180,10 @@ async def test_scale_up_under_load_down_after_and_hold_while_prometheus_is_down(
     deployment = f"{POOL}-{MODEL}"
     spec = pool_spec(prom.url)
     scaler = MemoryScaler({deployment: 1})
-    status = MemoryStatus()
-    events: list[tuple[str, str, str]] = []
-    stop = asyncio.Event()
-    autoscaler = PoolAutoscaler(POOL, NAMESPACE, scaler, query_timeout=2.0)
-
-    async def wait(seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
-
-    loop = asyncio.create_task(
-        run_pool(
-            autoscaler,
-            lambda: spec,
-            status,
-            lambda *e: events.append(e),
-            stop.is_set,
-            wait,
-            max_evaluations=80,
-        )
+    loop = AutoscalerLoop.start(
+        PoolAutoscaler(POOL, NAMESPACE, scaler, query_timeout=2.0), spec, max_evaluations=80
     )
+    status, events = loop.status, loop.events
     load = ClosedLoopLoad(lambda: [sims["raw"].url, sims["relabelled"].url], MODEL, concurrency=12)
     load_task = asyncio.create_task(load.run(duration=20.0))
     try:
@@ -235,6 +225,6 @@ async def test_scale_up_under_load_down_after_and_hold_while_prometheus_is_down(
         assert scaler.replicas[deployment] == 1
     finally:
         load.stop()
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(load_task, loop, return_exceptions=True), 30)
-        await autoscaler.aclose()
+        loop.stop.set()
+        await asyncio.wait_for(asyncio.gather(load_task, loop.task, return_exceptions=True), 30)
+        await loop.autoscaler.aclose()
