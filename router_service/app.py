@@ -112,8 +112,8 @@ def _encodable(payload: object) -> bool:
     return True
 
 
-def parse_request(body: bytes, capability: str) -> ParsedRequest:
-    """Validate the few fields the router relies on; the backend validates the rest."""
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
     try:
         payload = json.loads(body)
     except ValueError as exc:
@@ -126,6 +126,12 @@ def parse_request(body: bytes, capability: str) -> ParsedRequest:
         raise errors.bad_request(
             "Request body contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF)."
         )
+    return payload
+
+
+def parse_request(body: bytes, capability: str) -> ParsedRequest:
+    """Validate the few fields the router relies on; the backend validates the rest."""
+    payload = parse_json_object(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise errors.bad_request("`model` is required and must be a non-empty string.", param="model")
@@ -697,18 +703,7 @@ def create_app(
         state = runtime.state
         proxy.authorize(request, state)
         body = await read_body(request, state.config.server.max_request_bytes)
-        try:
-            data = json.loads(body)
-        except ValueError as exc:
-            raise errors.bad_request(f"Request body is not valid JSON: {exc}") from exc
-        except RecursionError:
-            raise errors.bad_request("Request body is nested too deeply.") from None
-        if not isinstance(data, dict):
-            raise errors.bad_request("Request body must be a JSON object.")
-        if (b"\\ud" in body or b"\\uD" in body) and not _encodable(data):
-            raise errors.bad_request(
-                "Request body contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF)."
-            )
+        data = parse_json_object(body)
         prompt, model, score, tokens = (
             data.get("prompt"),
             data.get("model"),
