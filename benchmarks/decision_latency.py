@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from router_service.ann import NeighbourIndex
 from router_service.config import AnnSettings
-from router_service.embedding import EmbeddingCache, HashedNgramEmbedder
-from router_service.estimator import NeighbourEstimator
-from router_service.history import load_builtin_history
-from router_service.policy import rank
+from router_service.routing.ann import NeighbourIndex
+from router_service.routing.embedding import EmbeddingCache, HashedNgramEmbedder
+from router_service.routing.estimator import NeighbourEstimator
+from router_service.routing.history import load_builtin_history
+from router_service.routing.policy import rank
 
 
 def pct(xs: list[float]) -> dict[str, float]:

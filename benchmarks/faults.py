@@ -184,7 +184,7 @@ def standard_phases(seconds: float) -> list[Phase]:
 
 
 def history_prompts(n: int, seed: int = 1) -> list[str]:
-    from router_service.history import load_builtin_history
+    from router_service.routing.history import load_builtin_history
 
     prompts = [p[:2000] for p in load_builtin_history("history").prompts]
     random.Random(seed).shuffle(prompts)

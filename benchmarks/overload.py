@@ -107,7 +107,7 @@ class Workload:
     """History prompts with their per-model quality scores."""
 
     def __init__(self, n: int, seed: int = 0) -> None:
-        from router_service.history import load_builtin_history
+        from router_service.routing.history import load_builtin_history
 
         history = load_builtin_history("history")
         rows = list(range(len(history)))

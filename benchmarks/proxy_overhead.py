@@ -113,7 +113,7 @@ def start_litellm(sims: dict[str, str], log_dir: Path) -> tuple[ManagedProcess, 
 
 
 def history_prompts(n: int, seed: int = 0) -> list[str]:
-    from router_service.history import load_builtin_history
+    from router_service.routing.history import load_builtin_history
 
     prompts = list(load_builtin_history("history").prompts)
     random.Random(seed).shuffle(prompts)
@@ -153,9 +153,9 @@ def decision_in_process(config: dict[str, Any], prompts: list[str]) -> dict[str,
     """Time RoutingEngine.rank alone (embed + kNN + estimate + score + sort) on each prompt,
     cut to the router's routing-text length, with dual-price fits on a background thread as in
     the router."""
-    from router_service.app import ROUTING_TEXT_CHARS
     from router_service.config import RouterConfig
-    from router_service.engine import RoutingEngine
+    from router_service.proxy.request import ROUTING_TEXT_CHARS
+    from router_service.routing.engine import RoutingEngine
 
     engine = RoutingEngine.from_config(RouterConfig.model_validate(config), background_fits=True)
     texts = [p[:ROUTING_TEXT_CHARS] for p in prompts]

@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from router_service.embedding import EmbeddingCache
 from router_service.evaluation.algorithms import TollwayOptions
 from router_service.evaluation.cli import make_eval_embedder
 from router_service.evaluation.runner import evaluate, make_orders
 from router_service.evaluation.scenario import build_scenario
-from router_service.history import load_builtin_history
+from router_service.routing.embedding import EmbeddingCache
+from router_service.routing.history import load_builtin_history
 
 ALGOS = [
     "tollway", "port", "port-lbfgsb", "greedy-perf", "greedy-cost", "knn-perf", "random",

@@ -51,8 +51,8 @@ def rss_mib() -> float:
 
 
 def base_history(dim: int) -> tuple[Any, Any, np.ndarray]:
-    from router_service.embedding import HashedNgramEmbedder
-    from router_service.history import load_builtin_history
+    from router_service.routing.embedding import HashedNgramEmbedder
+    from router_service.routing.history import load_builtin_history
 
     history = load_builtin_history().columns(list(BACKENDS.values()))
     embedder = HashedNgramEmbedder(dim).fit_idf(history.prompts)
@@ -62,7 +62,7 @@ def base_history(dim: int) -> tuple[Any, Any, np.ndarray]:
 
 def grow(history: Any, vectors: np.ndarray, n: int, noise: float, seed: int = 0) -> tuple[Any, np.ndarray]:
     """An n-entry history around the real rows (see the module docstring)."""
-    from router_service.history import History
+    from router_service.routing.history import History
 
     rng = np.random.default_rng(seed)
     src = np.arange(n) % len(history)
@@ -90,7 +90,7 @@ def build_engine(
     history: Any, embedder: Any, vectors: np.ndarray, exact: bool, ann: dict[str, Any] | None = None
 ) -> tuple[Any, float, float]:
     from router_service.config import RouterConfig
-    from router_service.engine import RoutingEngine
+    from router_service.routing.engine import RoutingEngine
 
     cfg = RouterConfig.model_validate(
         {

@@ -258,7 +258,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "router_service.server",
+                "router_service.proxy.server",
                 "--config",
                 str(path),
                 "--host",
@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rich.console import Console
 
-    from router_service.history import load_builtin_history
+    from router_service.routing.history import load_builtin_history
 
     console = Console()
     signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up on `kill` as on Ctrl-C

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from router_service.duals import DualController, FitMethod
 from router_service.evaluation.offline import round_allocation, solve_allocation
 from router_service.evaluation.scenario import Scenario
-from router_service.ledger import BudgetLedger
-from router_service.policy import Candidate, pick, rank
+from router_service.routing.duals import DualController, FitMethod
+from router_service.routing.ledger import BudgetLedger
+from router_service.routing.policy import Candidate, pick, rank
 
 
 @dataclass

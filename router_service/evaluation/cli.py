@@ -19,17 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-from router_service.budgets import SPLIT_STRATEGIES
-from router_service.embedding import (
+from router_service.evaluation.algorithms import ALGORITHMS, DEFAULT_ALGORITHMS, TollwayOptions
+from router_service.evaluation.runner import AlgorithmSummary, evaluate, make_orders
+from router_service.evaluation.scenario import build_scenario
+from router_service.routing.budgets import SPLIT_STRATEGIES
+from router_service.routing.embedding import (
     Embedder,
     EmbeddingCache,
     HashedNgramEmbedder,
     SentenceTransformerEmbedder,
 )
-from router_service.evaluation.algorithms import ALGORITHMS, DEFAULT_ALGORITHMS, TollwayOptions
-from router_service.evaluation.runner import AlgorithmSummary, evaluate, make_orders
-from router_service.evaluation.scenario import build_scenario
-from router_service.history import BUILTIN_PATH, History, assign_split, load_histories
+from router_service.routing.history import BUILTIN_PATH, History, assign_split, load_histories
 
 
 def make_eval_embedder(name: str) -> Embedder:

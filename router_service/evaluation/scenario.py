@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from router_service.ann import NeighbourIndex
-from router_service.budgets import SplitStrategy, split_budget, total_budget
 from router_service.config import AnnSettings
-from router_service.embedding import Embedder, EmbeddingCache, HashedNgramEmbedder
-from router_service.estimator import NeighbourEstimator
-from router_service.history import History
+from router_service.routing.ann import NeighbourIndex
+from router_service.routing.budgets import SplitStrategy, split_budget, total_budget
+from router_service.routing.embedding import Embedder, EmbeddingCache, HashedNgramEmbedder
+from router_service.routing.estimator import NeighbourEstimator
+from router_service.routing.history import History
 
 PRIOR_SAMPLE = 2000
 

@@ -35,19 +35,34 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
     assert listed - on_disk == set(), "pyproject lists packages that have no folder with __init__.py"
 
 
-def test_operator_folder_is_installed_as_tollway_operator() -> None:
-    assert SETUPTOOLS["package-dir"]["tollway_operator"] == "operator"
+def test_operator_package_lives_one_level_down() -> None:
+    assert SETUPTOOLS["package-dir"]["tollway_operator"] == "operator/tollway_operator"
     module = importlib.import_module("tollway_operator")
-    assert Path(module.__file__ or "").resolve().parent == REPO_ROOT / "operator"
+    assert Path(module.__file__ or "").resolve().parent == REPO_ROOT / "operator" / "tollway_operator"
+    # Nothing in the repository root is importable as `operator`: the folder is no package.
+    assert not (REPO_ROOT / "operator" / "__init__.py").exists()
+    assert not (REPO_ROOT / "operator.py").exists()
 
 
-def test_import_operator_is_still_the_standard_library() -> None:
-    # A fresh interpreter started in the repository root, where an `operator/` folder sits.
+@pytest.fixture(scope="module")
+def plain_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh `python -m venv`, created from the repository root, without the project installed."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    venv = tmp_path_factory.mktemp("plain") / "venv"
+    # Not `-I`: the current directory (the repository root) is on sys.path, as for any contributor.
+    result = subprocess.run(
+        [base, "-m", "venv", str(venv)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    return venv / "bin" / "python"
+
+
+def test_a_plain_interpreter_in_the_repo_root_imports_the_standard_operator(plain_venv: Path) -> None:
     result = subprocess.run(
         [
-            sys.executable,
+            str(plain_venv),
             "-c",
-            "import operator, sys; print(operator.__file__); print(operator.itemgetter(0)([7]))",
+            "import operator, sys; operator.itemgetter; print(operator.__file__); print(operator.itemgetter(0)([7]))",
         ],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -56,8 +71,22 @@ def test_import_operator_is_still_the_standard_library() -> None:
     )
     assert result.returncode == 0, result.stderr
     path, value = result.stdout.split()
-    assert Path(path).parent != REPO_ROOT / "operator" and "python3" in path
+    assert not Path(path).resolve().is_relative_to(REPO_ROOT) and "python3" in path
     assert value == "7"
+
+
+def test_pip_runs_from_the_repo_root_in_a_plain_venv(plain_venv: Path) -> None:
+    # `python -m pip` puts the current directory first on sys.path: an `operator` package there
+    # broke pip's own imports (`cannot import name 'eq' from 'operator'`).
+    result = subprocess.run(
+        [str(plain_venv), "-m", "pip", "--version"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("pip ")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -91,6 +120,6 @@ def test_router_never_imports_the_operator(path: Path) -> None:
 
 def test_the_import_scan_sees_imports() -> None:
     """The scan above must be able to fail."""
-    sample = REPO_ROOT / "operator" / "crdgen.py"
+    sample = REPO_ROOT / "operator" / "tollway_operator" / "crdgen.py"
     assert "tollway_operator.api" in imported_modules(sample)
     assert ROUTER_FILES, "no router files found"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from router_helpers import PROFILES
 
-from router_service.server import BackgroundRouter
+from router_service.proxy.server import BackgroundRouter
 from router_service.simulator.profile import SimulatorProfile
 from router_service.simulator.server import SimulatorServer
 

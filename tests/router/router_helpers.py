@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from router_service.config import RouterConfig
-from router_service.engine import Ranking
-from router_service.policy import Candidate
+from router_service.routing.engine import Ranking
+from router_service.routing.policy import Candidate
 
 PROFILES = {
     "small": "mistralai/mistral-7b-chat",

@@ -14,7 +14,7 @@ from router_service.demo import (
     router_config,
     summarize,
 )
-from router_service.history import load_builtin_history
+from router_service.routing.history import load_builtin_history
 
 
 def test_arrival_rate_rises() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from router_service.dispatch import choose, choose_pinned, reservation_tokens
-from router_service.load import LoadVerdict
-from router_service.policy import Candidate
+from router_service.proxy.dispatch import choose, choose_pinned, reservation_tokens
+from router_service.proxy.load import LoadVerdict
+from router_service.routing.policy import Candidate
 
 OK = LoadVerdict(available=True, saturated=False, reason=None, pressure=0.1)
 FULL = LoadVerdict(available=True, saturated=True, reason="in_flight", pressure=1.0)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from router_service.config import BackendConfig, DegradationSettings
-from router_service.load import DemandWindow, LoadTracker, ScrapedLoad, assess, parse_vllm_metrics
+from router_service.proxy.load import DemandWindow, LoadTracker, ScrapedLoad, assess, parse_vllm_metrics
 
 TEXT_FORMAT = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -9,7 +9,7 @@ import openai
 import pytest
 from router_helpers import FixedEngine, async_wait_until, closed_port, router_config, wait_until
 
-from router_service.server import BackgroundRouter
+from router_service.proxy.server import BackgroundRouter
 from router_service.simulator.server import SimulatorServer
 
 MSG = [{"role": "user", "content": "Write a Python function that reverses a list."}]

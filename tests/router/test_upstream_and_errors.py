@@ -11,10 +11,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from router_helpers import FixedEngine, router_config
 
-from router_service import openai_errors as errors
-from router_service.app import create_app, parse_priority, parse_request
-from router_service.telemetry import tracing_requested
-from router_service.upstream import SseUsage, Usage, usage_from_body, usage_from_obj
+from router_service.proxy import openai_errors as errors
+from router_service.proxy.app import create_app
+from router_service.proxy.request import parse_priority, parse_request
+from router_service.proxy.telemetry import tracing_requested
+from router_service.proxy.upstream import SseUsage, Usage, usage_from_body, usage_from_obj
 
 
 def chunk(content: str | None = None, usage: dict | None = None, text: str | None = None) -> bytes:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from router_service.history import History, write_jsonl
+from router_service.routing.history import History, write_jsonl
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from router_service.budgets import cheapest_total, split_budget, split_weights, total_budget
+from router_service.routing.budgets import cheapest_total, split_budget, split_weights, total_budget
 
 
 def test_total_is_multiplier_times_cheapest_models_total():

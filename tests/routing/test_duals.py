@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from router_service.duals import DualController, dual_objective, fit_duals
 from router_service.evaluation.offline import round_allocation, solve_allocation
+from router_service.routing.duals import DualController, dual_objective, fit_duals
 
 D = np.array([[1.0, 0.5], [0.9, 0.5], [0.6, 0.5]])
 G = np.ones((3, 2))

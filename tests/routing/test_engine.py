@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from router_service.config import RouterConfig
-from router_service.engine import Candidate, RoutingEngine
-from router_service.ledger import BudgetLedger
+from router_service.routing.engine import Candidate, RoutingEngine
+from router_service.routing.ledger import BudgetLedger
 
 
 def config(history_file, **over) -> RouterConfig:

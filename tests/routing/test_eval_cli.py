@@ -3,7 +3,7 @@ import json
 import pytest
 
 from router_service.evaluation.cli import main
-from router_service.history import load_builtin_history, write_jsonl
+from router_service.routing.history import load_builtin_history, write_jsonl
 
 
 def test_eval_json_shape_and_ordering_on_shipped_data(tmp_path, capsys):

@@ -3,7 +3,7 @@ import csv
 import numpy as np
 import pytest
 
-from router_service.history import (
+from router_service.routing.history import (
     assign_split,
     load_builtin_history,
     load_history,

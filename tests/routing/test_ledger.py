@@ -4,7 +4,7 @@ import threading
 import pytest
 
 from router_service.config import BudgetConfig
-from router_service.ledger import BudgetLedger
+from router_service.routing.ledger import BudgetLedger
 
 
 class Clock:

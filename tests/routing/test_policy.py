@@ -1,6 +1,6 @@
 import numpy as np
 
-from router_service.policy import Candidate, pick, rank, scores
+from router_service.routing.policy import Candidate, pick, rank, scores
 
 
 def test_scores_and_rank_best_first():

@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from router_service.ann import NeighbourIndex
+from router_service.routing.ann import NeighbourIndex
 
 
 class NeighbourEstimator:

@@ -13,7 +13,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("tollway_operator.crdgen", "write the CustomResourceDefinitions generated from the API models"),
     "operator": ("tollway_operator.run", "run the operator (wraps `kopf run`)"),
-    "router": ("router_service.server", "run the OpenAI-compatible router from a config file"),
+    "router": ("router_service.proxy.server", "run the OpenAI-compatible router from a config file"),
     "simulate": ("router_service.simulator.cli", "run a vLLM-compatible simulator for one model"),
     "eval": ("router_service.evaluation.cli", "replay a query stream through routing algorithms"),
     "demo": ("router_service.demo", "run simulators + router locally and replay real prompts"),

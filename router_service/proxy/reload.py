@@ -23,7 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from router_service.config import RouterConfig, load_router_config
-from router_service.state import EngineFactory, Runtime, build_state
+from router_service.proxy.state import EngineFactory, Runtime, build_state
 
 log = logging.getLogger("tollway.reload")
 

@@ -13,7 +13,7 @@ Two file formats are read:
   optional ``split`` ("history" or "stream") used by the shipped evaluation data.
 
 `load_builtin_history()` reads the RouterBench-derived file shipped in ``router_service/data``.
-Run ``python -m router_service.history --out FILE CSV...`` to rebuild it.
+Run ``python -m router_service.routing.history --out FILE CSV...`` to rebuild it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 
 CHARS_PER_TOKEN = 4.0
 FORMAT = "tollway-history"
-BUILTIN_PATH = Path(__file__).parent / "data" / "routerbench_history.jsonl.gz"
+BUILTIN_PATH = Path(__file__).resolve().parent.parent / "data" / "routerbench_history.jsonl.gz"
 
 
 @dataclass
@@ -327,7 +327,7 @@ def assign_split(history: History, stream_fraction: float = 0.2, seed: int = 0) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m router_service.history",
+        prog="python -m router_service.routing.history",
         description="Convert RouterBench CSVs into tollway's compact history (with a history/stream split).",
     )
     parser.add_argument("csv", nargs="+", help="RouterBench-schema CSV files")

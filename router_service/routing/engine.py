@@ -38,14 +38,14 @@ from typing import Literal
 
 import numpy as np
 
-from router_service.ann import NeighbourIndex
 from router_service.config import RouterConfig
-from router_service.duals import DualController
-from router_service.embedding import Embedder, EmbeddingCache, HashedNgramEmbedder, make_embedder
-from router_service.estimator import NeighbourEstimator
-from router_service.history import CHARS_PER_TOKEN, History, load_builtin_history, load_history
-from router_service.ledger import BudgetLedger
-from router_service.policy import Candidate, rank
+from router_service.routing.ann import NeighbourIndex
+from router_service.routing.duals import DualController
+from router_service.routing.embedding import Embedder, EmbeddingCache, HashedNgramEmbedder, make_embedder
+from router_service.routing.estimator import NeighbourEstimator
+from router_service.routing.history import CHARS_PER_TOKEN, History, load_builtin_history, load_history
+from router_service.routing.ledger import BudgetLedger
+from router_service.routing.policy import Candidate, rank
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def load_configured_history(cfg: RouterConfig) -> History:
 
     import httpx
 
-    from router_service.embedding import cache_dir
+    from router_service.routing.embedding import cache_dir
 
     name = h.url.rsplit("/", 1)[-1] or "history.jsonl"
     target = cache_dir() / "history" / hashlib.sha256(h.url.encode()).hexdigest()[:16] / name

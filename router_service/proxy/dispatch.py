@@ -15,8 +15,8 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from router_service.load import LoadVerdict
-from router_service.policy import Candidate, pick
+from router_service.proxy.load import LoadVerdict
+from router_service.routing.policy import Candidate, pick
 
 Route = Literal["routed", "degraded", "fallback", "pinned"]
 SkipReason = Literal["budget", "saturated", "unavailable"]

@@ -25,16 +25,16 @@ from typing import Any, Protocol
 import httpx
 
 from router_service.config import RouterConfig
-from router_service.ledger import BudgetLedger
-from router_service.load import LoadTracker
-from router_service.telemetry import LiveState, RouterMetrics
-from router_service.upstream import Backend, make_client
+from router_service.proxy.load import LoadTracker
+from router_service.proxy.telemetry import LiveState, RouterMetrics
+from router_service.proxy.upstream import Backend, make_client
+from router_service.routing.ledger import BudgetLedger
 
 log = logging.getLogger("tollway.router")
 
 
 class Engine(Protocol):
-    """What the router needs from `router_service.engine.RoutingEngine`."""
+    """What the router needs from `router_service.routing.engine.RoutingEngine`."""
 
     gamma: dict[str, float]
 
@@ -50,7 +50,7 @@ _ENGINE_FIELDS = ("objective", "history", "embedding", "ann", "learning")
 
 
 def default_engine_factory(config: RouterConfig, ledger: BudgetLedger) -> Engine:
-    from router_service.engine import RoutingEngine
+    from router_service.routing.engine import RoutingEngine
 
     return RoutingEngine.from_config(config, ledger)
 

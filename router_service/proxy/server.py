@@ -1,6 +1,6 @@
 """`tollway router --config FILE`: run the OpenAI-compatible router.
 
-One process, one event loop: uvicorn serves the app from `router_service.app`. On SIGTERM /
+One process, one event loop: uvicorn serves the app from `router_service.proxy.app`. On SIGTERM /
 SIGINT uvicorn stops accepting connections, `/readyz` turns 503, and in-flight requests (streams
 included) get `server.drainSeconds` to finish before the process exits.
 """
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    from router_service.app import create_app
+    from router_service.proxy.app import create_app
 
     try:
         app = create_app(args.config, watch=not args.no_reload)
@@ -90,7 +90,7 @@ class BackgroundRouter:
     """A router served by uvicorn on a thread of this process (tests, the demo, benchmarks).
 
     Binds 127.0.0.1 on a free port unless told otherwise; `url` is the base URL without /v1.
-    `create_app_kwargs` go to `router_service.app.create_app`.
+    `create_app_kwargs` go to `router_service.proxy.app.create_app`.
     """
 
     def __init__(
@@ -103,7 +103,7 @@ class BackgroundRouter:
     ) -> None:
         import uvicorn
 
-        from router_service.app import create_app
+        from router_service.proxy.app import create_app
 
         self.app = create_app(config, **create_app_kwargs)
         self.runtime = self.app.state.runtime

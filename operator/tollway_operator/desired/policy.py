@@ -1,0 +1,405 @@
+"""Desired state of a RoutingPolicy: the router's config and workload, from the policy and its pool.
+
+RoutingPolicy `R` over pool `P`:
+- ConfigMap `R-router` holding `router.yaml` (a `RouterConfig`);
+- Deployment `R-router` running `tollway router`, with a checksum of the config on its pod
+  template (so a change rolls the pods) — except the volatile `backends[].replicas`, which the
+  router picks up by hot reload of the mounted file;
+- Service `R` (port 80 -> 8080): the cluster-internal OpenAI endpoint http://R.N.svc/v1;
+- PodDisruptionBudget `R-router` (maxUnavailable 1) when replicas > 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from router_service.config import (
+    AuthConfig,
+    BackendConfig,
+    BudgetConfig,
+    RouterConfig,
+    dump_router_config,
+)
+from router_service.routing.budgets import split_weights
+from tollway_operator.api import BudgetsSpec, ModelPoolSpec, ModelSpec, RoutingPolicySpec
+from tollway_operator.desired.names import (
+    Owner,
+    backend_api_key_env,
+    check_policy_names,
+    child_metadata,
+    router_child_name,
+    router_labels,
+    router_selector,
+)
+from tollway_operator.desired.pool import model_endpoint
+
+ROUTER_PORT = 8080
+ROUTER_SERVICE_PORT = 80
+CONFIG_DIR = "/etc/tollway"
+CONFIG_KEY = "router.yaml"
+AUTH_DIR = "/etc/tollway/auth"
+AUTH_FILE = "tokens"
+HISTORY_DIR = "/etc/tollway/history"
+STATE_DIR = "/var/lib/tollway"
+CACHE_DIR = "/var/cache/tollway"
+ROUTER_UID = 65532
+CHECKSUM_ANNOTATION = "tollway.io/config-checksum"
+
+
+class PolicyReferenceError(Exception):
+    """The policy names something its pool does not have (may resolve when the pool changes)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _price_per_token(model: ModelSpec) -> float:
+    """Mean of input and output price, USD per million tokens."""
+    return (model.cost.input_per_million_tokens + model.cost.output_per_million_tokens) / 2
+
+
+@dataclass
+class BudgetResolution:
+    tokens: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_budgets(
+    budgets: BudgetsSpec | None, models: list[ModelSpec], quality: Mapping[str, float] | None = None
+) -> BudgetResolution:
+    """Tokens per window per model (the whole policy, all router replicas together).
+
+    - `perModel`: as given; names that are not in the pool raise PolicyReferenceError; models
+      without an entry get no budget.
+    - `totalTokens`: split by `split` with `router_service.routing.budgets.split_weights`, cost = the
+      model's mean price per token, perf = the history's mean quality for the model's profile
+      (`quality`). A profile missing from `quality` gets the mean of the known ones (1.0 if none
+      is known) and a note. A zero price is raised to the smallest positive price in the pool
+      (1 USD/M if all are free) so that free models do not take an unbounded share. The shares
+      are floored to whole tokens and the remainder goes to the largest shares, so they sum to
+      `totalTokens` exactly.
+    """
+    res = BudgetResolution()
+    if budgets is None:
+        return res
+    names = [m.name for m in models]
+    if budgets.per_model is not None:
+        unknown = sorted(set(budgets.per_model) - set(names))
+        if unknown:
+            raise PolicyReferenceError(
+                "UnknownModels",
+                f"spec.budgets.perModel names model(s) {unknown} that pool has not; it has {names}",
+            )
+        res.tokens = {m: int(budgets.per_model[m]) for m in names if m in budgets.per_model}
+        return res
+    if budgets.total_tokens is None or not models:
+        return res
+    quality = dict(quality or {})
+    known = [quality[m.history_profile] for m in models if m.history_profile in quality]
+    fallback = sum(known) / len(known) if known else 1.0
+    perf = []
+    for m in models:
+        if m.history_profile in quality:
+            perf.append(quality[m.history_profile])
+        else:
+            perf.append(fallback)
+            if budgets.split in ("weighted", "perf"):
+                res.notes.append(
+                    f"no history quality for profile {m.history_profile!r} of model {m.name!r}; used {fallback:.3f}"
+                )
+    prices = [_price_per_token(m) for m in models]
+    positive = [p for p in prices if p > 0]
+    floor = min(positive) if positive else 1.0
+    cost = [p if p > 0 else floor for p in prices]
+    weights = [float(w) for w in split_weights(perf, cost, budgets.split)]  # type: ignore[arg-type]
+    total = budgets.total_tokens
+    raw = [total * w for w in weights]
+    shares = [math.floor(x) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: (shares[i] - raw[i], -raw[i]))[: total - sum(shares)]:
+        shares[i] += 1
+    res.tokens = dict(zip(names, shares, strict=True))
+    return res
+
+
+def replica_share(replicas: int) -> float:
+    """Each router replica enforces 1/replicas of every budget (0 replicas: nothing runs)."""
+    return 1.0 / replicas if replicas > 1 else 1.0
+
+
+def router_config(
+    policy: str,
+    spec: RoutingPolicySpec,
+    pool: str,
+    namespace: str,
+    pool_spec: ModelPoolSpec,
+    ready_replicas: Mapping[str, int],
+    quality: Mapping[str, float] | None = None,
+) -> tuple[RouterConfig, BudgetResolution]:
+    """The RouterConfig for a policy over its pool.
+
+    `ready_replicas`: model name -> ready replicas of its Deployment (0: the router treats the
+    model as unavailable and degrades). External endpoints count as one replica.
+    """
+    backends = []
+    for model in pool_spec.models:
+        external = model.endpoint
+        backends.append(
+            BackendConfig(
+                name=model.name,
+                url=model_endpoint(pool, namespace, model),
+                profile=model.history_profile,
+                price=model.cost,
+                replicas=1 if external is not None else max(int(ready_replicas.get(model.name, 0)), 0),
+                api_key_env=backend_api_key_env(model.name)
+                if external is not None and external.api_key_secret
+                else None,
+                upstream_model=external.upstream_model if external is not None else None,
+            )
+        )
+    if spec.served_model_name in {m.name for m in pool_spec.models}:
+        raise PolicyReferenceError(
+            "ServedNameCollides",
+            f"spec.servedModelName {spec.served_model_name!r} is also a model name in pool {pool!r}; pick another",
+        )
+    budgets = resolve_budgets(spec.budgets, pool_spec.models, quality)
+    history = spec.history
+    config = RouterConfig(
+        served_model_name=spec.served_model_name,
+        backends=backends,
+        objective=spec.objective,
+        history=history,
+        embedding=spec.embedding,
+        ann=spec.ann,
+        learning=spec.learning,
+        budgets=BudgetConfig(
+            window_seconds=spec.budgets.window_seconds if spec.budgets else 3600,
+            tokens=budgets.tokens,
+            replica_share=replica_share(spec.router.replicas),
+            state_file=f"{STATE_DIR}/ledger.json",
+        ),
+        degradation=spec.degradation,
+        auth=AuthConfig(bearer_tokens_file=f"{AUTH_DIR}/{AUTH_FILE}" if spec.router.auth_secret else None),
+    )
+    return config, budgets
+
+
+def config_checksum(config: RouterConfig) -> str:
+    """sha256 of the config without the volatile ready-replica counts (those reach the router by
+    hot reload; everything else rolls the router pods)."""
+    wire = config.to_wire()
+    for backend in wire.get("backends", []):
+        backend.pop("replicas", None)
+    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()
+
+
+def router_config_map(owner: Owner, pool: str, config: RouterConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(router_child_name(owner.name), owner, router_labels(owner.name, pool)),
+        "data": {CONFIG_KEY: dump_router_config(config)},
+    }
+
+
+def router_deployment(
+    owner: Owner, spec: RoutingPolicySpec, pool: str, pool_spec: ModelPoolSpec, config: RouterConfig
+) -> dict[str, Any]:
+    policy = owner.name
+    labels = router_labels(policy, pool)
+    router = spec.router
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "state", "mountPath": STATE_DIR},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "config",
+            "configMap": {
+                "name": router_child_name(policy),
+                "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}],
+            },
+        },
+        {"name": "state", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    env: list[dict[str, Any]] = [
+        {"name": "TOLLWAY_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    if router.auth_secret is not None:
+        mounts.append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
+        volumes.append(
+            {
+                "name": "auth",
+                "secret": {
+                    "secretName": router.auth_secret.name,
+                    "items": [{"key": router.auth_secret.key, "path": AUTH_FILE}],
+                },
+            }
+        )
+    if spec.history.config_map:
+        mounts.append({"name": "history", "mountPath": HISTORY_DIR, "readOnly": True})
+        volumes.append({"name": "history", "configMap": {"name": spec.history.config_map}})
+        env.append({"name": "TOLLWAY_HISTORY_DIR", "value": HISTORY_DIR})
+    for model in pool_spec.models:
+        if model.endpoint is not None and model.endpoint.api_key_secret is not None:
+            ref = model.endpoint.api_key_secret
+            env.append(
+                {
+                    "name": backend_api_key_env(model.name),
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+                }
+            )
+    container: dict[str, Any] = {
+        "name": "router",
+        "image": router.image,
+        "command": [
+            "tollway",
+            "router",
+            "--config",
+            f"{CONFIG_DIR}/{CONFIG_KEY}",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(ROUTER_PORT),
+            "--log-level",
+            router.log_level,
+        ],
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        "env": env,
+        "volumeMounts": mounts,
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+            "initialDelaySeconds": 10,
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": ROUTER_UID,
+            "runAsGroup": ROUTER_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if router.resources:
+        container["resources"] = json.loads(json.dumps(router.resources))
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "fsGroup": ROUTER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationGracePeriodSeconds": int(config.server.drain_seconds) + 5,
+        "enableServiceLinks": False,
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": router_selector(policy)},
+                        },
+                    }
+                ]
+            }
+        },
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": child_metadata(router_child_name(policy), owner, labels),
+        "spec": {
+            "replicas": router.replicas,
+            "selector": {"matchLabels": router_selector(policy)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 3,
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        CHECKSUM_ANNOTATION: config_checksum(config),
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(ROUTER_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def router_service(owner: Owner, pool: str) -> dict[str, Any]:
+    policy = owner.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(policy, owner, router_labels(policy, pool)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": router_selector(policy),
+            "ports": [{"name": "http", "port": ROUTER_SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def router_pdb(owner: Owner, spec: RoutingPolicySpec, pool: str) -> dict[str, Any] | None:
+    if spec.router.replicas <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": child_metadata(router_child_name(owner.name), owner, router_labels(owner.name, pool)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": router_selector(owner.name)}},
+    }
+
+
+@dataclass
+class RouterPlan:
+    config: RouterConfig
+    budgets: BudgetResolution
+    children: list[dict[str, Any]]
+
+
+def policy_children(
+    owner: Owner,
+    spec: RoutingPolicySpec,
+    pool: str,
+    pool_spec: ModelPoolSpec,
+    ready_replicas: Mapping[str, int],
+    quality: Mapping[str, float] | None = None,
+) -> RouterPlan:
+    """Everything a RoutingPolicy should own: ConfigMap, Deployment, Service, PDB (replicas > 1)."""
+    check_policy_names(owner.name)
+    config, budgets = router_config(
+        owner.name, spec, pool, owner.namespace, pool_spec, ready_replicas, quality
+    )
+    children = [
+        router_config_map(owner, pool, config),
+        router_deployment(owner, spec, pool, pool_spec, config),
+        router_service(owner, pool),
+    ]
+    pdb = router_pdb(owner, spec, pool)
+    if pdb is not None:
+        children.append(pdb)
+    return RouterPlan(config=config, budgets=budgets, children=children)

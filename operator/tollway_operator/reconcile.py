@@ -1,0 +1,246 @@
+"""One reconcile of a ModelPool or a RoutingPolicy: read it, compute the desired children with the
+pure functions in `desired/`, apply them, prune the rest, write `status`.
+
+Each reconcile runs under the object's lock, fetches the object fresh, retries on write conflicts
+and reports API failures in the object's status. A ModelPool change re-reconciles the policies that
+reference it, so a policy created before its pool recovers as soon as the pool appears.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from tollway_operator import desired as d
+from tollway_operator import kube as k
+from tollway_operator import metrics, status
+from tollway_operator.api import ModelPoolSpec, SpecError, parse_model_pool, parse_routing_policy
+from tollway_operator.children import (
+    apply_children,
+    list_children,
+    prune_children,
+    warn_on_change,
+    write_status,
+)
+from tollway_operator.state import POLICY_CHILD_KINDS, POOL_CHILD_KINDS, STATE, Outcome, kube_client
+
+try:  # owned by the autoscaling work; the operator runs without it
+    from tollway_operator.autoscaling import desired_scaled_objects
+except ImportError:  # pragma: no cover
+    desired_scaled_objects = None
+
+log = logging.getLogger("tollway.operator")
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_profile_quality() -> dict[str, float]:
+    """Mean quality per profile in the shipped routing history (for budget splits)."""
+    import numpy as np
+
+    from router_service.routing.history import load_builtin_history
+
+    history = load_builtin_history()
+    means = np.nanmean(history.scores, axis=0)
+    return {m: float(q) for m, q in zip(history.models, means, strict=True) if not math.isnan(q)}
+
+
+CONFLICT_ATTEMPTS = 3
+
+
+async def _run_reconcile(
+    kind: k.Kind, state_key: str, namespace: str, name: str, trigger: str, body_fn: Any
+) -> Outcome:
+    """Reconcile one custom resource under its lock: fetch it fresh, run `body_fn(body)`, retry on
+    write conflicts (someone changed a child meanwhile), and report API failures in its status."""
+    started = time.monotonic()
+    outcome = Outcome()
+    if STATE.stopping:
+        return outcome
+    async with STATE.lock((state_key, namespace, name)):
+        try:
+            for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+                if STATE.stopping:
+                    return outcome
+                body = await kube_client().get(kind, namespace, name)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    return outcome
+                STATE.last_reconciled[state_key, namespace, name] = time.monotonic()
+                try:
+                    outcome = await body_fn(body)
+                    break
+                except k.ApiError as e:
+                    if e.status == 409 and attempt < CONFLICT_ATTEMPTS:
+                        log.info(
+                            "%s %s/%s: conflict (%s); reconciling again",
+                            kind.kind,
+                            namespace,
+                            name,
+                            e.message,
+                        )
+                        continue
+                    outcome = Outcome("error", f"{e.reason}: {e.message}")
+                    previous = body.get("status") or {}
+                    generation = body["metadata"].get("generation")
+                    new = status.failed_status(
+                        previous, "ReconcileFailed", outcome.message, generation, status.now_rfc3339()
+                    )
+                    warn_on_change(body, previous, {}, "ReconcileFailed", outcome.message)
+                    with contextlib.suppress(k.ApiError):
+                        await write_status(kind, body, previous, new)
+        except k.ApiError as e:  # fetching the object itself failed
+            outcome = Outcome("error", f"{e.reason}: {e.message}")
+        finally:
+            metrics.DURATION.labels(kind.kind).observe(time.monotonic() - started)
+            metrics.RECONCILES.labels(kind.kind, trigger, outcome.state).inc()
+    if not outcome.ok:
+        metrics.ERRORS.labels(kind.kind, "InvalidSpec" if outcome.state == "invalid" else outcome.state).inc()
+    return outcome
+
+
+async def reconcile_pool(namespace: str, name: str, trigger: str, refresh: bool = True) -> Outcome:
+    outcome = await _run_reconcile(k.MODELPOOL, "pool", namespace, name, trigger, _reconcile_pool)
+    if refresh:
+        await refresh_policies(namespace, name)
+    return outcome
+
+
+async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
+    meta = body["metadata"]
+    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    previous = body.get("status") or {}
+    now = status.now_rfc3339()
+    try:
+        spec = parse_model_pool(body.get("spec") or {})
+        d.check_pool_names(name, spec)
+    except SpecError as e:
+        message = str(e)
+        new = status.invalid_status(previous, message, generation, now)
+        warn_on_change(body, previous, new, "InvalidSpec", message)
+        await write_status(k.MODELPOOL, body, previous, new)
+        return Outcome("invalid", message)
+    owner = d.Owner.from_body(body)
+    live = await list_children(body, POOL_CHILD_KINDS, d.pool_children_selector(name))
+    live_replicas = {
+        m.name: int(live["Deployment", d.model_child_name(name, m.name)].get("spec", {}).get("replicas", 1))
+        for m in d.deployed_models(spec)
+        if ("Deployment", d.model_child_name(name, m.name)) in live
+    }
+    scaled: list[dict[str, Any]] = []
+    if d.autoscaling_mode(spec) == "keda" and desired_scaled_objects is not None:
+        scaled = desired_scaled_objects(name, namespace, spec)
+    children = d.pool_children(owner, spec, live_replicas, scaled)
+    applied = await apply_children(body, children, live)
+    await prune_children(body, live, applied)
+    deployments = {n: obj for (kind, n), obj in applied.items() if kind == "Deployment"}
+    new = status.pool_status(
+        name, namespace, spec, deployments, previous.get("autoscaling"), previous, generation, now
+    )
+    await write_status(k.MODELPOOL, body, previous, new)
+    return Outcome()
+
+
+async def refresh_policies(namespace: str, pool: str) -> None:
+    """Re-reconcile the policies that reference a pool (after the pool changed)."""
+    if STATE.stopping:
+        return
+    index = STATE.policies_index
+    if index is not None:
+        names = sorted(set(index.get((namespace, pool), [])))
+    else:  # before any handler handed us the index: ask the API
+        names = sorted(
+            p["metadata"]["name"]
+            for p in await kube_client().list(k.ROUTINGPOLICY, namespace)
+            if (p.get("spec", {}).get("poolRef") or {}).get("name") == pool
+        )
+    for name in names:
+        await reconcile_policy(namespace, name, "pool")
+
+
+async def reconcile_policy(namespace: str, name: str, trigger: str) -> Outcome:
+    return await _run_reconcile(k.ROUTINGPOLICY, "policy", namespace, name, trigger, _reconcile_policy)
+
+
+async def _reconcile_policy(body: dict[str, Any]) -> Outcome:
+    meta = body["metadata"]
+    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    previous = body.get("status") or {}
+    now = status.now_rfc3339()
+
+    async def wait(reason: str, message: str) -> Outcome:
+        new = status.waiting_policy_status(previous, reason, message, generation, now)
+        warn_on_change(body, previous, new, reason, message)
+        await write_status(k.ROUTINGPOLICY, body, previous, new)
+        return Outcome("waiting", message)
+
+    async def invalid(message: str) -> Outcome:
+        new = status.invalid_status(previous, message, generation, now)
+        warn_on_change(body, previous, new, "InvalidSpec", message)
+        await write_status(k.ROUTINGPOLICY, body, previous, new)
+        return Outcome("invalid", message)
+
+    try:
+        spec = parse_routing_policy(body.get("spec") or {})
+        d.check_policy_names(name)
+    except SpecError as e:
+        return await invalid(str(e))
+    kube = kube_client()
+    pool_name = spec.pool_ref.name
+    pool = await kube.get(k.MODELPOOL, namespace, pool_name)
+    if pool is None:
+        return await wait(
+            "PoolNotFound",
+            f"ModelPool {pool_name!r} (spec.poolRef.name) does not exist in namespace {namespace!r}",
+        )
+    try:
+        pool_spec: ModelPoolSpec = parse_model_pool(pool.get("spec") or {})
+    except SpecError as e:
+        return await wait("PoolInvalid", f"ModelPool {pool_name!r} is invalid: {e}")
+    deployments = await kube.list(k.DEPLOYMENT, namespace, d.pool_children_selector(pool_name))
+    ready_by_name = {
+        o["metadata"]["name"]: int((o.get("status") or {}).get("readyReplicas", 0) or 0) for o in deployments
+    }
+    zero_by_name = {
+        o["metadata"]["name"] for o in deployments if int(o.get("spec", {}).get("replicas", 1)) == 0
+    }
+    ready = {
+        m.name: ready_by_name.get(d.model_child_name(pool_name, m.name), 0)
+        for m in d.deployed_models(pool_spec)
+    }
+    scaled_to_zero = {
+        m.name for m in d.deployed_models(pool_spec) if d.model_child_name(pool_name, m.name) in zero_by_name
+    }
+    quality = None
+    if spec.budgets is not None and spec.budgets.total_tokens is not None and spec.history.builtin:
+        quality = builtin_profile_quality()
+    owner = d.Owner.from_body(body)
+    try:
+        plan = d.policy_children(owner, spec, pool_name, pool_spec, ready, quality)
+    except d.PolicyReferenceError as e:
+        return await wait(e.reason, e.message)
+    except (ValidationError, ValueError) as e:
+        return await invalid(f"the router config built from this policy is invalid: {e}")
+    live = await list_children(body, POLICY_CHILD_KINDS, d.policy_children_selector(name))
+    applied = await apply_children(body, plan.children, live)
+    await prune_children(body, live, applied)
+    router = applied.get(("Deployment", d.router_child_name(name)))
+    backends_ready = {b.name: b.replicas for b in plan.config.backends}
+    new = status.policy_status(
+        name,
+        namespace,
+        router,
+        backends_ready,
+        plan.budgets.tokens,
+        previous,
+        generation,
+        now,
+        plan.budgets.notes,
+        scaled_to_zero,
+    )
+    await write_status(k.ROUTINGPOLICY, body, previous, new)
+    return Outcome()

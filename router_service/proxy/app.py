@@ -1,0 +1,197 @@
+"""The OpenAI-compatible HTTP surface of the router.
+
+`create_app(config)` builds a FastAPI app:
+
+- `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: `model: <servedModelName>`
+  is routed, a backend's name pins it, anything else is 404 (the steps are in `pipeline.py`).
+  Streams pass through chunk by chunk.
+- `GET /v1/models` (and `/v1/models/{id}`): the served name and every backend.
+- `POST /v1/feedback`: the observed quality of a served answer, for the routing history.
+- `GET /healthz` (alive), `/readyz` (serving; 503 while draining), `/metrics` (Prometheus),
+  `GET /v1/tollway/status` (budgets, load, dual prices as the router sees them).
+
+Handlers read the body as bytes and parse it once; no pydantic request models on the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.routing import Route
+
+from router_service.config import RouterConfig, load_router_config
+from router_service.proxy import openai_errors as errors
+from router_service.proxy.pipeline import Proxy
+from router_service.proxy.reload import ConfigWatcher
+from router_service.proxy.request import PATHS, parse_json_object, read_body
+from router_service.proxy.state import Engine, EngineFactory, Runtime, build_state, default_engine_factory
+from router_service.proxy.telemetry import configure_tracing, get_tracer
+from router_service.routing.ledger import BudgetLedger
+
+log = logging.getLogger("tollway.router")
+
+
+# --- the app --------------------------------------------------------------------------------------
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(errors.ApiError)
+    async def _api_error(_: Request, exc: errors.ApiError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return errors.not_found(request.url.path).response()
+        if exc.status_code == 405:
+            return errors.method_not_allowed(request.method, request.url.path).response()
+        return errors.ApiError(exc.status_code, str(exc.detail), "invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unexpected error")
+        return errors.ApiError(500, "Internal router error.", "server_error", "internal_error").response()
+
+
+def create_app(
+    config: RouterConfig | str | Path,
+    *,
+    engine: Engine | None = None,
+    engine_factory: EngineFactory | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+    watch: bool | None = None,
+    reload_interval_seconds: float = 1.0,
+    clock: Any = time.monotonic,
+) -> FastAPI:
+    """The router app for a config object or file.
+
+    With a file, the app watches it (and the tokens file) and reloads on change unless
+    `watch=False`. `engine` / `engine_factory` replace the routing engine (tests), `transport`
+    the network to the backends, `tracer_provider` the global OpenTelemetry provider.
+    """
+    path: Path | None = None
+    if isinstance(config, str | Path):
+        path = Path(config)
+        config = load_router_config(path)
+    factory = engine_factory or default_engine_factory
+    ledger = BudgetLedger(config.budgets, clock=clock)
+    if engine is not None and callable(getattr(engine, "attach_ledger", None)):
+        engine.attach_ledger(ledger)  # type: ignore[attr-defined]
+    runtime = Runtime(
+        build_state(config, factory, ledger, engine=engine), ledger, clock=clock, transport=transport
+    )
+    tracing = tracer_provider is not None or configure_tracing()
+    proxy = Proxy(runtime, get_tracer(tracer_provider), tracing)
+    watcher = (
+        ConfigWatcher(path, runtime, factory, reload_interval_seconds)
+        if path is not None and watch is not False
+        else None
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        if watcher is not None:
+            watcher.start()
+        try:
+            yield
+        finally:
+            runtime.draining = True
+            if watcher is not None:
+                await watcher.stop()
+            await runtime.stop()
+
+    app = FastAPI(title="tollway router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime = runtime
+    app.state.watcher = watcher
+    _error_handlers(app)
+
+    # The inference routes are plain Starlette routes: FastAPI's dependency resolution would
+    # add tens of microseconds per request and gives nothing to a handler that reads raw bytes.
+    for capability, route_path in PATHS.items():
+
+        async def endpoint(request: Request, capability: str = capability) -> Response:
+            return await proxy.handle(request, capability)
+
+        app.router.routes.append(Route(route_path, endpoint, methods=["POST"], name=capability))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        state = runtime.state
+        proxy.authorize(request, state)
+        return Response(state.models_body, media_type="application/json")
+
+    @app.get("/v1/models/{model_id}")
+    async def model(request: Request, model_id: str) -> Response:
+        state = runtime.state
+        proxy.authorize(request, state)
+        for entry in json.loads(state.models_body)["data"]:
+            if entry["id"] == model_id:
+                return Response(json.dumps(entry), media_type="application/json")
+        raise errors.model_not_found(model_id, [state.config.served_model_name, *state.backends])
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> Response:
+        """Observed quality of a served answer: {"prompt", "model", "score" in [0, 1], "tokens"?}."""
+        state = runtime.state
+        proxy.authorize(request, state)
+        body = await read_body(request, state.config.server.max_request_bytes)
+        data = parse_json_object(body)
+        prompt, model, score, tokens = (
+            data.get("prompt"),
+            data.get("model"),
+            data.get("score"),
+            data.get("tokens"),
+        )
+        if not isinstance(prompt, str) or not prompt:
+            raise errors.bad_request("`prompt` is required (the prompt that was served).", param="prompt")
+        if not isinstance(model, str) or model not in state.backends:
+            raise errors.model_not_found(str(model), list(state.backends))
+        if not isinstance(score, int | float) or isinstance(score, bool) or not 0 <= score <= 1:
+            raise errors.bad_request("`score` must be a number within [0, 1].", param="score")
+        if tokens is not None and (
+            not isinstance(tokens, int | float) or isinstance(tokens, bool) or tokens < 0
+        ):
+            raise errors.bad_request("`tokens` must be a non-negative number.", param="tokens")
+        record = getattr(state.engine, "record_feedback", None)
+        if record is None or not state.config.history.learn_from_traffic:
+            raise errors.bad_request(
+                "Feedback is not accepted: history.learnFromTraffic is off in the router config.",
+                code="feedback_disabled",
+            )
+        accepted = record(prompt, model, float(score), None if tokens is None else float(tokens))
+        return Response(json.dumps({"accepted": bool(accepted)}), media_type="application/json")
+
+    @app.get("/v1/tollway/status")
+    async def status(request: Request) -> Response:
+        proxy.authorize(request, runtime.state)
+        return Response(json.dumps(runtime.status()), media_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if runtime.ready and not runtime.draining:
+            return Response(b'{"status":"ready"}', media_type="application/json")
+        return errors.not_ready("draining" if runtime.draining else "starting").response()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
