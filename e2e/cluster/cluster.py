@@ -488,7 +488,7 @@ def resolve_bin_dir(build_first: bool) -> Path:
     if done.returncode != 0:
         raise Failure(
             "the control-plane binaries are not built: run e2e/cluster/build first "
-            "(20-40 min cold on 2 cores, cached afterwards), or pass --build"
+            "(7-14 min cold on 2 cores, cached afterwards), or pass --build"
         )
     return Path(done.stdout.strip().splitlines()[-1])
 
