@@ -27,6 +27,8 @@ from router_service.calibration.journal import AnswerRecord, Journal
 from router_service.calibration.runner import RunReport
 from router_service.routing.history import History, write_jsonl
 
+MAX_LISTED_FAILURES = 200
+
 
 @dataclass(frozen=True)
 class Price:
@@ -164,6 +166,10 @@ def summarise(
             "judge_tokens_spent": report.judge_prompt_tokens + report.judge_completion_tokens,
             "seconds": round(report.seconds, 3),
             "answers_per_second": round(report.answered / report.seconds, 2) if report.seconds > 0 else None,
+            "failure_list": [
+                {"model": f.model, "line": f.where, "message": f.message}
+                for f in report.failures[:MAX_LISTED_FAILURES]
+            ],
         },
     }
 

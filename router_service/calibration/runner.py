@@ -21,6 +21,9 @@ from router_service.calibration.dataset import CalibrationItem, Dataset
 from router_service.calibration.graders import GradingError, grade
 from router_service.calibration.journal import AnswerRecord, Journal
 
+MAX_SHOWN_ERRORS = 10
+"""Distinct error messages printed per model; the rest are only counted."""
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -117,15 +120,19 @@ async def run_calibration(
     started = time.perf_counter()
     judge_health = BackendHealth(settings.give_up_after)
     judge_slots = asyncio.Semaphore(settings.concurrency)
-    said: set[tuple[str, str]] = set()
+    said: dict[str, set[str]] = {}
 
     def fail(model: str, item: CalibrationItem, message: str) -> None:
-        report.failures.append(Failure(model, dataset.origins.get(item.key, item.task), message))
-        if (model, message) not in said:
-            said.add((model, message))
-            say(
-                f"{model}: {message} ({dataset.origins.get(item.key, item.task)}; further identical errors are counted, not shown)"
-            )
+        where = dataset.origins.get(item.key, item.task)
+        report.failures.append(Failure(model, where, message))
+        shown = said.setdefault(model, set())
+        if message in shown or len(shown) > MAX_SHOWN_ERRORS:
+            return
+        shown.add(message)
+        if len(shown) > MAX_SHOWN_ERRORS:
+            say(f"{model}: more distinct errors; they are counted in the summary (--json lists them)")
+        else:
+            say(f"{model}: {message} ({where}; the same error again is counted, not shown)")
 
     async def worker(backend: Backend, health: BackendHealth, lines: Iterator[CalibrationItem]) -> None:
         for item in lines:

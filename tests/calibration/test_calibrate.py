@@ -283,3 +283,41 @@ def test_the_tollway_command_dispatches_calibrate(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         tollway(["calibrate", "--help"])
     assert info.value.code == 0 and "--backend NAME=BASE_URL" in capsys.readouterr().out
+
+
+def test_calibration_through_a_router_pins_each_model(
+    start_simulator: Start, tmp_path: Path, subset: tuple[list[CalibrationItem], History]
+) -> None:
+    """Pointed at a tollway router, each backend name pins that model (sheddable priority)."""
+    import httpx
+
+    from router_service.config import RouterConfig
+    from router_service.proxy.server import BackgroundRouter
+
+    items, truth = subset
+    items, truth = items[:12], truth.select(range(12))
+    sims = start_pool(start_simulator, tmp_path, items, truth)
+    config = RouterConfig.model_validate(
+        {"backends": [{"name": n, "url": s.url, "profile": POOL[n]} for n, s in sims.items()]}
+    )
+    router = BackgroundRouter(config).start()
+    try:
+        argv = [
+            "--dataset",
+            str(write_set(items, tmp_path / "set.jsonl")),
+            "--out",
+            str(tmp_path / "h.jsonl"),
+        ]
+        argv += [arg for name in POOL for arg in ("--backend", f"{name}={router.url}")]
+        assert calibrate([*argv, "--no-progress"]) == 0
+        np.testing.assert_array_equal(load_history(tmp_path / "h.jsonl").scores, truth.scores)
+        metrics = httpx.get(f"{router.url}/metrics").text
+    finally:
+        router.stop(timeout=10)
+    pinned = {
+        s.labels["model"]: s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.name == "tollway_requests_total" and s.labels.get("route") == "pinned"
+    }
+    assert pinned == {name: 12.0 for name in POOL}
