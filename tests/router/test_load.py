@@ -153,7 +153,7 @@ def test_tracker_counts_reconfigures_and_keeps_counts() -> None:
         BackendConfig(name="b", url="http://b:1", profile="p"),
     ]
     t = LoadTracker(backends, settings(maxInFlightPerReplica=1), clock=lambda: now[0])
-    t.acquire("a")
+    t.acquire("a", "http://a:1")
     assert t.verdict("a").saturated and not t.verdict("b").saturated
     t.record_scrape("b", "vllm:num_requests_waiting 9\n")
     assert t.verdict("b").reason == "waiting"
@@ -164,8 +164,8 @@ def test_tracker_counts_reconfigures_and_keeps_counts() -> None:
     )
     assert t.in_flight("a") == 1 and not t.verdict("a").saturated
     assert t.verdict("b").reason == "unavailable"
-    t.release("a")
-    t.release("a")
+    t.release("a", "http://a:1")
+    t.release("a", "http://a:1")
     assert t.in_flight("a") == 0
     t.record_demand("a")
     assert t.pending_demand("a") == 1
