@@ -48,6 +48,7 @@ from tollway_operator.desired.policy import (
     router_deployment,
     router_pdb,
     router_service,
+    vllm_flag,
 )
 from tollway_operator.desired.pool import (
     autoscaling_mode,
@@ -98,6 +99,7 @@ __all__ = [
     "pool_children",
     "pool_children_selector",
     "replica_floor",
+    "vllm_flag",
     "replica_share",
     "resolve_budgets",
     "router_child_name",
