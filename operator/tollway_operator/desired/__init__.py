@@ -99,7 +99,6 @@ __all__ = [
     "pool_children",
     "pool_children_selector",
     "replica_floor",
-    "vllm_flag",
     "replica_share",
     "resolve_budgets",
     "router_child_name",
@@ -111,4 +110,5 @@ __all__ = [
     "router_pdb",
     "router_selector",
     "router_service",
+    "vllm_flag",
 ]
