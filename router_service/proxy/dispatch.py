@@ -76,25 +76,32 @@ def token_need(
     repaid, see `routing/ledger.py`).
 
     Without `max_tokens` the worst case is the context window, often more than a small budget: on a
-    model with a budget the router then sets a ceiling itself, at most `max_request_fraction` of the
-    budget (and what the window leaves after the prompt). When the budget left cannot pay that, the
-    ceiling shrinks to what it can pay, down to `min_completion_tokens`, so the last of a window's
-    budget is spent rather than refused. A model without a budget gets no ceiling.
+    model with a budget the router sets a ceiling itself, at most `max_request_fraction` of the
+    budget (and what the window leaves after the prompt). When the budget left cannot pay the
+    ceiling (or the client's own max_tokens), the ceiling shrinks to what it can pay, down to
+    `min_completion_tokens` per sequence, so the end of a window's budget is spent on shorter
+    answers rather than refused. A model without a budget gets no ceiling.
     """
     sequences = max(1, sequences)
     window_cap = sequences * max_model_len if max_model_len is not None else math.inf
-    if max_tokens is not None:
-        return Need(max(1, int(min(prompt_bound + sequences * max_tokens, window_cap))))
     if not math.isfinite(budget):
-        return Need(max(1, int(min(prompt_bound + sequences * (max_model_len or 0), window_cap))))
+        completion = max_tokens if max_tokens is not None else (max_model_len or 0)
+        return Need(max(1, int(min(prompt_bound + sequences * completion, window_cap))))
     room = (max_model_len - prompt_bound) if max_model_len is not None else math.inf
-    if room < 1:  # the prompt bound leaves no room in the window: only the window itself bounds it
+    if max_tokens is not None:
+        wanted = max_tokens
+    elif room < 1:  # the prompt bound fills the window: only the window bounds the request
         return Need(max(1, int(window_cap)))
-    ceiling = int(min(max(1.0, max_request_fraction * budget), room))
+    else:
+        wanted = int(min(max(1.0, max_request_fraction * budget), room))
     affordable = math.floor((remaining - prompt_bound) / sequences)
-    if affordable < ceiling:
-        ceiling = max(min(ceiling, min_completion_tokens), affordable)
-    return Need(prompt_bound + sequences * ceiling, ceiling)
+    ceiling = wanted
+    if affordable < wanted:
+        ceiling = max(min(wanted, min_completion_tokens), affordable)
+    tokens = max(1, int(min(prompt_bound + sequences * ceiling, window_cap)))
+    if max_tokens is not None and ceiling >= max_tokens:
+        return Need(tokens)  # the client's own limit stands
+    return Need(tokens, ceiling)
 
 
 def _refusal(skipped: Sequence[tuple[str, SkipReason]], what: str) -> Refusal:

@@ -57,7 +57,8 @@ class Timeouts:
 def upstream_body(parsed: ParsedRequest, backend: Backend, ceiling: int | None = None) -> bytes:
     """The body the backend gets: the client's bytes untouched when nothing needs changing, else the
     payload with `model` rewritten, `stream_options.include_usage` asked for a stream (the router
-    charges true usage), and the router's max_tokens ceiling set when the client gave none."""
+    charges true usage), and the router's max_tokens `ceiling` set (in every limit field the client
+    used, else the API's own)."""
     payload = parsed.payload
     changes: dict[str, Any] = {}
     if parsed.model != backend.upstream_model:
@@ -65,8 +66,10 @@ def upstream_body(parsed: ParsedRequest, backend: Backend, ceiling: int | None =
     if parsed.stream and not parsed.usage_requested:
         options = payload.get("stream_options")
         changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    if ceiling is not None and parsed.max_tokens is None:
-        changes["max_completion_tokens" if "messages" in payload else "max_tokens"] = ceiling
+    if ceiling is not None:
+        fields = [f for f in ("max_completion_tokens", "max_tokens") if payload.get(f) is not None]
+        for name in fields or ["max_completion_tokens" if "messages" in payload else "max_tokens"]:
+            changes[name] = ceiling
     if not changes:
         return parsed.raw
     return json.dumps({**payload, **changes}, separators=(",", ":"), ensure_ascii=False).encode()

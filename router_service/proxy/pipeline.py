@@ -57,7 +57,7 @@ log = logging.getLogger("tollway.router")
 
 MODEL_HEADER = "x-tollway-model"
 ROUTE_HEADER = "x-tollway-route"
-MAX_TOKENS_HEADER = "x-tollway-max-tokens"  # the ceiling the router set when the request had none
+MAX_TOKENS_HEADER = "x-tollway-max-tokens"  # the max_tokens the router set (none given, or budget short)
 MAX_ATTEMPTS = 2  # the first choice plus one retry on the next-best model
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left first" (nobody reads it)
 BUDGET_POLL_SECONDS = 0.25  # a waiting request re-checks at least this often (other replicas settle too)
@@ -136,8 +136,9 @@ class Admitted:
         """The prompt's tokens are at most this (see tokens.py)."""
         return self.parsed.prompt_bound
 
-    def need(self, model: str) -> Need:
-        """What admission holds for this request on `model` (its worst case, `dispatch.token_need`)."""
+    def need(self, model: str, remaining: float | None = None) -> Need:
+        """What admission holds for this request on `model` (its worst case, `dispatch.token_need`),
+        with the model's budget left as the ledger says (or as `remaining` supposes)."""
         ledger, budgets = self.runtime.ledger, self.state.config.budgets
         backend = self.state.backends[model]
         return token_need(
@@ -145,7 +146,7 @@ class Admitted:
             sequences=self.parsed.sequences,
             max_tokens=self.parsed.max_tokens,
             budget=ledger.budget(model),
-            remaining=ledger.remaining(model),
+            remaining=ledger.remaining(model) if remaining is None else remaining,
             max_model_len=backend.config.max_model_len,
             max_request_fraction=budgets.max_request_fraction,
             min_completion_tokens=budgets.min_completion_tokens,
@@ -265,7 +266,8 @@ class Proxy:
             if why != "budget":
                 continue
             held = snapshot["models"].get(model, {}).get("in_flight", 0.0)
-            if held > 0 and ledger.remaining(model) + held >= req.need(model).tokens:
+            could_have = ledger.remaining(model) + held
+            if held > 0 and could_have >= req.need(model, remaining=could_have).tokens:
                 return True
         return False
 
@@ -389,7 +391,7 @@ class Proxy:
             propagate.inject(extra, context=trace.set_span_in_context(attempt.span))
         server = req.state.config.server
         out_headers = route_headers(decision, req.request_id)
-        if need.ceiling is not None and req.parsed.max_tokens is None:
+        if need.ceiling is not None:
             out_headers[MAX_TOKENS_HEADER] = str(need.ceiling)
         return forward(
             self.rt.http(),

@@ -107,10 +107,16 @@ def need(**kw: object) -> Need:
 def test_token_need_reserves_the_worst_case_of_every_sequence() -> None:
     assert need(max_tokens=50) == Need(70)  # the prompt once, the client's max_tokens per sequence
     assert need(max_tokens=50, sequences=8) == Need(20 + 8 * 50)
-    assert need(max_tokens=50, sequences=128) == Need(20 + 128 * 50)  # n: 128 is not one answer
+    # n: 128 is not one answer: 6,420 tokens at worst, more than the 5,000 budget: lowered to fit.
+    assert need(max_tokens=50, sequences=128) == Need(20 + 128 * 38, ceiling=38)
     # No sequence outgrows the context window: never more than sequences x maxModelLen.
-    assert need(max_tokens=10_000, sequences=2, max_model_len=4096) == Need(2 * 4096)
+    big = {"budget": 10**6, "remaining": 10**6}
+    assert need(max_tokens=10_000, sequences=2, max_model_len=4096, **big) == Need(2 * 4096)
     assert need(max_tokens=0, prompt_bound=0) == Need(1)
+    # The budget left cannot pay max_tokens: the router lowers it to what it can pay, down to
+    # minCompletionTokens per sequence (a shorter answer instead of a refusal at a window's end).
+    assert need(max_tokens=50, sequences=8, remaining=300) == Need(20 + 8 * 35, ceiling=35)
+    assert need(max_tokens=50, sequences=8, remaining=100) == Need(20 + 8 * 16, ceiling=16)  # > 100
 
 
 def test_token_need_sets_a_ceiling_without_max_tokens_and_fits_it_to_the_budget_left() -> None:
