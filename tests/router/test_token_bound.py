@@ -49,7 +49,7 @@ def test_chat_bound_holds_for_real_vocabularies(name: str) -> None:
         assert text_bound(text) >= len(encoding.encode(text, disallowed_special=()))
         assert completion_prompts_bound(text)[0] >= len(encoding.encode(text, disallowed_special=())) + 1
     # What the bound costs on real prompts: about 4 bytes a token, plus the template allowance.
-    assert 1.0 <= min(ratios) and sorted(ratios)[len(ratios) // 2] < 6
+    assert min(ratios) >= 1.0 and sorted(ratios)[len(ratios) // 2] < 6
 
 
 def test_chat_bound_holds_for_the_simulators_tokenizer() -> None:
