@@ -76,7 +76,10 @@ class Stack:
     """Three simulators and a router, each a subprocess on a fixed 127.0.0.1 port."""
 
     log_dir: Path
-    upstream_timeout: float = 2.0
+    upstream_timeout: float = 30.0
+    first_byte_timeout: float = 2.0
+    breaker_open_seconds: float = 1.0
+    breaker_max_open_seconds: float = 4.0
     drain_seconds: float = 3.0
     max_request_bytes: int = 64 * 1024
     sims: dict[str, ManagedProcess] = field(default_factory=dict)
@@ -86,6 +89,7 @@ class Stack:
     router_url: str = ""
     router_port: int = 0
     events: list[tuple[float, str]] = field(default_factory=list)
+    blackholes: dict[str, socket.socket] = field(default_factory=dict)
 
     def start(self) -> Stack:
         for name in MODELS:
@@ -102,9 +106,15 @@ class Stack:
                 "scrapeIntervalSeconds": 0.5,
                 "staleAfterSeconds": 2,
                 "retryAfterSeconds": 1,
+                "circuitBreaker": {
+                    "failureThreshold": 3,
+                    "openSeconds": self.breaker_open_seconds,
+                    "maxOpenSeconds": self.breaker_max_open_seconds,
+                },
             },
             "server": {
                 "upstreamTimeoutSeconds": self.upstream_timeout,
+                "firstByteTimeoutSeconds": self.first_byte_timeout,
                 "connectTimeoutSeconds": 1,
                 "drainSeconds": self.drain_seconds,
                 "maxRequestBytes": self.max_request_bytes,
@@ -132,6 +142,22 @@ class Stack:
         self.note(f"restart {name}")
         self.start_sim(name)
 
+    def blackhole_sim(self, name: str) -> None:
+        """Replace a simulator by a socket that never accepts: once its one-slot accept queue is
+        full the kernel drops every SYN, as for a host that vanished (connects time out)."""
+        self.note(f"blackhole {name}")
+        self.sims[name].kill()
+        hole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hole.bind(("127.0.0.1", self.sim_ports[name]))
+        hole.listen(0)
+        self.blackholes[name] = hole
+
+    def restore_sim(self, name: str) -> None:
+        self.note(f"restore {name}")
+        self.blackholes.pop(name).close()
+        self.start_sim(name)
+
     def set_faults(self, name: str, **faults: Any) -> None:
         self.note(f"faults {name} {faults}")
         httpx.post(f"{self.sim_urls[name]}/admin/faults", json=faults, timeout=5).raise_for_status()
@@ -153,6 +179,8 @@ class Stack:
         for proc in procs:
             if proc is not None:
                 proc.stop()
+        for hole in self.blackholes.values():
+            hole.close()
 
 
 @dataclass(frozen=True)
@@ -174,6 +202,8 @@ def standard_phases(seconds: float) -> list[Phase]:
         Phase("500s cleared", s, lambda st: st.clear_faults("strong")),
         Phase("strong hangs", s, lambda st: st.set_faults("strong", hang=True), failing="strong"),
         Phase("hang cleared", s, lambda st: st.clear_faults("strong")),
+        Phase("strong blackholed", s, lambda st: st.blackhole_sim("strong"), failing="strong"),
+        Phase("blackhole cleared", s, lambda st: st.restore_sim("strong")),
         Phase(
             "strong cuts streams", s, lambda st: st.set_faults("strong", die_after_tokens=3), failing="strong"
         ),
