@@ -11,11 +11,13 @@ A state machine, pure apart from the injected clock:
 A failure is what makes an attempt worthless before the client saw anything: no connection, no
 first byte in time, a 5xx, a broken response. A 4xx (the client's fault) or a 429 (overloaded:
 load shedding's business) is neither a failure nor a success. `Breakers` holds one per endpoint
-and is what the request path asks (`allows`) and tells (`record`).
+and is what the request path asks (`allows`) and tells (`record`); `opened(endpoint)` is an event
+set when that endpoint's circuit opens, so requests still waiting on it can go elsewhere.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -84,6 +86,11 @@ class Breaker:
         if self.state == "half_open" and self.probes > 0:
             self.probes -= 1
 
+    def trip(self) -> None:
+        """Open now, whatever the count (the endpoint was seen hung by other means)."""
+        if self.current() != "open":
+            self._open(self.settings.open_seconds)
+
     def retry_in(self) -> float:
         """Seconds until an open circuit lets a probe through (0 when not open)."""
         self._refresh()
@@ -107,6 +114,7 @@ class Breakers:
         self.settings = settings
         self._clock = clock
         self._by_endpoint: dict[str, Breaker] = {}
+        self._opened: dict[str, asyncio.Event] = {}
 
     def configure(self, settings: CircuitBreakerSettings, endpoints: Iterable[str]) -> None:
         """A (re)loaded config: new settings for every breaker, state kept for endpoints that stay."""
@@ -128,12 +136,29 @@ class Breakers:
 
     def record(self, endpoint: str, outcome: Outcome) -> None:
         breaker = self.get(endpoint)
+        trips = breaker.trips
         if outcome == "success":
             breaker.success()
         elif outcome == "failure":
             breaker.failure()
         else:
             breaker.neutral()
+        if breaker.trips != trips and endpoint in self._opened:
+            self._opened.pop(endpoint).set()
+
+    def trip(self, endpoint: str) -> None:
+        breaker = self.get(endpoint)
+        trips = breaker.trips
+        breaker.trip()
+        if breaker.trips != trips and endpoint in self._opened:
+            self._opened.pop(endpoint).set()
+
+    def opened(self, endpoint: str) -> asyncio.Event:
+        """Set the next time `endpoint`'s circuit opens."""
+        event = self._opened.get(endpoint)
+        if event is None:
+            event = self._opened[endpoint] = asyncio.Event()
+        return event
 
     def snapshot(self) -> dict[str, dict[str, object]]:
         return {

@@ -1,10 +1,11 @@
 """Step 6 of the request path, forward: send the request to the chosen backend and relay its answer.
 
-`forward` returns once the backend has shown it is answering: its response headers, and for a
-stream its first whole event, within `first_byte` seconds. Anything that goes wrong before that
-(connect error, no first byte in time, 5xx, 429, a broken body) raises `UpstreamFailure` with the
-attempt abandoned, so the caller may retry on another model. A non-streamed answer is read whole
-(within the attempt's total time) and settled.
+`forward` returns once the backend has shown it is answering: for a stream, its response headers
+and first whole event within `first_byte` seconds; for a plain answer, the whole of it within the
+attempt's total time (servers send its headers only when it is complete; a hung endpoint is left
+when its circuit breaker opens, see pipeline.py). Anything that goes wrong before that (connect
+error, no first byte in time, 5xx, 429, a broken body) raises `UpstreamFailure` with the attempt
+abandoned, so the caller may retry on another model.
 
 A stream is relayed by `Relay` whole event by whole event, so whatever ends it, the client's SSE
 parser is never left inside a half-sent event and any error event the router adds is read as one:
@@ -94,14 +95,15 @@ async def forward(
     model = backend.name
     deadline = time.monotonic() + timeouts.total
     body = upstream_body(parsed, backend, ceiling)
+    # A stream's headers and first event come at once; a non-streamed answer's headers only when it
+    # is complete (vLLM), so it gets the total time (a hung endpoint is caught by its breaker).
+    header_limit = min(timeouts.first_byte, timeouts.total) if parsed.stream else timeouts.total
     try:
-        async with asyncio.timeout(min(timeouts.first_byte, timeouts.total)):
+        async with asyncio.timeout(header_limit):
             response = await open_upstream(client, backend, path, body, extra_headers)
     except TimeoutError:
         attempt.abandon("timeout")
-        raise UpstreamFailure(
-            "timeout", f"{model}: no response within the {timeouts.first_byte:g} s first-byte limit"
-        ) from None
+        raise UpstreamFailure("timeout", f"{model}: no response within {header_limit:g} s") from None
     except UpstreamFailure as exc:
         attempt.abandon(exc.kind, "neutral" if exc.status == 429 else "failure")
         raise

@@ -37,7 +37,8 @@ _WAITING = "num_requests_waiting"
 _RUNNING = "num_requests_running"
 _KV = "kv_cache_usage_perc"
 _KV_LEGACY = "gpu_cache_usage_perc"  # vLLM < 0.10
-_WANTED = (_WAITING, _RUNNING, _KV, _KV_LEGACY)
+_GENERATED = "generation_tokens_total"  # a counter: whether the engine makes progress at all
+_WANTED = (_WAITING, _RUNNING, _KV, _KV_LEGACY, _GENERATED, "generation_tokens")
 
 CIRCUIT_OPEN = "circuit_open"
 """The verdict reason for an endpoint whose circuit breaker keeps work away (see breaker.py)."""
@@ -51,16 +52,17 @@ class ScrapedLoad:
     running: float
     kv_usage: float | None
     at: float  # clock() when read
+    generated: float | None = None  # vllm:generation_tokens_total, when exported
 
 
 @dataclass(frozen=True)
 class LoadVerdict:
     available: bool
     saturated: bool
-    reason: (
-        str | None
-    )  # "unavailable", "circuit_open", "in_flight", "waiting", "kv_cache" (first limit crossed)
+    reason: str | None
+    """"unavailable", "circuit_open", "in_flight", "waiting", "kv_cache" (the first limit crossed)"""
     pressure: float  # the largest signal/threshold ratio; >= 1 means at or over a limit
+    queues: bool = False  # one more request would wait for a free sequence slot (maxNumSeqs known)
 
     @property
     def can_serve(self) -> bool:
@@ -103,7 +105,13 @@ def parse_vllm_metrics(text: str, at: float) -> ScrapedLoad:
             counts[base] = counts.get(base, 0) + 1
     kv_key = _KV if _KV in sums else (_KV_LEGACY if _KV_LEGACY in sums else None)
     kv = sums[kv_key] / counts[kv_key] if kv_key else None
-    return ScrapedLoad(waiting=sums.get(_WAITING, 0.0), running=sums.get(_RUNNING, 0.0), kv_usage=kv, at=at)
+    return ScrapedLoad(
+        waiting=sums.get(_WAITING, 0.0),
+        running=sums.get(_RUNNING, 0.0),
+        kv_usage=kv,
+        at=at,
+        generated=sums.get(_GENERATED),
+    )
 
 
 def assess(
@@ -133,6 +141,7 @@ def assess(
     in_flight_limit = settings.max_in_flight_per_replica * replicas * headroom
     ratios.append(("in_flight", in_flight / in_flight_limit, in_flight >= in_flight_limit))
     waiting_limit = settings.max_waiting_per_replica * replicas * headroom
+    queued = 0
     if max_num_seqs is not None:
         queued = max(0, in_flight + 1 - max_num_seqs * replicas)  # were one more admitted
         over = queued > waiting_limit
@@ -151,6 +160,7 @@ def assess(
         saturated=crossed is not None,
         reason=crossed,
         pressure=max(r for _, r, _ in ratios),
+        queues=queued > 0,
     )
 
 
@@ -163,6 +173,7 @@ class _BackendLoad:
     scraped: ScrapedLoad | None = None
     scrape_errors: int = 0
     last_error: str | None = None
+    progress_at: float = 0.0  # when it was last seen generating, or idle
 
     @property
     def in_flight(self) -> int:
@@ -204,6 +215,8 @@ class LoadTracker:
         settings: DegradationSettings,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.on_stall: Callable[[str], None] | None = None  # told of each model `stalled` finds
+        self.stall_after = math.inf  # seconds without progress that count as a stall
         self._clock = clock
         self._loads: dict[str, _BackendLoad] = {}
         self._demand: dict[str, DemandWindow] = {}
@@ -304,8 +317,25 @@ class LoadTracker:
 
     def record_scrape(self, model: str, text: str) -> None:
         load = self._loads.get(model)
-        if load is not None:
-            load.scraped = parse_vllm_metrics(text, self._clock())
+        if load is None:
+            return
+        before, now = load.scraped, self._clock()
+        load.scraped = parse_vllm_metrics(text, now)
+        generated = load.scraped.generated
+        progressed = generated is not None and (before is None or before.generated != generated)
+        if progressed or load.in_flight == 0 or generated is None:
+            load.progress_at = now
+
+    def stalled(self, limit: float) -> list[str]:
+        """Models that generated nothing for `limit` seconds while this router had requests in
+        flight to them (a hung engine: no token, no error); each is reported once per stall."""
+        now = self._clock()
+        out = []
+        for name, load in self._loads.items():
+            if load.in_flight and load.scraped is not None and now - load.progress_at > limit:
+                out.append(name)
+                load.progress_at = now
+        return out
 
     async def scrape_once(self, client: httpx.AsyncClient) -> None:
         timeout = max(0.25, min(self.settings.scrape_interval_seconds, 2.0))
@@ -323,6 +353,9 @@ class LoadTracker:
             except ValueError as exc:  # malformed exposition: keep the previous value until it goes stale
                 load.scrape_errors += 1
                 load.last_error = f"parse: {exc}"
+        if self.on_stall is not None:
+            for name in self.stalled(self.stall_after):
+                self.on_stall(name)
 
     @staticmethod
     async def _fetch(client: httpx.AsyncClient, url: str, timeout: float) -> str:

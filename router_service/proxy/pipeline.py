@@ -26,7 +26,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from opentelemetry import propagate, trace
@@ -73,19 +73,25 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """`work`'s result, or ClientGone (with `work` cancelled) when the client leaves first."""
+async def unless_disconnected(request: Request, work: Awaitable[T], abort: asyncio.Event | None = None) -> T:
+    """`work`'s result; or, with `work` cancelled, ClientGone when the client leaves first and
+    UpstreamFailure when `abort` is set first (the endpoint's circuit opened while it waited)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(until_disconnected(request))
+    aborted = asyncio.ensure_future(abort.wait()) if abort is not None else None
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({t for t in (task, watcher, aborted) if t}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        if aborted is not None:
+            aborted.cancel()
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, UpstreamFailure, errors.ApiError):
                 await task
-            raise ClientGone
+            if watcher.done() and not watcher.cancelled():
+                raise ClientGone
+            raise UpstreamFailure("timeout", "circuit opened while the request waited for its answer")
     return task.result()
 
 
@@ -224,15 +230,28 @@ class Proxy:
         return self.rt.load.verdict(model, req.priority)
 
     def pick(self, req: Admitted, candidates: list[Candidate], **options: object) -> Decision:
-        """Steps 3-4: filter by budget and load, pick the best left."""
-        return choose(
-            candidates,
-            verdict=functools.partial(self.verdict, req),
-            can_afford=self.rt.ledger.can_afford,
-            tokens=req.tokens_for,
-            what=f"{req.capability} requests",
-            **options,  # type: ignore[arg-type]
-        )
+        """Steps 3-4: filter by budget and load, pick the best left. First among the models with a
+        free sequence slot (where maxNumSeqs is known: a burst spills over to models with room
+        instead of queueing on the best one); when none has one, queueing within the limits."""
+
+        def with_free_slot(model: str) -> LoadVerdict:
+            v = self.verdict(req, model)
+            return replace(v, saturated=True, reason=v.reason or "waiting") if v.queues else v
+
+        decision: Decision | None = None
+        for verdict in (with_free_slot, functools.partial(self.verdict, req)):
+            decision = choose(
+                candidates,
+                verdict=verdict,
+                can_afford=self.rt.ledger.can_afford,
+                tokens=req.tokens_for,
+                what=f"{req.capability} requests",
+                **options,  # type: ignore[arg-type]
+            )
+            if decision.model is not None:
+                return decision
+        assert decision is not None
+        return decision
 
     async def plan(self, req: Admitted, request: Request) -> Plan:
         """Steps 2-4; a refusal for budget waits (bounded) for budget held in flight to come back."""
@@ -352,7 +371,12 @@ class Proxy:
         failure: UpstreamFailure | None = None
         for attempt in range(MAX_ATTEMPTS):
             try:
-                return await unless_disconnected(request, self.attempt(req, decision, retry_after))
+                # A non-streamed answer has no first byte before it is complete (vLLM sends headers
+                # then): if the endpoint's circuit opens meanwhile, the request goes elsewhere.
+                endpoint = req.state.backends[str(decision.model)].endpoint
+                abort = None if req.parsed.stream else self.rt.breakers.opened(endpoint)
+                work = self.attempt(req, decision, retry_after)
+                return await unless_disconnected(request, work, abort)
             except UpstreamFailure as exc:
                 failure = exc
                 tried.append(str(decision.model))

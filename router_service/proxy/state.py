@@ -180,6 +180,8 @@ class Runtime:
         self.ledger = ledger
         self.load = LoadTracker(config.backends, config.degradation, clock=clock)
         self.breakers = Breakers(config.degradation.circuit_breaker, clock=clock)
+        self.load.on_stall = self.endpoint_stalled
+        self.load.stall_after = config.server.first_byte_timeout_seconds
         self.metrics = RouterMetrics(self.live_state)
         self._transport = transport
         self.client: httpx.AsyncClient | None = None
@@ -208,6 +210,19 @@ class Runtime:
         if callable(close):
             await asyncio.to_thread(close)  # let a running dual-price fit finish
         self.ledger.save()
+
+    def endpoint_stalled(self, model: str) -> None:
+        """A model generated nothing for a first-byte limit with requests in flight: open the
+        circuit of each of its endpoints that has some (those requests go elsewhere)."""
+        backend = self.state.backends.get(model)
+        if backend is None:
+            return
+        log.warning(
+            "%s generated nothing for %.1f s with requests in flight: circuit opened",
+            model,
+            self.load.stall_after,
+        )
+        self.breakers.trip(backend.endpoint)
 
     async def drain(self, seconds: float) -> None:
         """The graceful part of a shutdown: /readyz answers 503 from now on while requests in flight
@@ -254,6 +269,7 @@ class Runtime:
         """Swap to a new generation; budgets carry over, load counts of kept backends too."""
         self.ledger.resize(state.config.budgets)
         self.load.configure(state.config.backends, state.config.degradation)
+        self.load.stall_after = state.config.server.first_byte_timeout_seconds
         self.breakers.configure(
             state.config.degradation.circuit_breaker, (b.endpoint for b in state.backends.values())
         )

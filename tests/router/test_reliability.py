@@ -117,20 +117,31 @@ def test_hung_top_model_trips_its_breaker_and_requests_go_elsewhere_fast(
     router = start_router(cfg, engine=FixedEngine(["large", "medium", "small"]))
     clean_sims["large"].set_faults(hang=True)
     c = client(router)
+    # Streams miss their first byte (0.5 s) and fall back; two such failures (or the scrapes showing
+    # large generating nothing with requests in flight) open the circuit.
+    for _ in range(2):
+        raw = c.chat.completions.with_raw_response.create(
+            model="auto", messages=MSG, max_tokens=5, stream=True
+        )
+        assert raw.headers["x-tollway-model"] == "medium"
+        list(raw.parse())
+    status = httpx.get(router.url + "/v1/tollway/status").json()
+    assert next(v for v in status["circuits"].values() if v["model"] == "large")["state"] == "open"
+    time.sleep(1.1)  # half-open: the next request is a probe, and plain requests are next
     timings = []
     for _ in range(6):
         t = time.monotonic()
         raw = c.chat.completions.with_raw_response.create(model="auto", messages=MSG, max_tokens=5)
         timings.append((time.monotonic() - t, raw.headers["x-tollway-model"], raw.headers["x-tollway-route"]))
-    # The first two wait out the first-byte limit (not the 120 s total) and fall back; then the
-    # breaker is open and large is skipped without a try.
+    # A plain answer has no first byte before it is whole, so the first request waits on large
+    # until the scrapes show large generating nothing with it in flight for the first-byte limit
+    # (0.5 s): its circuit opens, the waiting request goes to medium; the rest skip large at once.
     assert all(model == "medium" for _, model, _ in timings)
-    assert [route for _, _, route in timings[:2]] == ["fallback", "fallback"]
-    assert all(0.4 < s < 3 for s, _, _ in timings[:2])
-    assert all(s < 0.4 and route == "degraded" for s, _, route in timings[2:])
+    assert timings[0][2] == "fallback" and 0.4 < timings[0][0] < 3
+    assert all(s < 0.4 and route == "degraded" for s, _, route in timings[1:])
     status = httpx.get(router.url + "/v1/tollway/status").json()
     large = next(v for v in status["circuits"].values() if v["model"] == "large")
-    assert large["state"] == "open" and large["trips"] == 1
+    assert large["state"] == "open" and large["trips"] == 2  # opened again after the failed probe
     metrics = httpx.get(router.url + "/metrics").text
     assert f'tollway_circuit_state{{endpoint="{urls["large"]}",model="large"}} 2.0' in metrics
     # Pinned to the broken model: 503 at once, not a 120 s wait.
@@ -144,6 +155,34 @@ def test_hung_top_model_trips_its_breaker_and_requests_go_elsewhere_fast(
     raw = c.chat.completions.with_raw_response.create(model="auto", messages=MSG, max_tokens=5)
     assert raw.headers["x-tollway-model"] == "large"
     wait_until(lambda: router.runtime.breakers.get(urls["large"]).current() == "closed")
+
+
+def test_a_plain_request_waiting_on_an_endpoint_whose_circuit_opens_goes_elsewhere(
+    urls, start_router, clean_sims
+) -> None:
+    cfg = router_config(
+        urls,
+        server={"firstByteTimeoutSeconds": 0.5, "upstreamTimeoutSeconds": 60},
+        degradation={"circuitBreaker": {"failureThreshold": 2, "openSeconds": 30}},
+    )
+    router = start_router(cfg, engine=FixedEngine(["large", "medium", "small"]))
+    clean_sims["large"].set_faults(hang=True)
+    answers: list[tuple[float, str]] = []
+
+    def plain() -> None:  # a plain answer has no first byte before it is whole: no 0.5 s limit
+        t = time.monotonic()
+        raw = client(router).chat.completions.with_raw_response.create(
+            model="auto", messages=MSG, max_tokens=5
+        )
+        answers.append((time.monotonic() - t, raw.headers["x-tollway-model"]))
+
+    waiting = threading.Thread(target=plain)
+    waiting.start()
+    wait_until(lambda: router.runtime.load.in_flight("large") == 1)
+    for _ in range(2):  # two streams miss their first byte: the circuit opens
+        list(client(router).chat.completions.create(model="auto", messages=MSG, max_tokens=5, stream=True))
+    waiting.join(timeout=10)
+    assert answers and answers[0][1] == "medium" and answers[0][0] < 5  # not the 60 s total
 
 
 def test_a_client_that_gave_up_is_not_retried_elsewhere(urls, start_router, clean_sims) -> None:
@@ -219,7 +258,9 @@ def test_a_request_body_that_never_finishes_gets_408(urls, start_router) -> None
             b"content-length: 100\r\n\r\n{}"
         )
         t = time.monotonic()
-        answer = s.recv(65536)
+        answer = b""
+        while chunk := s.recv(65536):  # the router closes the connection after its answer
+            answer += chunk
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
     assert time.monotonic() - t < 2
 
