@@ -8,7 +8,7 @@
 - `GET /v1/models` (and `/v1/models/{id}`): the served name and every backend.
 - `POST /v1/feedback`: the observed quality of a served answer, for the routing history.
 - `GET /healthz` (alive), `/readyz` (serving; 503 while draining), `/metrics` (Prometheus),
-  `GET /v1/tollway/status` (budgets, load, dual prices as the router sees them).
+  `GET /v1/tollway/status` (budgets, load, circuit breakers, dual prices as the router sees them).
 
 Handlers read the body as bytes and parse it once; no pydantic request models on the hot path.
 """
@@ -148,7 +148,8 @@ def create_app(
         """Observed quality of a served answer: {"prompt", "model", "score" in [0, 1], "tokens"?}."""
         state = runtime.state
         proxy.authorize(request, state)
-        body = await read_body(request, state.config.server.max_request_bytes)
+        server = state.config.server
+        body = await read_body(request, server.max_request_bytes, server.request_body_timeout_seconds)
         data = parse_json_object(body)
         prompt, model, score, tokens = (
             data.get("prompt"),

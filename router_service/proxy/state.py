@@ -5,12 +5,14 @@ engine, accepted tokens, the `/v1/models` answer). A reload builds a new one off
 and swaps a single reference, so a request in flight keeps the generation it started with.
 
 `Runtime` holds what outlives reloads: the budget ledger (resized, never rebuilt, so spent
-budget stays spent), the load tracker, the metrics, and the one pooled HTTP client.
+budget stays spent), the load tracker, the circuit breakers, the metrics, the open streams, and
+the one pooled HTTP client. `drain` is the graceful part of a shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 import httpx
 
 from router_service.config import RouterConfig
+from router_service.proxy.breaker import Breakers
 from router_service.proxy.load import LoadTracker
 from router_service.proxy.telemetry import LiveState, RouterMetrics
 from router_service.proxy.upstream import Backend, make_client
@@ -176,11 +179,17 @@ class Runtime:
         self.clock = clock
         self.ledger = ledger
         self.load = LoadTracker(config.backends, config.degradation, clock=clock)
+        self.breakers = Breakers(config.degradation.circuit_breaker, clock=clock)
+        self.load.on_stall = self.endpoint_stalled
+        self.load.stall_after = config.server.first_byte_timeout_seconds
         self.metrics = RouterMetrics(self.live_state)
         self._transport = transport
         self.client: httpx.AsyncClient | None = None
         self.ready = False
         self.draining = False
+        self.active = 0  # requests inside the request path (streams being relayed: `streams`)
+        self.streams: set[Any] = set()  # open `forward.Relay`s
+        self._budget_event: asyncio.Event | None = None
         self._rank_pool: ThreadPoolExecutor | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -202,6 +211,53 @@ class Runtime:
             await asyncio.to_thread(close)  # let a running dual-price fit finish
         self.ledger.save()
 
+    def endpoint_stalled(self, model: str) -> None:
+        """A model generated nothing for a first-byte limit with requests in flight: open the
+        circuit of each of its endpoints that has some (those requests go elsewhere)."""
+        backend = self.state.backends.get(model)
+        if backend is None:
+            return
+        log.warning(
+            "%s generated nothing for %.1f s with requests in flight: circuit opened",
+            model,
+            self.load.stall_after,
+        )
+        self.breakers.trip(backend.endpoint)
+
+    async def drain(self, seconds: float) -> None:
+        """The graceful part of a shutdown: /readyz answers 503 from now on while requests in flight
+        get up to `seconds` to finish; streams still open then end with an error event."""
+        self.draining = True
+        deadline = time.monotonic() + seconds
+        while (self.active or self.streams) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for relay in list(self.streams):
+            relay.stop("shutdown")
+        give_up = time.monotonic() + 2.0  # they only have an error event left to write
+        while self.streams and time.monotonic() < give_up:
+            await asyncio.sleep(0.01)
+        if self.streams or self.active:
+            log.warning(
+                "drain ended with %d streams and %d requests still open", len(self.streams), self.active
+            )
+
+    # --- budget waits ---------------------------------------------------------------------------
+
+    def budget_changed(self) -> None:
+        """A reservation was settled or released: wake the requests waiting for budget."""
+        event, self._budget_event = self._budget_event, None
+        if event is not None:
+            event.set()
+
+    async def wait_budget_change(self, timeout: float) -> None:
+        """Until the next `budget_changed` or `timeout` seconds."""
+        if self._budget_event is None:
+            self._budget_event = asyncio.Event()
+        event = self._budget_event
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, timeout)):
+                await event.wait()
+
     def http(self) -> httpx.AsyncClient:
         if self.client is None:
             raise RuntimeError("router runtime not started")
@@ -213,6 +269,10 @@ class Runtime:
         """Swap to a new generation; budgets carry over, load counts of kept backends too."""
         self.ledger.resize(state.config.budgets)
         self.load.configure(state.config.backends, state.config.degradation)
+        self.load.stall_after = state.config.server.first_byte_timeout_seconds
+        self.breakers.configure(
+            state.config.degradation.circuit_breaker, (b.endpoint for b in state.backends.values())
+        )
         self.state = state
 
     # --- routing decision off the loop for slow embedders ---------------------------------------
@@ -245,7 +305,16 @@ class Runtime:
             load=self.load.snapshot(),
             pending_demand={m: self.load.pending_demand(m) for m in state.backends},
             ready=self.ready and not self.draining,
+            circuits=self.circuits(),
         )
+
+    def circuits(self) -> dict[str, dict[str, Any]]:
+        """Circuit breaker state per endpoint, with the model it serves."""
+        models = {b.endpoint: b.name for b in self.state.backends.values()}
+        return {
+            endpoint: {"model": models.get(endpoint), **info}
+            for endpoint, info in self.breakers.snapshot().items()
+        }
 
     def status(self) -> dict:
         """JSON for `GET /v1/tollway/status`: what the router sees right now."""
@@ -260,4 +329,6 @@ class Runtime:
             "budgets": self.ledger.snapshot(),
             "load": self.load.snapshot(),
             "pending_demand": {m: self.load.pending_demand(m) for m in state.backends},
+            "circuits": self.circuits(),
+            "open_streams": len(self.streams),
         }

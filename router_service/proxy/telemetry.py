@@ -17,13 +17,15 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from router_service.proxy.breaker import STATE_VALUES
 
 log = logging.getLogger("tollway.telemetry")
 
@@ -41,6 +43,8 @@ class LiveState:
     load: Mapping[str, Mapping[str, Any]]
     pending_demand: Mapping[str, int]
     ready: bool
+    circuits: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Circuit breaker per endpoint: {"model", "state", "trips", ...} (see proxy/breaker.py)."""
 
 
 class _LiveCollector(Collector):
@@ -108,7 +112,21 @@ class _LiveCollector(Collector):
             demand.add_metric([model], value)
         ready = GaugeMetricFamily("tollway_ready", "1 when the router is ready to serve.")
         ready.add_metric([], 1.0 if state.ready else 0.0)
-        yield from (remaining, total, dual, in_flight, replicas, signal, age, demand, ready)
+        circuit = GaugeMetricFamily(
+            "tollway_circuit_state",
+            "Circuit breaker per backend endpoint: 0 closed (serving), 1 half-open (probing), 2 open (no work).",
+            labels=["model", "endpoint"],
+        )
+        trips = CounterMetricFamily(
+            "tollway_circuit_trips",
+            "Times a backend endpoint's circuit breaker opened.",
+            labels=["model", "endpoint"],
+        )
+        for endpoint, info in state.circuits.items():
+            labels = [str(info.get("model") or ""), endpoint]
+            circuit.add_metric(labels, STATE_VALUES.get(info["state"], 0))
+            trips.add_metric(labels, float(info.get("trips", 0)))
+        yield from (remaining, total, dual, in_flight, replicas, signal, age, demand, ready, circuit, trips)
 
 
 class RouterMetrics:

@@ -7,7 +7,10 @@ when the upstream call failed and nothing was consumed.
 
 Budgets come from `BudgetConfig`: tokens per window per model, times this replica's share. Models
 without a budget are unlimited. Budgets refill when a window ends; reservations still in flight at
-that moment are carried into the new window so that settling them stays consistent. The clock is
+that moment are carried into the new window so that settling them stays consistent. A model that
+ended its window overdrawn (a backend used more than the worst case reserved for it: settling
+charges true usage whatever it is) carries the overdraw into the next window as spent budget, so
+the debt is repaid there; a window that then passes idle clears it. The clock is
 injectable (tests drive window rollover by hand). All methods take one lock and are short, so the
 ledger can be used from threads and from asyncio code alike.
 
@@ -107,6 +110,11 @@ class BudgetLedger:
         for r in self._in_flight.values():
             carried[r.model] = carried.get(r.model, 0.0) + r.amount
             self._in_flight[r.id] = Reservation(r.id, r.model, r.amount, self._window)
+        if periods == 1:  # the overdraw of the window that just ended is repaid by this one
+            for model, budget in self._budgets.items():
+                debt = self._used.get(model, 0.0) - carried.get(model, 0.0) - budget
+                if debt > 0:
+                    carried[model] = carried.get(model, 0.0) + debt
         self._used = carried
         self._dirty = True
 

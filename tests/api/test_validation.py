@@ -64,6 +64,7 @@ MINIMAL: dict[type[BaseModel], dict[str, Any]] = {
     config.LearningSettings: {},
     config.ObjectiveSettings: {},
     config.DegradationSettings: {},
+    config.CircuitBreakerSettings: {},
     config.BackendConfig: BACKEND,
     config.BudgetConfig: {},
     config.HistorySettings: {"builtin": True},

@@ -25,6 +25,8 @@ POOL = parse_model_pool(
             {
                 "name": "large",
                 "model": "a/large",
+                "maxModelLen": 32768,
+                "extraArgs": ["--enable-prefix-caching", "--max-num-seqs=4"],
                 "cost": {"inputPerMillionTokens": 10, "outputPerMillionTokens": 30},
             },
             {
@@ -77,6 +79,15 @@ def test_backends_from_pool_services_prices_and_ready_replicas() -> None:
     assert (small.replicas, large.replicas, gpt.replicas) == (2, 0, 1)  # 0 ready: the router degrades it
     assert gpt.url == "https://api.example.com" and gpt.upstream_model == "gpt-4o"
     assert gpt.api_key_env == "TOLLWAY_BACKEND_GPT_API_KEY" and small.api_key_env is None
+
+
+def test_vllm_concurrency_and_context_window_reach_the_router() -> None:
+    backends = {b.name: b for b in config_of(plan()).backends}
+    assert (backends["large"].max_num_seqs, backends["large"].max_model_len) == (4, 32768)
+    assert (backends["small"].max_num_seqs, backends["small"].max_model_len) == (None, None)  # not set
+    assert backends["gpt"].max_num_seqs is None  # an external endpoint: nothing known
+    assert d.vllm_flag(["--max-num-seqs", "16"], "--max-num-seqs") == 16
+    assert d.vllm_flag(["--max-num-seqs=x"], "--max-num-seqs") is None
 
 
 def test_settings_are_carried_into_the_config() -> None:

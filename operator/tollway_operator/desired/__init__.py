@@ -48,6 +48,7 @@ from tollway_operator.desired.policy import (
     router_deployment,
     router_pdb,
     router_service,
+    vllm_flag,
 )
 from tollway_operator.desired.pool import (
     autoscaling_mode,
@@ -109,4 +110,5 @@ __all__ = [
     "router_pdb",
     "router_selector",
     "router_service",
+    "vllm_flag",
 ]

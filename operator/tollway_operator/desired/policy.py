@@ -128,6 +128,20 @@ def resolve_budgets(
     return res
 
 
+def vllm_flag(args: list[str], flag: str) -> int | None:
+    """The integer value of a vLLM flag in `extraArgs` (`--flag N` or `--flag=N`), if given."""
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else None
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
 def replica_share(replicas: int) -> float:
     """Each router replica enforces 1/replicas of every budget (0 replicas: nothing runs)."""
     return 1.0 / replicas if replicas > 1 else 1.0
@@ -161,6 +175,10 @@ def router_config(
                 if external is not None and external.api_key_secret
                 else None,
                 upstream_model=external.upstream_model if external is not None else None,
+                # What the router needs to know of the vLLM server: its concurrency (to see a burst
+                # queue up between metric scrapes) and its context window (to bound a request).
+                max_num_seqs=vllm_flag(model.extra_args, "--max-num-seqs") if external is None else None,
+                max_model_len=model.max_model_len if external is None else None,
             )
         )
     if spec.served_model_name in {m.name for m in pool_spec.models}:
