@@ -21,9 +21,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import httpx
 from fastapi import FastAPI, Request
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +32,7 @@ from starlette.routing import Route
 
 from router_service.config import RouterConfig, load_router_config
 from router_service.proxy import openai_errors as errors
+from router_service.proxy.discovery import KubeAccess
 from router_service.proxy.pipeline import Proxy
 from router_service.proxy.reload import ConfigWatcher
 from router_service.proxy.request import PATHS, parse_json_object, read_body
@@ -70,7 +70,7 @@ def create_app(
     *,
     engine: Engine | None = None,
     engine_factory: EngineFactory | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
+    kube: KubeAccess | Literal["in-cluster"] | None = "in-cluster",
     tracer_provider: trace.TracerProvider | None = None,
     watch: bool | None = None,
     reload_interval_seconds: float = 1.0,
@@ -79,8 +79,9 @@ def create_app(
     """The router app for a config object or file.
 
     With a file, the app watches it (and the tokens file) and reloads on change unless
-    `watch=False`. `engine` / `engine_factory` replace the routing engine (tests), `transport`
-    the network to the backends, `tracer_provider` the global OpenTelemetry provider.
+    `watch=False`. `engine` / `engine_factory` replace the routing engine (tests), `kube` the
+    Kubernetes API that EndpointSlices are read from (default: the pod's ServiceAccount when in a
+    cluster), `tracer_provider` the global OpenTelemetry provider.
     """
     path: Path | None = None
     if isinstance(config, str | Path):
@@ -91,7 +92,10 @@ def create_app(
     if engine is not None and callable(getattr(engine, "attach_ledger", None)):
         engine.attach_ledger(ledger)  # type: ignore[attr-defined]
     runtime = Runtime(
-        build_state(config, factory, ledger, engine=engine), ledger, clock=clock, transport=transport
+        build_state(config, factory, ledger, engine=engine),
+        ledger,
+        clock=clock,
+        kube=KubeAccess.in_cluster() if kube == "in-cluster" else kube,
     )
     tracing = tracer_provider is not None or configure_tracing()
     proxy = Proxy(runtime, get_tracer(tracer_provider), tracing)

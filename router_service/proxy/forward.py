@@ -1,4 +1,4 @@
-"""Step 6 of the request path, forward: send the request to the chosen backend and relay its answer.
+"""Step 6 of the request path, forward: send the request to the chosen replica and relay its answer.
 
 `forward` returns once the backend has shown it is answering: for a stream, its response headers
 and first whole event within `first_byte` seconds; for a plain answer, the whole of it within the
@@ -28,14 +28,15 @@ from collections.abc import AsyncIterator, MutableSet
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
 from starlette.responses import Response
 
 from router_service.proxy import openai_errors as errors
 from router_service.proxy.attempt import Attempt
 from router_service.proxy.request import ParsedRequest
 from router_service.proxy.upstream import (
+    TRANSPORT_ERRORS,
     Backend,
     SseEvents,
     SseUsage,
@@ -77,8 +78,9 @@ def upstream_body(parsed: ParsedRequest, backend: Backend, ceiling: int | None =
 
 
 async def forward(
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     backend: Backend,
+    endpoint: str,
     path: str,
     parsed: ParsedRequest,
     attempt: Attempt,
@@ -90,8 +92,9 @@ async def forward(
     ceiling: int | None = None,
     streams: MutableSet[Relay] | None = None,
 ) -> Response:
-    """`streams`, when given, holds every relay while it is open (the router stops them on shutdown)."""
-    """One upstream call. Raises UpstreamFailure (attempt abandoned) before the client saw anything."""
+    """One upstream call to `endpoint`, a replica of `backend`. Raises UpstreamFailure (attempt
+    abandoned) before the client saw anything. `streams`, when given, holds every relay while it is
+    open (the router stops them on shutdown)."""
     model = backend.name
     deadline = time.monotonic() + timeouts.total
     body = upstream_body(parsed, backend, ceiling)
@@ -100,7 +103,7 @@ async def forward(
     header_limit = min(timeouts.first_byte, timeouts.total) if parsed.stream else timeouts.total
     try:
         async with asyncio.timeout(header_limit):
-            response = await open_upstream(client, backend, path, body, extra_headers)
+            response = await open_upstream(session, backend, endpoint, path, body, extra_headers)
     except TimeoutError:
         attempt.abandon("timeout")
         raise UpstreamFailure("timeout", f"{model}: no response within {header_limit:g} s") from None
@@ -112,7 +115,7 @@ async def forward(
         raise
     headers = {**response_headers(response), **out_headers}
     is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
-    if parsed.stream and is_sse and response.status_code == 200:
+    if parsed.stream and is_sse and response.status == 200:
         relay = Relay(
             response,
             attempt,
@@ -131,9 +134,9 @@ async def forward(
     attempt.first_byte()
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            content = await response.aread()
-    except (httpx.HTTPError, TimeoutError) as exc:
-        timed_out = isinstance(exc, httpx.TimeoutException | TimeoutError)
+            content = await response.read()
+    except (*TRANSPORT_ERRORS, TimeoutError) as exc:
+        timed_out = isinstance(exc, TimeoutError)
         attempt.abandon("timeout" if timed_out else "protocol")
         kind = "timeout" if timed_out else "protocol"
         raise UpstreamFailure(kind, f"{model}: response body failed ({type(exc).__name__})") from exc
@@ -141,13 +144,12 @@ async def forward(
         attempt.settle(None, "cancelled", "neutral", consumed=False)
         raise
     finally:
-        with anyio.CancelScope(shield=True):
-            await response.aclose()
-    if response.status_code >= 400:
+        response.release()
+    if response.status >= 400:
         attempt.settle(None, "client_error", consumed=False)
     else:
         attempt.settle(usage_from_body(content), "ok")
-    return Response(content=content, status_code=response.status_code, headers=headers)
+    return Response(content=content, status_code=response.status, headers=headers)
 
 
 class _Stopped(Exception):
@@ -168,7 +170,7 @@ class Relay(Response):
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: aiohttp.ClientResponse,
         attempt: Attempt,
         headers: dict[str, str],
         *,
@@ -186,7 +188,7 @@ class Relay(Response):
         self.init_headers(headers)
         self.model = model
         self._response = response
-        self._chunks: AsyncIterator[bytes] = response.aiter_raw()
+        self._chunks: AsyncIterator[bytes] = response.content.iter_any()
         self._attempt = attempt
         self._timeouts = timeouts
         self._deadline = deadline
@@ -238,30 +240,28 @@ class Relay(Response):
                     )
                 self._ready.extend(self._events.feed(chunk))
         except (TimeoutError, _Stopped):
-            await self._abandon("timeout")
+            self._abandon("timeout")
             raise UpstreamFailure(
                 "timeout", f"{self.model}: no first event within the {limit:g} s first-byte limit"
             ) from None
-        except httpx.HTTPError as exc:
-            await self._abandon("protocol")
+        except TRANSPORT_ERRORS as exc:
+            self._abandon("protocol")
             raise UpstreamFailure(
                 "protocol", f"{self.model}: stream failed before its first event ({exc!r})"
             ) from exc
         except UpstreamFailure:
-            await self._abandon("protocol")
+            self._abandon("protocol")
             raise
         except BaseException:
             self._attempt.settle(None, "cancelled", "neutral", consumed=False)
             self._unregister()
-            with anyio.CancelScope(shield=True):
-                await self._response.aclose()
+            self._response.close()
             raise
 
-    async def _abandon(self, kind: str) -> None:
+    def _abandon(self, kind: str) -> None:
         self._attempt.abandon(kind)
         self._unregister()
-        with anyio.CancelScope(shield=True):
-            await self._response.aclose()
+        self._response.close()
 
     def _unregister(self) -> None:
         if self._registry is not None:
@@ -327,7 +327,7 @@ class Relay(Response):
                     "upstream_timeout",
                 )
                 break
-            except httpx.HTTPError as exc:
+            except TRANSPORT_ERRORS as exc:
                 self.outcome = "midstream_error"
                 error = errors.sse_error_event(
                     f"Upstream {self.model} failed mid-stream ({type(exc).__name__}).",
@@ -365,4 +365,7 @@ class Relay(Response):
             return
         health = "failure" if self.outcome == "midstream_error" else "success"
         self._attempt.settle(self.watcher.usage(self._prompt_tokens), self.outcome, health)
-        await self._response.aclose()
+        if self._ended:
+            self._response.release()  # read to its end: the connection goes back to the pool
+        else:
+            self._response.close()
