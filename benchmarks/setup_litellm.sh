@@ -12,7 +12,7 @@
 # Usage: bash benchmarks/setup_litellm.sh   (idempotent; ~40 s the first time, ~680 MB)
 set -euo pipefail
 
-LITELLM_VERSION="${LITELLM_VERSION:-1.100.5}"
+LITELLM_VERSION="${LITELLM_VERSION:-1.108.7}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv-litellm"
 PYTHON="${PYTHON:-python3.11}"

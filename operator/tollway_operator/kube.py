@@ -63,6 +63,9 @@ PDB = Kind("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 SCALED_OBJECT = Kind("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
 MODELPOOL = Kind("tollway.io", "v1alpha1", "modelpools", "ModelPool")
 ROUTINGPOLICY = Kind("tollway.io", "v1alpha1", "routingpolicies", "RoutingPolicy")
+SERVICE_ACCOUNT = Kind("", "v1", "serviceaccounts", "ServiceAccount")
+ROLE = Kind("rbac.authorization.k8s.io", "v1", "roles", "Role")
+ROLE_BINDING = Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 KOPF_PEERING = Kind("kopf.dev", "v1", "kopfpeerings", "KopfPeering")
 CLUSTER_KOPF_PEERING = Kind("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering")
 
@@ -75,6 +78,9 @@ KINDS = {
         PVC,
         PDB,
         SCALED_OBJECT,
+        SERVICE_ACCOUNT,
+        ROLE,
+        ROLE_BINDING,
         MODELPOOL,
         ROUTINGPOLICY,
         KOPF_PEERING,

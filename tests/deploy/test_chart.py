@@ -303,6 +303,20 @@ OPERATOR_RULES = {
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "update", "patch"},
     ("", "events"): {"create", "patch"},
+    # The router's ServiceAccount, Role and RoleBinding (EndpointSlices read access), which the
+    # operator may only grant because it holds that access itself.
+    ("", "serviceaccounts"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "patch",
+        "delete",
+    },
+    ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
 }
 KEDA_RULES = {("keda.sh", "scaledobjects"): {"get", "list", "watch", "create", "update", "patch", "delete"}}
 FORBIDDEN = {
@@ -312,7 +326,7 @@ FORBIDDEN = {
     "pods/exec",
     "nodes",
     "clusterroles",
-    "roles",
+    "clusterrolebindings",
 }
 
 

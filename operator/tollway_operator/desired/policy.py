@@ -6,7 +6,10 @@ RoutingPolicy `R` over pool `P`:
   template (so a change rolls the pods) — except the volatile `backends[].replicas`, which the
   router picks up by hot reload of the mounted file;
 - Service `R` (port 80 -> 8080): the cluster-internal OpenAI endpoint http://R.N.svc/v1;
-- PodDisruptionBudget `R-router` (maxUnavailable 1) when replicas > 1.
+- PodDisruptionBudget `R-router` (maxUnavailable 1) when replicas > 1;
+- ServiceAccount, Role and RoleBinding `R-router`: the router pods' identity, allowed to get, list
+  and watch EndpointSlices in the namespace and nothing else (the router reads each model's ready
+  pods from them and sends requests to the pods directly).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from router_service.config import (
     AuthConfig,
     BackendConfig,
     BudgetConfig,
+    EndpointSliceSource,
     RouterConfig,
     dump_router_config,
 )
@@ -32,6 +36,7 @@ from tollway_operator.desired.names import (
     backend_api_key_env,
     check_policy_names,
     child_metadata,
+    model_child_name,
     router_child_name,
     router_labels,
     router_selector,
@@ -179,6 +184,7 @@ def router_config(
                 # queue up between metric scrapes) and its context window (to bound a request).
                 max_num_seqs=vllm_flag(model.extra_args, "--max-num-seqs") if external is None else None,
                 max_model_len=model.max_model_len if external is None else None,
+                endpoint_slices=model_endpoint_slices(pool, namespace, model),
             )
         )
     if spec.served_model_name in {m.name for m in pool_spec.models}:
@@ -319,6 +325,8 @@ def router_deployment(
     if router.resources:
         container["resources"] = json.loads(json.dumps(router.resources))
     pod_spec: dict[str, Any] = {
+        "serviceAccountName": router_child_name(policy),
+        "automountServiceAccountToken": True,
         "containers": [container],
         "volumes": volumes,
         "securityContext": {
@@ -407,12 +415,14 @@ def policy_children(
     ready_replicas: Mapping[str, int],
     quality: Mapping[str, float] | None = None,
 ) -> RouterPlan:
-    """Everything a RoutingPolicy should own: ConfigMap, Deployment, Service, PDB (replicas > 1)."""
+    """Everything a RoutingPolicy should own: the router's ServiceAccount, Role and RoleBinding,
+    ConfigMap, Deployment, Service, PDB (replicas > 1)."""
     check_policy_names(owner.name)
     config, budgets = router_config(
         owner.name, spec, pool, owner.namespace, pool_spec, ready_replicas, quality
     )
     children = [
+        *router_access(owner, pool),  # first: the Deployment's pods run as this ServiceAccount
         router_config_map(owner, pool, config),
         router_deployment(owner, spec, pool, pool_spec, config),
         router_service(owner, pool),
@@ -421,3 +431,46 @@ def policy_children(
     if pdb is not None:
         children.append(pdb)
     return RouterPlan(config=config, budgets=budgets, children=children)
+
+
+# --- the router's access to EndpointSlices (issue 13) ---------------------------------------------
+
+ENDPOINT_SLICE_RULE = {
+    "apiGroups": ["discovery.k8s.io"],
+    "resources": ["endpointslices"],
+    "verbs": ["get", "list", "watch"],
+}
+"""All the router may do with the Kubernetes API: read the EndpointSlices of its namespace."""
+
+
+def model_endpoint_slices(pool: str, namespace: str, model: ModelSpec) -> EndpointSliceSource | None:
+    """Where the router finds a deployed model's ready pods: its Service's EndpointSlices (the
+    Service's port is named `http`). None for an external endpoint."""
+    if model.endpoint is not None:
+        return None
+    return EndpointSliceSource(
+        service=model_child_name(pool, model.name), namespace=namespace, port_name="http"
+    )
+
+
+def router_access(owner: Owner, pool: str) -> list[dict[str, Any]]:
+    """The router pods' ServiceAccount, a Role that lets it get/list/watch EndpointSlices in this
+    namespace, and the RoleBinding between them."""
+    name = router_child_name(owner.name)
+    labels = router_labels(owner.name, pool)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": child_metadata(name, owner, labels)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": child_metadata(name, owner, labels),
+            "rules": [ENDPOINT_SLICE_RULE],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": child_metadata(name, owner, labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+        },
+    ]
