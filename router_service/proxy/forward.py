@@ -156,16 +156,12 @@ class _Stopped(Exception):
     """`Relay.stop` cut a read short."""
 
 
-class _ClientStalled(Exception):
-    """The client read nothing for `client_stall` seconds."""
-
-
 class Relay(Response):
     """A backend's SSE answer relayed to the client whole event by whole event (see the module doc).
 
     A plain ASGI response rather than Starlette's StreamingResponse: it needs to own the reads
     from the backend (their deadline, and a cancel scope `stop` can cancel) and the writes to the
-    client (a stall limit on each), and to end every way with a whole error event.
+    client (a stall limit), and to end every way with a whole error event.
     """
 
     def __init__(
@@ -199,6 +195,9 @@ class Relay(Response):
         self._ready: list[bytes] = []  # whole events read before the response started
         self._ended = False  # the backend's stream ended (normally or not)
         self._read_scope: anyio.CancelScope | None = None
+        self._scope: anyio.CancelScope | None = None  # the whole relay (client gone or stalled)
+        self._sending_since: float | None = None  # when the write in progress began
+        self._stall_timer: asyncio.TimerHandle | None = None
         self.stop_reason: str | None = None
         self.outcome = "ok"
         self._complete = False  # the last byte of the response was sent
@@ -277,11 +276,20 @@ class Relay(Response):
     # --- writing to the client ------------------------------------------------------------------
 
     async def _send(self, send: Any, message: dict[str, Any]) -> None:
-        try:
-            with anyio.fail_after(self._timeouts.client_stall):
-                await send(message)
-        except TimeoutError:
-            raise _ClientStalled from None
+        self._sending_since = time.monotonic()
+        await send(message)
+        self._sending_since = None
+
+    def _watch_stall(self, loop: asyncio.AbstractEventLoop, period: float) -> None:
+        """A timer callback, every `period` seconds: a write to the client pending for
+        `client_stall` seconds ends the relay (one timer per stream, none per write)."""
+        since = self._sending_since
+        if since is not None and time.monotonic() - since >= self._timeouts.client_stall:
+            self.outcome = "client_stalled"
+            if self._scope is not None:
+                self._scope.cancel()
+            return
+        self._stall_timer = loop.call_later(period, self._watch_stall, loop, period)
 
     async def _send_events(self, send: Any, events: list[bytes]) -> None:
         out = [e for e in events if not self.watcher.event(e) or self._usage_requested]
@@ -289,8 +297,11 @@ class Relay(Response):
             await self._send(send, {"type": "http.response.body", "body": b"".join(out), "more_body": True})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        loop = asyncio.get_running_loop()
+        period = min(1.0, self._timeouts.client_stall / 4)
         try:
             async with anyio.create_task_group() as group:
+                self._scope = group.cancel_scope
 
                 async def watch_disconnect() -> None:
                     while (await receive())["type"] != "http.disconnect":
@@ -300,42 +311,31 @@ class Relay(Response):
                         group.cancel_scope.cancel()
 
                 group.start_soon(watch_disconnect)
-                try:
-                    await self._pump(send)
-                except _ClientStalled:
-                    self.outcome = "client_stalled"
+                self._stall_timer = loop.call_later(period, self._watch_stall, loop, period)
+                await self._pump(send)
                 group.cancel_scope.cancel()
         finally:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
             with anyio.CancelScope(shield=True):
                 await self._finish()
 
     async def _pump(self, send: Any) -> None:
+        """Relay until the backend's stream ends, fails, passes the attempt's deadline, or `stop`
+        cuts it short; then the error event that says which (if any) and the end of the response.
+        One cancel scope covers the whole relay (the deadline, `stop`), none per chunk."""
         await self._send(send, {"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         ready, self._ready = self._ready, []
         await self._send_events(send, ready)
         error: bytes | None = None
-        while self.stop_reason is None:
+        deadline = anyio.current_time() + max(0.0, self._deadline - time.monotonic())
+        with anyio.CancelScope(deadline=deadline) as relay:
+            self._read_scope = relay
+            if self.stop_reason is not None:
+                relay.cancel()
             try:
-                chunk = await self._next_chunk(self._deadline - time.monotonic())
-            except _Stopped:
-                break
-            except TimeoutError:
-                self.outcome = "timeout"
-                error = errors.sse_error_event(
-                    f"Upstream {self.model} exceeded the {self._timeouts.total:g} s limit; stream ended.",
-                    "server_error",
-                    "upstream_timeout",
-                )
-                break
-            except TRANSPORT_ERRORS as exc:
-                self.outcome = "midstream_error"
-                error = errors.sse_error_event(
-                    f"Upstream {self.model} failed mid-stream ({type(exc).__name__}).",
-                    "server_error",
-                    "upstream_error",
-                )
-                break
-            if chunk is None:
+                async for chunk in self._chunks:
+                    await self._send_events(send, self._events.feed(chunk))
                 self._ended = True
                 if self.watcher.errored:
                     self.outcome = "midstream_error"  # the backend sent its own error event
@@ -344,14 +344,27 @@ class Relay(Response):
                     error = errors.sse_error_event(
                         f"Upstream {self.model} ended the stream early.", "server_error", "upstream_error"
                     )
-                break
-            await self._send_events(send, self._events.feed(chunk))
+            except TRANSPORT_ERRORS as exc:
+                self.outcome = "midstream_error"
+                error = errors.sse_error_event(
+                    f"Upstream {self.model} failed mid-stream ({type(exc).__name__}).",
+                    "server_error",
+                    "upstream_error",
+                )
+        self._read_scope = None
         if self.stop_reason is not None:
             self.outcome = self.stop_reason
             error = errors.sse_error_event(
                 "The router is shutting down; the stream ended before the answer was complete. Retry.",
                 "server_error",
                 "router_shutdown",
+            )
+        elif relay.cancelled_caught:
+            self.outcome = "timeout"
+            error = errors.sse_error_event(
+                f"Upstream {self.model} exceeded the {self._timeouts.total:g} s limit; stream ended.",
+                "server_error",
+                "upstream_timeout",
             )
         if error is not None:
             await self._send(send, {"type": "http.response.body", "body": error, "more_body": True})

@@ -26,8 +26,8 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Container
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -228,7 +228,7 @@ class Proxy:
             parsed=parsed,
             capability=capability,
             priority=parse_priority(request.headers.get(PRIORITY_HEADER)),
-            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+            request_id=request.headers.get("x-request-id") or os.urandom(16).hex(),
         )
 
     # -- 2-4. estimate -> filter -> pick --------------------------------------------------------
