@@ -8,7 +8,11 @@ Three simulators (`tollway simulate`, fast profile so the backend itself costs l
 the same model names to four targets, all driven by the same httpx client code
 (`common.send_chat`) in this process, in the same run, interleaved per measurement point:
 
-- direct:          the simulators themselves (the baseline);
+- direct:          the simulators themselves, round-robin over the three (the baseline);
+- direct-mix:      the simulators themselves, each request to the model routing would pick for its
+                   prompt (computed in-process first): the same load per backend as
+                   tollway-routed, whose throughput is otherwise capped by the one simulator that
+                   ~90% of the prompts go to (no budgets: the best model wins);
 - tollway:         `tollway router`, model pinned by name (a pure proxy hop);
 - tollway-routed:  `tollway router`, model "auto" (the full decision: embed, kNN, score, load);
 - litellm:         LiteLLM's proxy (`litellm --config`, model_list `openai/<name>` + api_base, a
@@ -158,6 +162,19 @@ async def measure_point(
         return await closed_loop(one, concurrency=concurrency, total=total, max_seconds=max_seconds)
 
 
+def routing_picks(config: dict[str, Any], prompts: list[str]) -> list[str]:
+    """The model the router picks for each prompt (its engine, in-process, same config; without
+    budgets the dual prices stay 0, so the pick is the same in the router)."""
+    from router_service.config import RouterConfig
+    from router_service.proxy.request import ROUTING_TEXT_CHARS
+    from router_service.routing.engine import RoutingEngine
+
+    engine = RoutingEngine.from_config(RouterConfig.model_validate(config))
+    picks = [engine.rank(p[:ROUTING_TEXT_CHARS]).candidates[0].model for p in prompts]
+    engine.close()
+    return picks
+
+
 def decision_in_process(config: dict[str, Any], prompts: list[str]) -> dict[str, float]:
     """Time RoutingEngine.rank alone (embed + kNN + estimate + score + sort) on each prompt,
     cut to the router's routing-text length, with dual-price fits on a background thread as in
@@ -198,7 +215,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         targets: dict[str, tuple[str, Any]] = {}
         names = list(MODELS)
         direct_urls = [sims[n] for n in names]
+        routed_mix = routing_picks(router_cfg, prompts)
         targets["direct"] = ("", None)
+        targets["direct-mix"] = ("", None)
         targets["tollway"] = (router_url, lambda i: names[i % 3])
         targets["tollway-routed"] = (router_url, lambda i: "auto")
         if not args.no_litellm:
@@ -216,6 +235,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if target == "direct":
                     outcomes, wall = asyncio.run(
                         direct_point(direct_urls, names, prompts, conc, stream, total, args)
+                    )
+                elif target == "direct-mix":
+                    mix_urls = [sims[m] for m in routed_mix]
+                    outcomes, wall = asyncio.run(
+                        direct_point(
+                            mix_urls, routed_mix, prompts, conc, stream, total, args, per_prompt=True
+                        )
                     )
                 else:
                     outcomes, wall = asyncio.run(
@@ -256,6 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     decision = decision_in_process(router_cfg, prompts)
     return {
         "points": points,
+        "routed_mix": {m: routed_mix.count(m) for m in MODELS},
         "decision_in_process": decision,
         "rss_bytes": {"tollway": router_rss, "litellm": litellm_rss},
         "settings": {
@@ -271,12 +298,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def direct_point(
-    urls: list[str], names: list[str], prompts: list[str], conc: int, stream: bool, total: int, args: Any
+    urls: list[str],
+    names: list[str],
+    prompts: list[str],
+    conc: int,
+    stream: bool,
+    total: int,
+    args: Any,
+    per_prompt: bool = False,
 ) -> tuple[list[Outcome], float]:
-    async with make_client(conc * len(urls), timeout=60) as client:
+    """Straight to the simulators: request i to urls[i % 3] (round robin), or with `per_prompt` to
+    urls[i % len(prompts)] (the model chosen for that prompt)."""
+    async with make_client(conc * len(set(urls)), timeout=60) as client:
 
         async def one(i: int, t0: float) -> Outcome:
-            k = i % len(urls)
+            k = i % len(prompts) if per_prompt else i % len(urls)
             return await send_chat(
                 client,
                 urls[k],
@@ -329,6 +365,7 @@ def targets_met(points: list[dict[str, Any]], max_rps: dict[str, float]) -> list
 def report(data: dict[str, Any], out_dir: Path) -> Path:
     points = data["points"]
     base = {(p["stream"], p["concurrency"]): p for p in points if p["target"] == "direct"}
+    direct_kinds = ("direct", "direct-mix")
     rows = []
     for p in points:
         d = base[(p["stream"], p["concurrency"])]
@@ -343,8 +380,8 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
                 p["ok"],
                 fmt(p["latency_ms"]["p50"]),
                 fmt(p["latency_ms"]["p99"]),
-                "-" if p["target"] == "direct" else fmt(added50),
-                "-" if p["target"] == "direct" else fmt(added99),
+                "-" if p["target"] in direct_kinds else fmt(added50),
+                "-" if p["target"] in direct_kinds else fmt(added99),
                 fmt(p["ok_per_s"], 1),
                 ", ".join(f"{k}: {v}" for k, v in p["outcomes"].items()),
             ]
@@ -365,7 +402,8 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
         rows,
     )
     targets = sorted(
-        {p["target"] for p in points}, key=["direct", "tollway", "tollway-routed", "litellm"].index
+        {p["target"] for p in points},
+        key=["direct", "direct-mix", "tollway", "tollway-routed", "litellm"].index,
     )
     max_rps = {t: max(p["ok_per_s"] for p in points if p["target"] == t) for t in targets}
     rps_table = markdown_table(
@@ -418,6 +456,11 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
             f"{settings['requests_per_point_more_clients']} at more (capped at {settings['max_seconds_per_point']} s), "
             f"after a warm-up; {settings['max_tokens']} completion tokens; prompts from the shipped history.",
             "- Added latency = target percentile - direct percentile at the same point (same run).",
+            "- Routing sends each prompt to the model its estimate favours; without budgets that is mostly the "
+            f"strongest: of the {sum(data['routed_mix'].values())} prompts, "
+            + ", ".join(f"{m} {n}" for m, n in data["routed_mix"].items())
+            + ". So routed throughput is capped by one simulator process, whatever the router costs; "
+            "`direct-mix` sends the same prompts straight to the same models, the like-for-like baseline.",
             f"- 1-minute load average at the start: {data.get('load_average_1m_at_start')} (other engineers share "
             "this machine; above ~0.5 the cores were not ours alone).",
             "- **Core contention:** the load generator, the proxy under test and the three simulators all share "
@@ -444,6 +487,7 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
         "tollway-routed": "tab:green",
         "litellm": "tab:red",
         "direct": "tab:gray",
+        "direct-mix": "tab:olive",
     }
     for stream, ls in ((False, "-"), (True, "--")):
         for t in targets:
@@ -453,7 +497,7 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
             )
             xs = [p["concurrency"] for p in pts]
             lab = f"{t}{' (stream)' if stream else ''}"
-            if t != "direct":
+            if t not in direct_kinds:
                 axes[0][0].plot(
                     xs, [p["added_ms"]["p50"] for p in pts], ls, marker="o", color=styles[t], label=lab
                 )
