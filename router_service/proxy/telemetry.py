@@ -22,8 +22,10 @@ from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from router_service.store.base import StoreHealth
 
 log = logging.getLogger("tollway.telemetry")
 
@@ -41,6 +43,7 @@ class LiveState:
     load: Mapping[str, Mapping[str, Any]]
     pending_demand: Mapping[str, int]
     ready: bool
+    store: StoreHealth | None = None
 
 
 class _LiveCollector(Collector):
@@ -109,6 +112,41 @@ class _LiveCollector(Collector):
         ready = GaugeMetricFamily("tollway_ready", "1 when the router is ready to serve.")
         ready.add_metric([], 1.0 if state.ready else 0.0)
         yield from (remaining, total, dual, in_flight, replicas, signal, age, demand, ready)
+        if state.store is not None:
+            yield from _store_metrics(state.store)
+
+
+def _store_metrics(health: StoreHealth) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    up = GaugeMetricFamily(
+        "tollway_state_store_up",
+        "1 when the state store answers (always for the in-process store); 0 while Redis is "
+        "unreachable and this replica serves on its local budget share.",
+        labels=["store"],
+    )
+    up.add_metric([health.kind], 1.0 if health.connected else 0.0)
+    pending = GaugeMetricFamily(
+        "tollway_state_store_pending_operations", "Budget and learning writes waiting for the shared store."
+    )
+    pending.add_metric([], health.pending_operations)
+    live = GaugeMetricFamily(
+        "tollway_state_store_live_replicas", "Router replicas of this policy seen alive by the shared store."
+    )
+    live.add_metric([], health.live_replicas)
+    outages = CounterMetricFamily(
+        "tollway_state_store_outages", "Times the shared store became unreachable (local-share mode began)."
+    )
+    outages.add_metric([], health.outages)
+    errors = CounterMetricFamily("tollway_state_store_errors", "Failed calls to the shared store.")
+    errors.add_metric([], health.errors)
+    share = GaugeMetricFamily(
+        "tollway_state_store_local_share_tokens",
+        "While the shared store is unreachable: tokens this replica may still spend per model.",
+        labels=["model"],
+    )
+    for model, value in health.local_share.items():
+        if math.isfinite(value):
+            share.add_metric([model], value)
+    yield from (up, pending, live, outages, errors, share)
 
 
 class RouterMetrics:
