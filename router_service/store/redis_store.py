@@ -225,6 +225,10 @@ class RedisStateStore:
             f"{base}:ended",
         ]
 
+    def budget_key(self, model: str, window: int | None = None) -> str:
+        """The Redis hash holding `model`'s usage in `window` (default: the current one)."""
+        return self._model_keys(self.window().index if window is None else window, model)[0]
+
     def _expire_at(self, window: int) -> int:
         anchor = self._anchor if self._anchor is not None else self._started_wall
         return math.ceil(anchor + (window + 2) * self._window_seconds)
@@ -304,6 +308,7 @@ class RedisStateStore:
                 self._local_only.add(reservation.id)
             return reservation
         if self._outage is None:
+            pending = self._pending.get((window, model), 0.0)  # our own writes still queued
             try:
                 granted, used, seq = self._scripts["reserve"](
                     keys=self._model_keys(window, model),
@@ -313,6 +318,7 @@ class RedisStateStore:
                         budget,
                         self._hold_seconds,
                         self._expire_at(window),
+                        pending,
                     ],
                 )
             except redis.RedisError as exc:
@@ -569,7 +575,7 @@ class RedisStateStore:
         if op.kind == "hold":
             self._scripts["reserve"](
                 keys=self._model_keys(op.window, op.model),
-                args=[op.id, op.tokens, "", self._hold_seconds, self._expire_at(op.window)],
+                args=[op.id, op.tokens, "", self._hold_seconds, self._expire_at(op.window), 0],
                 client=pipe,
             )
         elif op.kind == "end":
