@@ -67,6 +67,9 @@ LEARNED_STREAM_MAX = 100_000
 ALIVE_INTERVALS = 3
 """A replica counts as alive for this many sync intervals after its last heartbeat."""
 FLUSH_BATCH = 200
+FLUSH_DELAY_SECONDS = 0.01
+"""Writes are coalesced for this long before a flush: one pipelined round trip for all the
+settlements of a busy moment, and the store's thread wakes at most ~100 times a second."""
 SAVE_INTERVAL_SECONDS = 1.0
 
 
@@ -284,11 +287,14 @@ class RedisStateStore:
         return (seen[0] if seen else 0.0) + self._pending.get((window, model), 0.0)
 
     def _enqueue(self, op: Op) -> None:
+        """Queue a write (call with the lock held); the first one after a flush wakes the thread."""
         self._queue.append(op)
         if op.delta:
             key = (op.window, op.model)
             self._pending[key] = self._pending.get(key, 0.0) + op.delta
         self._dirty = True
+        if len(self._queue) == 1:
+            self._wake.set()
 
     def _allowance(self, outage: Outage, window: int, model: str, budget: float) -> float:
         if outage.static:
@@ -342,7 +348,6 @@ class RedisStateStore:
                 outage.spent[window, model] = spent + tokens
             self._holds[reservation.id] = reservation
             self._enqueue(Op("hold", self._gid(reservation.id), model, window, tokens, tokens))
-        self._wake.set()
         return reservation
 
     def _end(self, reservation: Reservation, consumed: float | None) -> None:
@@ -361,7 +366,6 @@ class RedisStateStore:
                 key = (held.window, held.model)
                 self._outage.spent[key] = self._outage.spent.get(key, 0.0) + delta
             self._enqueue(Op("end", self._gid(held.id), held.model, held.window, consumed, delta))
-        self._wake.set()
 
     def settle(self, reservation: Reservation, actual_tokens: float) -> None:
         self._end(reservation, actual_tokens)
@@ -379,7 +383,6 @@ class RedisStateStore:
             if self._outage is not None:
                 self._outage.spent[window, model] = self._outage.spent.get((window, model), 0.0) + tokens
             self._enqueue(Op("end", self._gid(next(self._ids)), model, window, tokens, tokens))
-        self._wake.set()
 
     def remaining(self, model: str, budget: float) -> float:
         window = self.window().index
@@ -414,7 +417,6 @@ class RedisStateStore:
         payload = json.dumps({m: float(v) for m, v in gamma.items()}, sort_keys=True)
         with self._lock:
             self._enqueue(Op("gamma", payload=payload))
-        self._wake.set()
 
     def shared_gamma(self) -> SharedGamma | None:
         return self._gamma
@@ -426,7 +428,6 @@ class RedisStateStore:
             self._seen_uids.add(entry.uid)
             self._learned.append(entry)
             self._enqueue(Op("learned", payload=json.dumps(entry.to_json())))
-        self._wake.set()
 
     def learned(self, start: int) -> Sequence[LearnedEntry]:
         with self._lock:
@@ -680,10 +681,13 @@ class RedisStateStore:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(timeout=self._interval)
+            writing = bool(self._queue) and self._outage is None
+            self._wake.wait(timeout=FLUSH_DELAY_SECONDS if writing else self._interval)
             self._wake.clear()
             if self._stopping:
                 return
+            if self._queue and self._outage is None:
+                time.sleep(FLUSH_DELAY_SECONDS)  # let the writes of this moment gather
             now = time.monotonic()
             try:
                 if self._outage is not None:

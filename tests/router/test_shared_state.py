@@ -168,3 +168,21 @@ def test_a_refit_on_one_router_is_adopted_by_the_others_within_the_bound(
     status = httpx.get(b.url + "/v1/tollway/status").json()
     assert status["gamma"] == pytest.approx(fitted) and status["engine"]["gamma_adopted"] >= 1
     assert status["engine"]["fits"] == 0  # adopted, not fitted by b itself
+
+
+def test_a_single_router_keeps_what_it_learned_across_a_restart(urls, start_router, tmp_path, monkeypatch):
+    """The in-process store too: learned entries go to the state file and come back."""
+    monkeypatch.setenv("TOLLWAY_CACHE_DIR", str(tmp_path / "cache"))
+    history = tiny_history(tmp_path / "history.jsonl")
+    config = router_config(
+        urls,
+        history={"path": str(history), "learnFromTraffic": True},
+        budgets={"stateFile": str(tmp_path / "state" / "ledger.json")},
+    )
+    first = start_router(config)
+    before = history_size(first)
+    body = {"prompt": "say hello to friend number 99", "model": "large", "score": 0.0}
+    assert httpx.post(first.base_url + "/feedback", json=body).json() == {"accepted": True}
+    first.stop()
+    second = start_router(config)
+    assert history_size(second) == before + 1
