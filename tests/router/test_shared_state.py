@@ -186,3 +186,25 @@ def test_a_single_router_keeps_what_it_learned_across_a_restart(urls, start_rout
     first.stop()
     second = start_router(config)
     assert history_size(second) == before + 1
+
+
+def test_an_engine_rebuilt_by_a_reload_gets_the_learned_entries_before_it_serves(
+    urls, start_router, tmp_path, monkeypatch
+) -> None:
+    import yaml
+
+    monkeypatch.setenv("TOLLWAY_CACHE_DIR", str(tmp_path / "cache"))
+    history = tiny_history(tmp_path / "history.jsonl")
+    config = router_config(urls, history={"path": str(history), "learnFromTraffic": True})
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(config.to_wire()))
+    router = start_router(path, reload_interval_seconds=0.05)
+    before = history_size(router)
+    body = {"prompt": "say hello to friend number 77", "model": "small", "score": 0.5}
+    assert httpx.post(router.base_url + "/feedback", json=body).status_code == 200
+    old_engine = router.runtime.state.engine
+    wire = config.to_wire()
+    wire["objective"] = {"alpha": 2.0}  # an engine input: the reload builds a new engine
+    path.write_text(yaml.safe_dump(wire))
+    wait_until(lambda: router.runtime.state.engine is not old_engine, timeout=30)
+    assert history_size(router) == before + 1
