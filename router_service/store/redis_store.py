@@ -39,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -500,7 +500,10 @@ class RedisStateStore:
         pipe.get(self._anchor_key)
         created, anchor = pipe.execute()
         with self._lock:
+            provisional = self._anchor is None
             self._anchor = float(anchor)
+            if provisional:
+                self._rewindow(self.window().index)
             view_window, view = self._view_window, dict(self._view)
         if created and view_window is not None and view_window == self.window().index:
             self._restore(view_window, view)
@@ -518,6 +521,17 @@ class RedisStateStore:
                 self.url,
                 time.monotonic() - outage.since,
             )
+
+    def _rewindow(self, window: int) -> None:
+        """First contact after starting without Redis (call with the lock held): the windows this
+        replica counted from its own start become the policy's current window."""
+        ops = [replace(op, window=window) if op.kind in ("hold", "end") else op for op in self._queue]
+        self._queue = deque(ops)
+        self._pending = {}
+        for op in ops:
+            if op.delta:
+                self._pending[window, op.model] = self._pending.get((window, op.model), 0.0) + op.delta
+        self._holds = {rid: replace(r, window=window) for rid, r in self._holds.items()}
 
     def _restore(self, window: int, view: Mapping[str, tuple[float, int]]) -> None:
         restored = []

@@ -93,3 +93,18 @@ def test_operations_queued_during_an_outage_survive_a_restart(own_redis, make_st
     server.start()
     wait_until(lambda: second.health().connected and flushed(second), timeout=10)
     assert redis_usage(url, second) == (250.0, 250.0)
+
+
+def test_a_replica_started_during_an_outage_joins_the_policys_window(own_redis, make_store):
+    server = own_redis(appendonly=True)
+    url = server.url()
+    first = make_store(url, replica_id="first", window_seconds=2.0)  # sets the policy's anchor
+    time.sleep(2.2)  # the policy is in its second window now
+    server.stop()
+    late = make_store(url, replica_id="late", window_seconds=2.0, static_share=0.5)
+    assert late.window().index == 0  # counted from its own start: it cannot know better yet
+    late.settle(late.reserve("m", 100.0, 1000.0), 60.0)
+    server.start()
+    wait_until(lambda: late.health().connected and flushed(late), timeout=5)
+    assert late.window().index == first.window().index == 1
+    assert redis_usage(url, late) == (60.0, 60.0)  # charged to the policy's current window
