@@ -59,11 +59,14 @@ class _LiveCollector(Collector):
             return
         remaining = GaugeMetricFamily(
             "tollway_budget_remaining_tokens",
-            "Tokens left in this window's budget on this router replica (models with a budget).",
+            "Tokens left in this window's budget as this replica sees it (models with a budget): the "
+            "whole policy's with a shared store, its local share while that store is unreachable.",
             labels=["model"],
         )
         total = GaugeMetricFamily(
-            "tollway_budget_tokens", "This replica's token budget per window.", labels=["model"]
+            "tollway_budget_tokens",
+            "The token budget per window this replica enforces (the whole budget with a shared store).",
+            labels=["model"],
         )
         for model, value in state.budget_remaining.items():
             if math.isfinite(value):

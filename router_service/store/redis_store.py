@@ -460,33 +460,33 @@ class RedisStateStore:
         window = self.window().index
         with self._lock:
             outage = self._outage
-            pending = len(self._queue)
-            common = {
-                "kind": "redis",
-                "shared": True,
-                "pending_operations": pending,
-                "outages": self._outages,
-                "errors": self._errors,
-                "live_replicas": self._live,
-            }
             if outage is None:
-                return StoreHealth(connected=True, mode="shared", detail=f"Redis {self.url}", **common)  # type: ignore[arg-type]
-            share = {
-                m: self._allowance(outage, window, m, b) - outage.spent.get((window, m), 0.0)
-                for m, b in self._budgets.items()
-            }
-            rule = (
-                f"the static split, budget x {self._static_share:g}"
-                if outage.static
-                else f"1/{outage.replicas} of the remaining budget last seen"
-            )
+                mode, detail, seconds, share = "shared", f"Redis {self.url}", 0.0, {}
+            else:
+                rule = (
+                    f"the static split, budget x {self._static_share:g}"
+                    if outage.static
+                    else f"1/{outage.replicas} of the remaining budget last seen"
+                )
+                mode = "local-share"
+                detail = f"Redis {self.url} unreachable ({outage.cause}); serving on a local share: {rule}"
+                seconds = time.monotonic() - outage.since
+                share = {
+                    m: self._allowance(outage, window, m, b) - outage.spent.get((window, m), 0.0)
+                    for m, b in self._budgets.items()
+                }
             return StoreHealth(
-                connected=False,
-                mode="local-share",
-                detail=f"Redis {self.url} unreachable ({outage.cause}); serving on a local share: {rule}",
-                outage_seconds=time.monotonic() - outage.since,
+                kind="redis",
+                shared=True,
+                connected=outage is None,
+                mode=mode,  # type: ignore[arg-type]
+                detail=detail,
+                pending_operations=len(self._queue),
+                outage_seconds=seconds,
+                outages=self._outages,
+                errors=self._errors,
+                live_replicas=self._live,
                 local_share=share,
-                **common,  # type: ignore[arg-type]
             )
 
     # -- talking to Redis (the store's thread, and the constructor) -----------------------------
