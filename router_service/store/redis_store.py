@@ -19,9 +19,9 @@ conservative share of what was left: for each model, the remaining budget it las
 the replicas alive at the last heartbeat count (`local_share`); a replica that never reached Redis
 in this window uses the static split, budget x `budgets.replicaShare`. Its operations queue up
 (persisted to `budgets.stateFile`, so a restart keeps them) and are written when Redis answers
-again, before the replica goes back to shared admission. If Redis came back empty (no persistence),
-each window's usage is first restored to what the replica last saw, unless another replica wrote to
-it first.
+again, before the replica goes back to shared admission. If Redis came back empty (restarted
+without persistence), the first replica to reach it restores the window's usage to what it last saw
+before writing its queue (run Redis with its append-only file, as the chart does, to lose nothing).
 
 Shared learning: published dual prices carry a version (every replica adopts the highest); learned
 entries go to a Redis stream that every replica reads from the start (so a new or restarted

@@ -1,6 +1,7 @@
--- Redis came back without the window's data (restarted without persistence): raise a model's
--- usage to at least what this replica last saw. The highest report across replicas wins;
--- operations applied after the loss stay on top of it.
+-- Redis came back without the window's data (restarted without persistence): add back the usage
+-- this replica last saw (the first replica to reach Redis again does it). Idempotent: the restored
+-- amount is remembered, a second report only adds what exceeds it; operations written after the
+-- loss stay on top.
 -- KEYS[1] budget  ARGV[1] usage this replica last saw  ARGV[2] key expires at
 -- Returns {used, seq}.
 local restored = tonumber(redis.call('HGET', KEYS[1], 'restored') or '0')
