@@ -347,9 +347,22 @@ class BudgetConfig(CamelModel):
     tokens: dict[str, int] = Field(
         default_factory=dict, description="Tokens per window per model (whole policy, all replicas)."
     )
-    replica_share: float = Field(1.0, gt=0, le=1, description="This replica's share of every budget.")
+    replica_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description=(
+            "This replica's share of every budget with the in-process store. With a shared store "
+            "(state.url) every replica spends from the whole budget, and the share only bounds a "
+            "replica that has never reached the store in this window."
+        ),
+    )
     state_file: str | None = Field(
-        None, description="Where the ledger is persisted so it survives restarts and reloads."
+        None,
+        description=(
+            "Where the ledger is persisted so it survives restarts and reloads (with a shared store: "
+            "the operations not yet written to it, and the last usage seen)."
+        ),
     )
     max_request_fraction: float = Field(
         0.1,
@@ -377,6 +390,53 @@ class BudgetConfig(CamelModel):
             "A request that no model's budget can pay right now, while requests in flight still hold budget "
             "that they may give back, waits this long for them to settle before it is refused (0: refuse at once)."
         ),
+    )
+
+
+REDIS_URL = r"^rediss?://"
+
+
+class StateSettings(CamelModel):
+    """Where router replicas keep what they share: budget usage, dual prices, learned history."""
+
+    url: str | None = Field(
+        None,
+        pattern=REDIS_URL,
+        description=(
+            "redis://[user:password@]HOST:PORT/DB (rediss:// for TLS): every router replica of the policy "
+            "reserves and settles budgets atomically in this Redis and shares dual prices and learned "
+            "history through it. Unset: in-process state (one replica, or a static share per replica)."
+        ),
+    )
+    sync_interval_seconds: float = Field(
+        0.5,
+        ge=0.05,
+        le=60,
+        description=(
+            "How often a replica reads the shared state (usage, live replicas, dual prices, learned "
+            "entries); a re-fit or feedback on one replica is in use on the others within two intervals."
+        ),
+    )
+    timeout_seconds: float = Field(
+        0.25,
+        gt=0,
+        le=10,
+        description=(
+            "Redis connect and reply timeout. Past it the replica serves on a local conservative share "
+            "of the remaining budget until Redis answers again."
+        ),
+    )
+
+
+class StateConfig(StateSettings):
+    """The router's shared-state settings, plus the key prefix that keeps policies apart."""
+
+    key: str = Field(
+        "tollway",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9._/:-]+$",
+        description="Prefix of this policy's keys in Redis (the operator writes NAMESPACE/NAME).",
     )
 
 
@@ -464,6 +524,7 @@ class RouterConfig(CamelModel):
     ann: AnnSettings = Field(default_factory=AnnSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     degradation: DegradationSettings = Field(default_factory=DegradationSettings)
     endpoint_picker: EndpointPickerSettings = Field(default_factory=EndpointPickerSettings)
     auth: AuthConfig = Field(default_factory=AuthConfig)

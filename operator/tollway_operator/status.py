@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tollway_operator.api import ModelPoolSpec
-from tollway_operator.desired import deployed_models, model_child_name, model_endpoint, router_endpoint
+from tollway_operator.desired import (
+    deployed_models,
+    model_child_name,
+    model_endpoint,
+    router_endpoint,
+    router_selector_text,
+)
 
 READY = "Ready"
 PROGRESSING = "Progressing"
@@ -344,6 +350,7 @@ def policy_status(
         "conditions": merge_conditions(previous.get("conditions"), conds, now, generation),
         "endpoint": router_endpoint(name, namespace),
         "routerReplicas": view.ready if view is not None else 0,
+        "routerSelector": router_selector_text(name),
         "budgets": dict(budgets),
     }
 

@@ -40,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     parser.add_argument("--no-reload", action="store_true", help="do not watch the config file for changes")
     parser.add_argument(
+        "--state-url",
+        default=None,
+        metavar="redis://HOST:PORT/DB",
+        help=(
+            "share budgets, dual prices and learned history with the other replicas through this Redis "
+            "(default: $TOLLWAY_STATE_URL, else state.url in the config, else in-process state)"
+        ),
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from router_service.proxy.app import create_app
 
     try:
-        app = create_app(args.config, watch=not args.no_reload)
+        app = create_app(args.config, watch=not args.no_reload, state_url=args.state_url)
     except ValidationError as exc:
         print(f"tollway router: {args.config} is not a valid router config:\n{exc}", file=sys.stderr)
         return 2

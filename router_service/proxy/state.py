@@ -5,9 +5,11 @@ engine, accepted tokens, the `/v1/models` answer). A reload builds a new one off
 and swaps a single reference, so a request in flight keeps the generation it started with.
 
 `Runtime` holds what outlives reloads: the budget ledger (resized, never rebuilt, so spent
-budget stays spent), the load tracker (every model's endpoints and their load), the EndpointSlice
-discovery, the circuit breakers (one per endpoint), the connection pools (one per endpoint), the
-metrics and the open streams. `drain` is the graceful part of a shutdown.
+budget stays spent) over the state store (in-process, or Redis shared by every replica), the sync
+that keeps the engine in step with the store (dual prices, learned entries), the load tracker
+(every model's endpoints and their load), the EndpointSlice discovery, the circuit breakers (one
+per endpoint), the connection pools (one per endpoint), the metrics and the open streams. `drain`
+is the graceful part of a shutdown.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from router_service.proxy.load import LoadTracker
 from router_service.proxy.telemetry import LiveState, RouterMetrics
 from router_service.proxy.upstream import Backend
 from router_service.routing.ledger import BudgetLedger
+from router_service.store.base import LearnedEntry, state_url
+from router_service.store.sync import EngineSync
 
 log = logging.getLogger("tollway.router")
 
@@ -51,8 +55,9 @@ class Engine(Protocol):
 EngineFactory = Callable[[RouterConfig, BudgetLedger], Engine]
 
 # Config blocks the routing engine is built from; when none of them changes, a reload keeps the
-# engine (and what it learned) as it is. Budget sizes are not among them: the engine reads them
-# from the shared ledger, which a reload resizes.
+# engine (and what it learned) as it is. Budget sizes and this replica's share are not among
+# them: the engine reads budgets from the ledger, which a reload resizes, and takes a new share
+# in place (scaling the router must not rebuild every engine).
 _ENGINE_FIELDS = ("objective", "history", "embedding", "ann", "learning")
 
 
@@ -65,7 +70,6 @@ def default_engine_factory(config: RouterConfig, ledger: BudgetLedger) -> Engine
 def engine_inputs(config: RouterConfig) -> str:
     """A stable fingerprint of what the engine depends on (reuse it when unchanged)."""
     parts: dict[str, Any] = {f: getattr(config, f).model_dump(mode="json") for f in _ENGINE_FIELDS}
-    parts["replica_share"] = config.budgets.replica_share
     parts["backends"] = [(b.name, b.profile, b.price.model_dump(mode="json")) for b in config.backends]
     return json.dumps(parts, sort_keys=True)
 
@@ -183,11 +187,17 @@ class Runtime:
         *,
         clock: Callable[[], float] = time.monotonic,
         kube: KubeAccess | None = None,
+        state_url_override: str | None = None,
     ) -> None:
         config = state.config
         self.state = state
         self.clock = clock
         self.ledger = ledger
+        self.store = ledger.store
+        self.sync = EngineSync(self.store, config.state.sync_interval_seconds)
+        self._state_url_override = state_url_override
+        self._store_url = state_url(config, state_url_override)
+        self._sync_task: asyncio.Task[None] | None = None
         self.load = LoadTracker(config.backends, config.degradation, clock=clock)
         self.breakers = Breakers(config.degradation.circuit_breaker, clock=clock)
         self.connections = Connections(config.server)
@@ -212,11 +222,20 @@ class Runtime:
         self.control = aiohttp.ClientSession()
         self.load.start(self.control, after_round=self.sweep)
         self.discovery.start()
+        self.store.start()
+        await self.sync.step(self.state.engine)  # shared prices and learned entries before serving
+        self._sync_task = asyncio.get_running_loop().create_task(
+            self.sync.run(lambda: self.state.engine), name="tollway-state-sync"
+        )
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
         await self.discovery.stop()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
         await self.load.stop()
         if self._sweeping is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -229,7 +248,10 @@ class Runtime:
         close = getattr(self.state.engine, "close", None)
         if callable(close):
             await asyncio.to_thread(close)  # let a running dual-price fit finish
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.sync.step(self.state.engine)  # publish a fit that just finished
         self.ledger.save()
+        await asyncio.to_thread(self.store.close)  # writes what is queued for Redis
 
     def sweep(self) -> None:
         """After every scrape round: endpoints that left their model's set and have nothing in
@@ -288,15 +310,33 @@ class Runtime:
 
     # --- config generations ---------------------------------------------------------------------
 
+    async def prepare(self, state: RouterState) -> None:
+        """Bring a new generation's engine up to date with the store before it serves."""
+        if state.engine is not self.state.engine:
+            await self.sync.step(state.engine)
+
     def apply(self, state: RouterState) -> None:
         """Swap to a new generation; budgets carry over, load counts of kept backends too."""
-        self.ledger.resize(state.config.budgets)
-        self.load.configure(state.config.backends, state.config.degradation)
-        self.discovery.configure(slice_sources(state.config))
-        self.load.stall_after = state.config.server.first_byte_timeout_seconds
-        self.connections.configure(state.config.server)
-        self.breakers.configure(state.config.degradation.circuit_breaker, self.load.endpoint_urls())
+        config = state.config
+        wanted = state_url(config, self._state_url_override)
+        if wanted != self._store_url:
+            log.warning("state.url changed in the config; the router keeps its store until it restarts")
+            self._store_url = wanted
+        self.ledger.resize(config.budgets)
+        rescale = getattr(state.engine, "set_replica_share", None)
+        if callable(rescale):
+            rescale(config.budgets.replica_share)
+        self.load.configure(config.backends, config.degradation)
+        self.discovery.configure(slice_sources(config))
+        self.load.stall_after = config.server.first_byte_timeout_seconds
+        self.connections.configure(config.server)
+        self.breakers.configure(config.degradation.circuit_breaker, self.load.endpoint_urls())
         self.state = state
+
+    async def learn(self, entry: LearnedEntry) -> None:
+        """A learned history entry from this replica: into the store, and into the engine now."""
+        self.store.append_learned(entry)
+        await self.sync.step(self.state.engine)
 
     # --- routing decision off the loop for slow embedders ---------------------------------------
 
@@ -329,6 +369,7 @@ class Runtime:
             pending_demand={m: self.load.pending_demand(m) for m in state.backends},
             ready=self.ready and not self.draining,
             circuits=self.circuits(),
+            store=self.store.health(),
         )
 
     def circuits(self) -> dict[str, dict[str, Any]]:
@@ -353,6 +394,7 @@ class Runtime:
             "engine": engine.status() if callable(getattr(engine, "status", None)) else None,
             "gamma": {m: float(v) for m, v in dict(getattr(engine, "gamma", {}) or {}).items()},
             "budgets": self.ledger.snapshot(),
+            "state": self.store.health().to_json(),
             "load": self.load.snapshot(),
             "pending_demand": {m: self.load.pending_demand(m) for m in state.backends},
             "circuits": self.circuits(),
