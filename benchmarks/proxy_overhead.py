@@ -339,11 +339,13 @@ TARGET_ADDED_P50_MS = {"tollway": 2.0, "tollway-routed": 3.0}  # at 1 client, no
 def targets_met(points: list[dict[str, Any]], max_rps: dict[str, float]) -> list[str]:
     """The issue's targets, each met or with its measured distance."""
     out = []
-    if "tollway-routed" in max_rps:
-        ratio = max_rps["tollway-routed"] / max_rps["direct"]
+    for base, what in (("direct", "direct"), ("direct-mix", "direct-mix (the same load per backend)")):
+        if "tollway-routed" not in max_rps or base not in max_rps:
+            continue
+        ratio = max_rps["tollway-routed"] / max_rps[base]
         out.append(
-            f"- Target routed max throughput >= {TARGET_THROUGHPUT:.0%} of direct: {ratio:.0%} "
-            f"({max_rps['tollway-routed']:.0f} / {max_rps['direct']:.0f} req/s) "
+            f"- Target routed max throughput >= {TARGET_THROUGHPUT:.0%} of {what}: {ratio:.0%} "
+            f"({max_rps['tollway-routed']:.0f} / {max_rps[base]:.0f} req/s) "
             + (
                 "**met**."
                 if ratio >= TARGET_THROUGHPUT
@@ -360,6 +362,32 @@ def targets_met(points: list[dict[str, Any]], max_rps: dict[str, float]) -> list
                     + ("**met**." if added < limit else f"**missed** by {added - limit:.2f} ms.")
                 )
     return out
+
+
+def throughput_ratios(points: list[dict[str, Any]]) -> str:
+    """req/s of each proxy over direct and over direct-mix, at every point."""
+    at = {(p["target"], p["stream"], p["concurrency"]): p["ok_per_s"] for p in points}
+    rows = []
+    for stream, conc in sorted({(p["stream"], p["concurrency"]) for p in points}):
+        direct, mix = at.get(("direct", stream, conc)), at.get(("direct-mix", stream, conc))
+        row: list[Any] = ["yes" if stream else "no", conc]
+        for target in ("tollway", "tollway-routed", "litellm"):
+            value = at.get((target, stream, conc))
+            row.append("-" if value is None or not direct else f"{value / direct:.0%}")
+        routed = at.get(("tollway-routed", stream, conc))
+        row.append("-" if routed is None or not mix else f"{routed / mix:.0%}")
+        rows.append(row)
+    return markdown_table(
+        [
+            "stream",
+            "clients",
+            "tollway / direct",
+            "routed / direct",
+            "litellm / direct",
+            "routed / direct-mix",
+        ],
+        rows,
+    )
 
 
 def report(data: dict[str, Any], out_dir: Path) -> Path:
@@ -473,6 +501,10 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
             table,
             "",
             rps_table,
+            "",
+            "Throughput at each point, as a share of direct's at the same point:",
+            "",
+            throughput_ratios(points),
             "",
             "## Verdict",
             "",
