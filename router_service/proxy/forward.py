@@ -317,8 +317,7 @@ class Relay(Response):
         finally:
             if self._stall_timer is not None:
                 self._stall_timer.cancel()
-            with anyio.CancelScope(shield=True):
-                await self._finish()
+            self._settle()  # a relay cut short (client gone or stalled); else already settled
 
     async def _pump(self, send: Any) -> None:
         """Relay until the backend's stream ends, fails, passes the attempt's deadline, or `stop`
@@ -366,12 +365,15 @@ class Relay(Response):
                 "server_error",
                 "upstream_timeout",
             )
+        # The backend's part is over: charge it before the client sees the end, so that what the
+        # client does next (another request, a look at the budgets) meets a settled ledger.
+        self._settle()
         if error is not None:
             await self._send(send, {"type": "http.response.body", "body": error, "more_body": True})
         await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         self._complete = True
 
-    async def _finish(self) -> None:
+    def _settle(self) -> None:
         """Settle the attempt with the usage seen and close the backend's stream (once)."""
         self._unregister()
         if self._attempt.ended:
