@@ -46,7 +46,7 @@ EngineFactory = Callable[[RouterConfig, BudgetLedger], Engine]
 # Config blocks the routing engine is built from; when none of them changes, a reload keeps the
 # engine (and what it learned) as it is. Budget sizes are not among them: the engine reads them
 # from the shared ledger, which a reload resizes.
-_ENGINE_FIELDS = ("objective", "history", "embedding", "ann", "learning")
+_ENGINE_FIELDS = ("objective", "history", "embedding", "ann", "estimator", "learning")
 
 
 def default_engine_factory(config: RouterConfig, ledger: BudgetLedger) -> Engine:

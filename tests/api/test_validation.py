@@ -61,6 +61,7 @@ MINIMAL: dict[type[BaseModel], dict[str, Any]] = {
     config.Price: {},
     config.EmbeddingSettings: {},
     config.AnnSettings: {},
+    config.EstimatorSettings: {},
     config.LearningSettings: {},
     config.ObjectiveSettings: {},
     config.DegradationSettings: {},

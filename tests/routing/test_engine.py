@@ -133,3 +133,24 @@ def test_builtin_history_engine_ranks_fast():
     assert all(math.isfinite(c.score) and c.est_tokens > 0 for c in r.candidates)
     assert engine.history_size == 1764
     assert np.isfinite(list(engine.gamma.values())).all()
+
+
+def test_estimator_settings_shape_the_engines_estimates(history_file):
+    uniform = RoutingEngine.from_config(
+        config(history_file, ann={"k": 100}, estimator={"weighting": "uniform"}), background_fits=False
+    )
+    kernel = RoutingEngine.from_config(
+        config(history_file, ann={"k": 100}, estimator={"weighting": "similarity", "temperature": 0.05}),
+        background_fits=False,
+    )
+    prompt = "python code to sort a list quickly"
+    d_u, _, _ = uniform.estimate(prompt)
+    d_k, _, _ = kernel.estimate(prompt)
+    # 100 neighbours reach past the 60 code entries into trivia (small scores 1 there); the kernel
+    # discounts those far neighbours.
+    assert d_u[0] > d_k[0] and d_k[0] < 0.2
+    chosen = RoutingEngine.from_config(
+        config(history_file, ann={"k": 100}, estimator={"chooseK": True}), background_fits=False
+    )
+    assert chosen.estimator.k in {5, 10, 20, 50, 100} and set(chosen.k_errors) == {5, 10, 20, 50, 100}
+    assert chosen.status()["k"] == chosen.estimator.k
