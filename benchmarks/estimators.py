@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +176,9 @@ def report(
     embedders: dict[str, Embedder],
     orders_n: int,
     cache: EmbeddingCache,
+    scenarios: dict[str, Scenario],
 ) -> dict[str, dict]:
-    """Every row on the held-out stream through the evaluation's replay."""
+    """Every row on the held-out stream through the evaluation's replay (fills `scenarios`)."""
     out: dict[str, dict] = {}
     for row in tqdm(rows, desc="held-out stream", unit="row", file=sys.stderr):
         k, settings = SETTINGS[row.setting]
@@ -199,7 +200,42 @@ def report(
             base.models, base.est_quality, base.true_quality, base.est_cost, base.true_cost
         )
         out[row.key] = {"k": base.k, "budgets": per_budget, "estimates": acc.to_json()}
+        scenarios[row.key] = base
     return out
+
+
+def paired_bootstrap(a: Scenario, b: Scenario, resamples: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """How much the stream's sampling moves the difference in share of the oracle between two
+    rows: the stream's queries resampled with replacement (budgets re-derived from each sample),
+    Approx-Optimum's allocation replayed for both rows. Per budget: mean and 5th/95th percentiles
+    of a - b in percentage points."""
+    rng = np.random.default_rng(seed)
+    diffs: dict[float, list[float]] = {m: [] for m in MULTIPLIERS}
+    for _ in tqdm(range(resamples), desc="bootstrap", unit="sample", file=sys.stderr):
+        idx = rng.integers(0, a.n, a.n)
+        order = rng.permutation(a.n)
+        for m in MULTIPLIERS:
+            sa, sb = (resample(s, idx).with_budget(m) for s in (a, b))
+            diffs[m].append(100 * (lp_share_of_oracle(sa, order) - lp_share_of_oracle(sb, order)))
+    return {
+        str(m): {
+            "mean": float(np.mean(d)),
+            "p5": float(np.percentile(d, 5)),
+            "p95": float(np.percentile(d, 95)),
+        }
+        for m, d in diffs.items()
+    }
+
+
+def resample(scn: Scenario, idx: np.ndarray) -> Scenario:
+    return replace(
+        scn,
+        true_quality=scn.true_quality[idx],
+        true_cost=scn.true_cost[idx],
+        est_quality=scn.est_quality[idx],
+        est_cost=scn.est_cost[idx],
+        neighbour_ids=scn.neighbour_ids[idx],
+    )
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
@@ -260,11 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=2000, help="single-query decisions timed")
     parser.add_argument("--embed-calls", type=int, default=300, help="single-query embeddings timed")
+    parser.add_argument("--bootstrap", type=int, default=300, help="stream resamples (default vs baseline)")
     parser.add_argument("--quick", action="store_true", help="hashed embedders only, 1 repeat, 20k entries")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.entries, args.orders, args.queries = 1, 20_000, 3, 500
+        args.repeats, args.entries, args.orders, args.queries, args.bootstrap = 1, 20_000, 3, 500, 30
     embedder_names = [e for e in EMBEDDERS if not args.quick or e.startswith("hashed")]
     rows = [Row(e, s) for e in embedder_names for s in SETTINGS]
     t0 = time.perf_counter()
@@ -277,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tollway-estimators-") as tmp:
         cache = EmbeddingCache(Path(tmp))  # per-fold IDF-fitted vectors stay out of ~/.cache
         tuned = tune(rows, history, embedders, args.repeats, cache)
-        held_out = report(rows, history, stream, embedders, args.orders, cache)
+        scenarios: dict[str, Scenario] = {}
+        held_out = report(rows, history, stream, embedders, args.orders, cache, scenarios)
 
     # Latency: embeddings of single stream prompts; decisions over a large synthetic history.
     prompts = [stream.prompts[i % len(stream)] for i in range(args.embed_calls)]
@@ -322,16 +360,22 @@ def main(argv: list[str] | None = None) -> int:
     eligible = [k for k, v in summary.items() if v["within_latency"]] or list(summary)
     best = max(eligible, key=lambda k: summary[k]["cv_mean"])
     close = []
-    for key in eligible:
+    for key in summary:
         diff = fold_means[best] - fold_means[key]
         se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
         summary[key]["cv_gap_to_best"] = float(diff.mean())
         summary[key]["cv_gap_se"] = se
-        if diff.mean() <= se:
+        if key in eligible and diff.mean() <= se:
             close.append(key)
     selected = min(close, key=lambda k: summary[k]["decision"]["wall"]["p50_ms"])
     default = f"hashed:{EmbeddingSettings().dimensions} | " + next(
         (s for s, (k, st) in SETTINGS.items() if k == AnnSettings().k and st == EstimatorSettings()), "?"
+    )
+    baseline = " | ".join(BASELINE)
+    bootstrap = (
+        paired_bootstrap(scenarios[default], scenarios[baseline], args.bootstrap)
+        if default in scenarios and baseline in scenarios and args.bootstrap > 0
+        else None
     )
     elapsed = time.perf_counter() - t0
     command = (
@@ -351,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_cv": best,
         "within_one_se_of_best": close,
         "configured_default": default,
+        "bootstrap_default_minus_baseline": bootstrap,
         "rows": summary,
     }
     out = Path(args.out)
@@ -424,6 +469,16 @@ def render_markdown(doc: dict) -> str:
                 f"- {m}x: {pct(d['budgets'][m]['tollway_of_optimum'])}% vs {pct(base['budgets'][m]['tollway_of_optimum'])}% "
                 f"(PORT {pct(d['budgets'][m]['port_of_optimum'])}%); tollway at "
                 f"{pct(d['budgets'][m]['tollway_of_approx_optimum'])}% of approx-optimum"
+            )
+        boot = doc.get("bootstrap_default_minus_baseline")
+        if boot:
+            lines.append(
+                f"- the stream is {doc['stream']} queries: resampling them (paired bootstrap, Approx-Optimum's "
+                "allocation for both rows) puts the default's lead over the baseline at "
+                + "; ".join(
+                    f"{m}x {b['mean']:+.1f} [{b['p5']:+.1f}, {b['p95']:+.1f}]" for m, b in boot.items()
+                )
+                + " points (mean [5th, 95th percentile])"
             )
         cpu_dec, cpu_emb = d["decision"]["cpu"], d["embedding"]["cpu"]
         lines.append(

@@ -4,7 +4,7 @@
 IDF, embed the history through the on-disk cache, build the neighbour index, fit the initial dual
 prices). After that `rank(prompt)` is cheap, synchronous and does no I/O, so it is safe to call
 from the event loop: embed the prompt, find its k history neighbours, estimate every backend's
-quality and token cost (`estimator`: similarity-weighted means by default), score
+quality and token cost (`estimator`: the mean over k=50 neighbours by default), score
 ``alpha * d - gamma * g`` and sort.
 
 Costs are tokens. A backend's columns in the history are chosen by its ``profile``; its token cost

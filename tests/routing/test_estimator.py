@@ -153,4 +153,4 @@ def test_estimator_settings_are_validated_and_reach_the_router_config():
     assert cfg.estimator.choose_k
     defaults = RouterConfig.model_validate({"backends": [{"name": "a", "url": "http://a", "profile": "a"}]})
     assert (defaults.embedding.kind, defaults.embedding.dimensions, defaults.ann.k) == ("hashed", 256, 50)
-    assert (defaults.estimator.weighting, defaults.estimator.shrinkage) == ("similarity", 0.0)
+    assert (defaults.estimator.weighting, defaults.estimator.shrinkage) == ("uniform", 0.0)

@@ -33,7 +33,7 @@ def test_eval_json_shape_and_ordering_on_shipped_data(tmp_path, capsys):
     est = doc["estimates"]
     assert set(est["mae_per_model"]) == set(doc["models"])
     assert 0 < est["mae"] < 0.5 and 0 < est["brier"] < 0.25 and 0.5 < est["top1_agreement"] <= 1
-    assert doc["k"] == 50 and doc["estimator"]["weighting"] == "similarity"
+    assert doc["k"] == 50 and doc["estimator"]["weighting"] == "uniform"
     assert doc["embedder"].startswith("hashed-ngram-d256")
     assert plot.stat().st_size > 1000
     out = capsys.readouterr().out
@@ -43,9 +43,9 @@ def test_eval_json_shape_and_ordering_on_shipped_data(tmp_path, capsys):
 def test_eval_estimator_flags_change_the_estimates(tmp_path):
     runs = {}
     for name, flags in {
-        "port": ["--k", "5", "--weighting", "uniform"],
-        "shrunk": ["--k", "5", "--weighting", "uniform", "--shrinkage", "20", "--prior", "global"],
-        "loo": ["--k", "100", "--choose-k"],
+        "port": ["--k", "5"],
+        "shrunk": ["--k", "5", "--shrinkage", "20", "--prior", "global"],
+        "loo": ["--k", "100", "--choose-k", "--weighting", "similarity"],
     }.items():
         out = tmp_path / f"{name}.json"
         args = [
@@ -63,6 +63,7 @@ def test_eval_estimator_flags_change_the_estimates(tmp_path):
     # Shrinking 5 neighbours toward the global mean with 20 pseudo-neighbours smooths the estimates.
     assert runs["shrunk"]["estimates"]["brier"] < runs["port"]["estimates"]["brier"]
     assert runs["loo"]["k"] in {5, 10, 20, 50, 100} and runs["loo"]["estimator"]["chooseK"]
+    assert runs["loo"]["estimator"]["weighting"] == "similarity"
     assert main(["--k", "0", "--orders", "1"]) == 2
     assert main(["--temperature", "0", "--orders", "1"]) == 2
 
