@@ -17,6 +17,7 @@ from router_service.config import (
     CamelModel,
     DegradationSettings,
     EmbeddingSettings,
+    EstimatorSettings,
     HistorySettings,
     LearningSettings,
     ModelName,
@@ -421,6 +422,7 @@ class RoutingPolicySpec(CamelModel):
     history: HistorySettings = Field(default_factory=lambda: HistorySettings(builtin=True))
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     ann: AnnSettings = Field(default_factory=AnnSettings)
+    estimator: EstimatorSettings = Field(default_factory=EstimatorSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
     degradation: DegradationSettings = Field(default_factory=DegradationSettings)
     state: SharedStateSpec | None = Field(

@@ -54,7 +54,7 @@ EngineFactory = Callable[[RouterConfig, BudgetLedger], Engine]
 # engine (and what it learned) as it is. Budget sizes and this replica's share are not among
 # them: the engine reads budgets from the ledger, which a reload resizes, and takes a new share
 # in place (scaling the router must not rebuild every engine).
-_ENGINE_FIELDS = ("objective", "history", "embedding", "ann", "learning")
+_ENGINE_FIELDS = ("objective", "history", "embedding", "ann", "estimator", "learning")
 
 
 def default_engine_factory(config: RouterConfig, ledger: BudgetLedger) -> Engine:

@@ -4,11 +4,12 @@
 IDF, embed the history through the on-disk cache, build the neighbour index, fit the initial dual
 prices). After that `rank(prompt)` is cheap, synchronous and does no I/O, so it is safe to call
 from the event loop: embed the prompt, find its k history neighbours, estimate every backend's
-quality and token cost, score ``alpha * d - gamma * g`` and sort.
+quality and token cost (`estimator`: the mean over k=50 neighbours by default), score
+``alpha * d - gamma * g`` and sort.
 
 Costs are tokens. A backend's columns in the history are chosen by its ``profile``; its token cost
-for a query is the query's own prompt tokens (chars / 4) plus the mean completion tokens of the
-neighbours for that profile. Budgets (`BudgetConfig.tokens`) are tokens per window per backend, so
+for a query is the query's own prompt tokens (chars / 4, known exactly) plus the neighbours'
+estimate of its completion tokens for that profile. Budgets (`BudgetConfig.tokens`) are tokens per window per backend, so
 gamma_i prices one token of backend i: a backend's per-token price only matters through how the
 operator splits budgets.
 
@@ -42,8 +43,8 @@ import numpy as np
 from router_service.config import RouterConfig
 from router_service.routing.ann import NeighbourIndex
 from router_service.routing.duals import DualController
-from router_service.routing.embedding import Embedder, EmbeddingCache, HashedNgramEmbedder, make_embedder
-from router_service.routing.estimator import NeighbourEstimator
+from router_service.routing.embedding import Embedder, EmbeddingCache, fit_to_history, make_embedder
+from router_service.routing.estimator import NeighbourEstimator, choose_k_by_leave_one_out
 from router_service.routing.history import CHARS_PER_TOKEN, History, load_builtin_history, load_history
 from router_service.routing.ledger import BudgetLedger
 from router_service.routing.policy import Candidate, rank
@@ -142,7 +143,13 @@ class RoutingEngine:
         prompt_tokens = history.prompt_tokens
         completion = np.clip(history.tokens - prompt_tokens[:, None], 0.0, None)
         index = NeighbourIndex.build(history_vectors, cfg.ann)
-        self.estimator = NeighbourEstimator(index, history.scores, completion, k=cfg.ann.k)
+        self.estimator = NeighbourEstimator(index, history.scores, completion, cfg.ann.k, cfg.estimator)
+        self.k_errors: dict[int, float] = {}
+        if cfg.estimator.choose_k:
+            self.estimator.k, self.k_errors = choose_k_by_leave_one_out(self.estimator, history_vectors)
+            log.info(
+                "estimator.chooseK: k=%d (leave-one-out squared error %s)", self.estimator.k, self.k_errors
+            )
         # With a shared store every replica prices the whole budget and the whole volume.
         share = 1.0 if ledger is not None and ledger.shared else cfg.budgets.replica_share
         prior_d = prior_g = None
@@ -199,9 +206,7 @@ class RoutingEngine:
             tokens=full.tokens[:, [full.model_index(p) for p in profiles]],
             eval_names=full.eval_names,
         )
-        embedder = make_embedder(cfg.embedding)
-        if isinstance(embedder, HashedNgramEmbedder):
-            embedder = embedder.fit_idf(columns.prompts)
+        embedder = fit_to_history(make_embedder(cfg.embedding), columns.prompts)
         vectors = (cache or EmbeddingCache()).embed(embedder, columns.prompts)
         return cls(
             backends=[b.name for b in cfg.backends],
@@ -216,8 +221,7 @@ class RoutingEngine:
     def _prior_sample(self, vectors: np.ndarray, prompt_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(vectors)
         rows = np.sort(self._rng.permutation(n)[: min(n, PRIOR_SAMPLE)])
-        ids = self.estimator.neighbours(vectors[rows], exclude_self=True)
-        d, g = self.estimator.estimate_ids(ids)
+        d, g = self.estimator.estimate_ids(*self.estimator.neighbours(vectors[rows], exclude=rows))
         return d, g + prompt_tokens[rows, None]
 
     def attach_ledger(self, ledger: BudgetLedger) -> None:
@@ -440,6 +444,7 @@ class RoutingEngine:
             "fleet_observed_queries": self.fleet_observed,
             "history_size": self.history_size,
             "index": self.estimator.index.kind,
+            "k": self.estimator.k,
             "embedder": self.embedder.name,
             "last_fit_error": self.last_fit_error,
         }

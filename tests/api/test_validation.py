@@ -62,6 +62,7 @@ MINIMAL: dict[type[BaseModel], dict[str, Any]] = {
     config.Price: {},
     config.EmbeddingSettings: {},
     config.AnnSettings: {},
+    config.EstimatorSettings: {},
     config.LearningSettings: {},
     config.ObjectiveSettings: {},
     config.DegradationSettings: {},

@@ -234,6 +234,7 @@ def router_config(
         history=history,
         embedding=spec.embedding,
         ann=spec.ann,
+        estimator=spec.estimator,
         learning=spec.learning,
         budgets=BudgetConfig(
             window_seconds=spec.budgets.window_seconds if spec.budgets else 3600,
