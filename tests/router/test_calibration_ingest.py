@@ -10,7 +10,7 @@ import httpx
 import pytest
 import yaml
 from router_helpers import router_config, wait_until
-from test_shared_state import SYNC, shared, tiny_history
+from test_shared_state import SYNC, history_size, shared, tiny_history
 
 from router_service.proxy.server import BackgroundRouter
 
@@ -54,7 +54,7 @@ def local_config(urls, tmp_path, monkeypatch):
     history = tiny_history(tmp_path / "history.jsonl")
     return router_config(
         urls,
-        history={"path": str(history)},
+        history={"path": str(history), "learnFromTraffic": True},
         budgets={"stateFile": str(tmp_path / "state" / "ledger.json")},
     )
 
@@ -76,9 +76,14 @@ def test_a_pushed_calibration_changes_routing_at_once_and_survives_a_restart(loc
     assert routed(router) == "small"  # without a restart
     info = calibrated(router)["small"]
     assert info["revision"] == "r1" and info["history_rows_replaced"] == len(TRIVIA)
+    # Feedback is learned into the same store, next to the calibrations.
+    feedback = {"prompt": "say hello to friend number 99", "model": "medium", "score": 1.0}
+    assert httpx.post(router.base_url + "/feedback", json=feedback).json() == {"accepted": True}
+    size = history_size(router)
     router.stop()
     again = start_router(local_config)
     assert set(calibrated(again)) == {"small", "large"}
+    assert history_size(again) == size  # the learned entry came back too
     assert routed(again) == "small"
 
 

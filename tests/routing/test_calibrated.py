@@ -150,3 +150,30 @@ def test_uncalibrated_backends_keep_their_profile_everywhere(history_file):
     d_some, _, _ = some.estimate(q)
     assert d_some[1] == d_plain[1]  # big
     assert some.status()["columns"] == {"small": "calibrated", "big": "org/big-model"}
+
+
+def test_the_builtin_set_joins_row_for_row_onto_the_builtin_history():
+    """The built-in calibration set's prompts are the shipped history's: calibrating a model on it
+    replaces its profile's values on every history row the set covers; the set's held-out
+    (`stream`) lines, which the router's history leaves out, come in as entries."""
+    from router_service.calibration.dataset import load_dataset
+    from router_service.config import RouterConfig
+    from router_service.routing.history import load_builtin_history
+
+    items = load_dataset("builtin").items
+    history = load_builtin_history("history")
+    covered = {i.prompt for i in items} & set(history.prompts)
+    held_out = {i.prompt for i in items} - set(history.prompts)
+    assert len(covered) > 1000 and held_out == {i.prompt for i in items if i.split == "stream"}
+    cfg = RouterConfig.model_validate(
+        {"backends": [{"name": "mine", "url": "http://m:8000", "profile": "gpt-4-1106-preview"}]}
+    )
+    measured = Calibration(
+        "mine", "r", tuple(CalibratedRow(i.prompt, 0.0, 100.0, 1.0, i.task) for i in items)
+    )
+    engine = RoutingEngine.from_config(cfg, background_fits=False, calibrations={"mine": measured})
+    info = engine.calibrated["mine"]
+    assert info["history_rows_replaced"] == sum(p in covered for p in history.prompts)
+    assert info["entries_added"] == len(held_out)
+    d, _, _ = engine.estimate(items[0].prompt)
+    assert d[0] == 0.0  # gpt-4's column said otherwise for ARC/Winogrande; the measurement wins
