@@ -73,6 +73,8 @@ def engine_inputs(config: RouterConfig, calibrations: str = "") -> str:
     """A stable fingerprint of what the engine depends on (reuse it when unchanged);
     `calibrations`: the fingerprint of the calibrations its backends are routed with."""
     parts: dict[str, Any] = {f: getattr(config, f).model_dump(mode="json") for f in _ENGINE_FIELDS}
+    # The expected calibration revision is an input too: the engine checks new calibrations against
+    # its own config's revisions, so it must be rebuilt when they change.
     parts["backends"] = [
         (b.name, b.profile, b.price.model_dump(mode="json"), b.calibration_revision) for b in config.backends
     ]

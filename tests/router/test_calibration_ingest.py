@@ -110,6 +110,14 @@ def test_a_revision_the_backend_does_not_expect_is_kept_but_not_used(
     path.write_text(yaml.safe_dump(wire))
     wait_until(lambda: set(calibrated(router)) == {"small", "large"}, timeout=30)
     assert routed(router) == "small"
+    # New weights: back to the profile until a calibration of the new revision arrives, then that.
+    for backend in wire["backends"]:
+        if backend["name"] == "small":
+            backend["calibrationRevision"] = "v3"
+    path.write_text(yaml.safe_dump(wire))
+    wait_until(lambda: set(calibrated(router)) == {"large"}, timeout=30)
+    assert push(router, push_body("small", 1.0, revision="v3")).json()["inUse"] is True
+    assert calibrated(router)["small"]["revision"] == "v3"
 
 
 def test_a_calibration_for_a_model_the_config_lacks_waits_for_it(local_config, start_router):
