@@ -468,7 +468,7 @@ def model_calibration_status(
                 **base,
                 "job": None,
                 "state": "Pending",
-                "reason": "WaitingForModel",
+                "reason": calibration.waiting_reason or "Waiting",
                 "message": calibration.waiting,
             }
         return {

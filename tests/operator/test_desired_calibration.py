@@ -338,3 +338,8 @@ def test_a_restarted_attempt_and_a_failed_job_say_why() -> None:
     waiting = plan(pool(SMALL), ready_replicas={})
     pending = status.calibration_status(waiting, {}, [], None, "t")
     assert pending["models"][0]["reason"] == "WaitingForModel" and pending["models"][0]["job"] is None
+    no_set = plan(
+        pool(SMALL, dataset={"configMap": {"name": "s", "key": "k"}}), set_missing="ConfigMap 's' not found"
+    )
+    pending = status.calibration_status(no_set, {}, [], None, "t")["models"][0]
+    assert pending["reason"] == "CalibrationSetMissing" and pending["message"] == "ConfigMap 's' not found"
