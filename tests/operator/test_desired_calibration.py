@@ -8,7 +8,7 @@ from typing import Any
 
 from tollway_operator import desired as d
 from tollway_operator import status
-from tollway_operator.api import SecretKeyRef, parse_model_pool
+from tollway_operator.api import CalibrationStatus, SecretKeyRef, parse_model_pool
 from tollway_operator.desired.calibration import MAX_JOB_NAME, TERMINATION_LOG
 
 OWNER = d.Owner(kind="ModelPool", name="chat", namespace="ml", uid="uid-1")
@@ -218,6 +218,14 @@ def test_the_router_expects_the_current_revision_without_a_rollout() -> None:
 # --- status from Jobs and termination messages -------------------------------------------------------
 
 
+def without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_none(v) for v in value]
+    return value
+
+
 def summary(model: str, revision: str, *, ok: bool = True, failed: int = 0) -> str:
     return json.dumps(
         {
@@ -299,6 +307,11 @@ def test_status_follows_the_job_from_pending_to_done_with_the_summary() -> None:
         "wino": {"queries": 4, "meanScore": 1.0},
     }
     assert entry["routers"] == ["chat-auto"] and "10/10 lines graded, mean score 0.700" in entry["message"]
+    for doc in (pending, running, done):  # every field is in the CRD's status schema (a server prunes others)
+        wire = CalibrationStatus.model_validate(doc).to_wire()  # unknown fields would raise
+        assert [
+            {k: m[k] for k in without_none(d)} for m, d in zip(wire["models"], doc["models"], strict=True)
+        ] == [without_none(d) for d in doc["models"]]
     assert status.calibration_events(running, done) == [
         ("Normal", "Calibrated", f"small (revision {rev}): {entry['message']}")
     ]
