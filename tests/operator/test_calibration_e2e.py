@@ -306,8 +306,10 @@ def test_adding_a_model_calibrates_that_model_only_and_its_results_reach_the_rou
     assert large["routers"] == ["chat-auto"]
     pool_status = cl.get("modelpools", "chat")["status"]["calibration"]
     assert pool_status["summary"] == "2/2 calibrated"
-    reasons = [e.get("reason") for e in cl.events("chat")]
-    assert reasons.count("Calibrated") == 2
+    wait_for(  # kopf posts Events from a queue, shortly after the reconcile
+        lambda: [e.get("reason") for e in cl.events("chat")].count("Calibrated") == 2,
+        what="a Calibrated Event per model",
+    )
 
     # A new revision of large (new weights) replaces its Job; small's stays.
     cl.patch(
