@@ -306,6 +306,16 @@ class BackendConfig(CamelModel):
             "ceiling the router sets when a request names no max_tokens."
         ),
     )
+    calibration_revision: str | None = Field(
+        None,
+        max_length=128,
+        description=(
+            "The calibration revision that describes what this backend serves now (the operator writes it: a "
+            "hash of the model, the calibration set and the judge). A calibration pushed for this backend "
+            "(POST /v1/tollway/calibration) replaces its `profile` columns only when its revision is this one; "
+            "unset: any calibration pushed for the backend's name is used."
+        ),
+    )
 
 
 class BudgetConfig(CamelModel):

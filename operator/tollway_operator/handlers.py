@@ -211,6 +211,7 @@ async def policy_changed(
 @kopf.on.event("v1", "services", labels=MANAGED_CHILD)
 @kopf.on.event("v1", "configmaps", labels=MANAGED_CHILD)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED_CHILD)
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED_CHILD)
 async def child_event(event: Mapping[str, Any], labels: Mapping[str, str], namespace: str, **_: Any) -> None:
     owner = owner_of_child(labels)
     if owner is not None and event.get("type") in ("ADDED", "MODIFIED", "DELETED", None):

@@ -60,6 +60,9 @@ SERVICE = Kind("", "v1", "services", "Service")
 CONFIGMAP = Kind("", "v1", "configmaps", "ConfigMap")
 PVC = Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 PDB = Kind("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
+JOB = Kind("batch", "v1", "jobs", "Job")
+POD = Kind("", "v1", "pods", "Pod")
+"""Only listed (calibration pods' termination messages), never managed."""
 SCALED_OBJECT = Kind("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
 MODELPOOL = Kind("tollway.io", "v1alpha1", "modelpools", "ModelPool")
 ROUTINGPOLICY = Kind("tollway.io", "v1alpha1", "routingpolicies", "RoutingPolicy")
@@ -74,6 +77,7 @@ KINDS = {
         CONFIGMAP,
         PVC,
         PDB,
+        JOB,
         SCALED_OBJECT,
         MODELPOOL,
         ROUTINGPOLICY,
@@ -81,7 +85,7 @@ KINDS = {
         CLUSTER_KOPF_PEERING,
     )
 }
-CREATE_ONLY = {PVC}
+CREATE_ONLY = {PVC, JOB}
 """Kinds whose spec is immutable after creation: created, never patched."""
 
 

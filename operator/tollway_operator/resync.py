@@ -70,7 +70,9 @@ def owner_of_child(labels: Mapping[str, str]) -> tuple[str, str] | None:
         return None
     if labels.get(d.LABEL_COMPONENT) == d.COMPONENT_ROUTER and labels.get(d.LABEL_POLICY):
         return "policy", labels[d.LABEL_POLICY]
-    if labels.get(d.LABEL_COMPONENT) == d.COMPONENT_MODEL and labels.get(d.LABEL_POOL):
+    if labels.get(d.LABEL_COMPONENT) in (d.COMPONENT_MODEL, d.COMPONENT_CALIBRATION) and labels.get(
+        d.LABEL_POOL
+    ):
         return "pool", labels[d.LABEL_POOL]
     return None
 

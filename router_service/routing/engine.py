@@ -9,7 +9,9 @@ quality and token cost (`estimator`: the mean over k=50 neighbours by default), 
 
 Costs are tokens. A backend's columns in the history are chosen by its ``profile``; its token cost
 for a query is the query's own prompt tokens (chars / 4, known exactly) plus the neighbours'
-estimate of its completion tokens for that profile. Budgets (`BudgetConfig.tokens`) are tokens per window per backend, so
+estimate of its completion tokens for that profile. A calibrated backend (`calibrations`, pushed by
+`tollway calibrate`) is described by its own measurements wherever it was measured
+(`routing.calibrated`); the profile remains its prior elsewhere. Budgets (`BudgetConfig.tokens`) are tokens per window per backend, so
 gamma_i prices one token of backend i: a backend's per-token price only matters through how the
 operator splits budgets.
 
@@ -42,13 +44,14 @@ import numpy as np
 
 from router_service.config import RouterConfig
 from router_service.routing.ann import NeighbourIndex
+from router_service.routing.calibrated import applicable, fingerprint, join_calibrations
 from router_service.routing.duals import DualController
 from router_service.routing.embedding import Embedder, EmbeddingCache, fit_to_history, make_embedder
 from router_service.routing.estimator import NeighbourEstimator, choose_k_by_leave_one_out
 from router_service.routing.history import CHARS_PER_TOKEN, History, load_builtin_history, load_history
 from router_service.routing.ledger import BudgetLedger
 from router_service.routing.policy import Candidate, rank
-from router_service.store.base import LearnedEntry
+from router_service.store.base import Calibration, LearnedEntry
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +172,10 @@ class RoutingEngine:
         self._fit_thread: threading.Thread | None = None
         self._window = ledger.window_index if ledger is not None else 0
         self.last_fit_error: str | None = None
+        self.calibration_fingerprint = ""
+        """What this engine's calibrated columns come from (`routing.calibrated.fingerprint`)."""
+        self.calibrated: dict[str, dict] = {}
+        """Per calibrated backend: revision, dataset, lines, history rows replaced, entries added."""
         self.fleet_observed: int | None = None
         """Queries routed in this window by every replica (set by the state sync; None: only ours)."""
         if self.algorithm == "tollway":
@@ -185,8 +192,11 @@ class RoutingEngine:
         history: History | None = None,
         cache: EmbeddingCache | None = None,
         background_fits: bool = True,
+        calibrations: Mapping[str, Calibration] | None = None,
     ) -> RoutingEngine:
-        """Load the history, embed it (cached on disk), build the index, fit the first prices."""
+        """Load the history, join the calibrated columns (`calibrations`: the latest per backend
+        name, as the state store keeps them), embed it (cached on disk), build the index, fit the
+        first prices."""
         full = history if history is not None else load_configured_history(cfg)
         if len(full) == 0:
             raise ValueError("the routing history is empty")
@@ -206,9 +216,12 @@ class RoutingEngine:
             tokens=full.tokens[:, [full.model_index(p) for p in profiles]],
             eval_names=full.eval_names,
         )
+        used = applicable(calibrations or {}, cfg.backends)
+        joined = join_calibrations(columns, used)
+        columns = joined.history
         embedder = fit_to_history(make_embedder(cfg.embedding), columns.prompts)
         vectors = (cache or EmbeddingCache()).embed(embedder, columns.prompts)
-        return cls(
+        engine = cls(
             backends=[b.name for b in cfg.backends],
             history=columns,
             embedder=embedder,
@@ -217,6 +230,29 @@ class RoutingEngine:
             ledger=ledger,
             background_fits=background_fits,
         )
+        engine.add_learned(joined.extra)  # calibrated prompts the history lacks
+        engine.calibration_fingerprint = fingerprint(used, cfg.backends)
+        engine.calibrated = {
+            name: {
+                "revision": c.revision,
+                "dataset": c.dataset,
+                "lines": len(c.rows),
+                "history_rows_replaced": joined.matched.get(name, 0),
+                "entries_added": joined.added.get(name, 0),
+            }
+            for name, c in sorted(used.items())
+        }
+        if used:
+            log.info(
+                "routing with calibrated columns for %s (the others keep their profile's)",
+                ", ".join(sorted(used)),
+            )
+        return engine
+
+    def calibration_outdated(self, calibrations: Mapping[str, Calibration]) -> bool:
+        """Whether `calibrations` (the store's) would route this engine's backends differently:
+        then the router builds a new engine with them."""
+        return fingerprint(calibrations, self.cfg.backends) != self.calibration_fingerprint
 
     def _prior_sample(self, vectors: np.ndarray, prompt_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(vectors)
@@ -443,6 +479,10 @@ class RoutingEngine:
             "gamma_adopted": self.controller.adopted,
             "fleet_observed_queries": self.fleet_observed,
             "history_size": self.history_size,
+            "calibrated": self.calibrated,
+            "columns": {
+                b.name: "calibrated" if b.name in self.calibrated else b.profile for b in self.cfg.backends
+            },
             "index": self.estimator.index.kind,
             "k": self.estimator.k,
             "embedder": self.embedder.name,

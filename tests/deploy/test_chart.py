@@ -305,6 +305,8 @@ OPERATOR_RULES = {
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "update", "patch"},
     ("", "events"): {"create", "patch"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    ("", "pods"): {"list"},
 }
 KEDA_RULES = {("keda.sh", "scaledobjects"): {"get", "list", "watch", "create", "update", "patch", "delete"}}
 FORBIDDEN = {
