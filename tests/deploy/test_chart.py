@@ -296,6 +296,8 @@ OPERATOR_RULES = {
     ("tollway.io", "routingpolicies"): {"get", "list", "watch", "patch", "update"},
     ("tollway.io", "modelpools/status"): {"get", "patch", "update"},
     ("tollway.io", "routingpolicies/status"): {"get", "patch", "update"},
+    ("tollway.io", "modelpools/finalizers"): {"update"},
+    ("tollway.io", "routingpolicies/finalizers"): {"update"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("apps", "deployments/scale"): {"get", "patch", "update"},
     ("", "services"): {"get", "list", "watch", "create", "update", "patch", "delete"},
