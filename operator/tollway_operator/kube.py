@@ -244,13 +244,17 @@ class Kube:
     async def list(
         self, kind: Kind, namespace: str | None, label_selector: str | None = None
     ) -> list[dict[str, Any]]:
+        """The objects of one kind, each with its `apiVersion` and `kind` (an API server leaves them
+        out of a built-in kind's list items; without them no listed object would match its
+        desired manifest)."""
         query = {"labelSelector": label_selector} if label_selector else None
         try:
-            return list((await self.request("GET", kind.path(namespace), query=query)).get("items") or [])
+            items = (await self.request("GET", kind.path(namespace), query=query)).get("items") or []
         except ApiError as e:
             if e.status == 404 and kind in (SCALED_OBJECT, PDB):
                 return []  # the API (KEDA, policy/v1) is not installed
             raise
+        return [{**item, "apiVersion": kind.api_version, "kind": kind.kind} for item in items]
 
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         kind = kind_of(obj)
