@@ -303,7 +303,7 @@ OPERATOR_RULES = {
     ("", "services"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "update", "patch", "delete"},
-    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "update", "patch"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("", "events"): {"create", "patch"},
 }
 KEDA_RULES = {("keda.sh", "scaledobjects"): {"get", "list", "watch", "create", "update", "patch", "delete"}}
