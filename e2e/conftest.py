@@ -138,7 +138,7 @@ def operator_kubeconfig(
     if cluster.emulated:
         yield cluster.kubeconfig
         return
-    release = "tollway-e2e"
+    release = namespace  # unique, so that no run's cluster-wide objects collide with another's
     account = install_chart(cluster, release, namespace, "--set", "keda.enabled=true")
     try:
         yield cluster.service_account_kubeconfig(

@@ -35,7 +35,7 @@ def test_uninstall_then_namespace_deletion_completes(
         pytest.skip("runs its own operator next to its own release (TOLLWAY_E2E_OPERATOR=in-cluster)")
     namespace = new_namespace(cl, "tollway-e2e-uninstall")
     try:
-        account = install_chart(cl, "tollway-uninstall", namespace)
+        account = install_chart(cl, namespace, namespace)
         workdir = tmp_path_factory.mktemp("uninstall")
         kubeconfig = cl.service_account_kubeconfig(namespace, account, workdir / "kubeconfig")
         pool, policy = copy.deepcopy(examples(namespace))
@@ -59,7 +59,7 @@ def test_uninstall_then_namespace_deletion_completes(
             autoscaled = cl.get("modelpool", "chat", namespace=namespace)
             assert not autoscaled["metadata"].get("finalizers"), autoscaled["metadata"]["finalizers"]
             assert not cl.get("routingpolicy", "chat-auto", namespace=namespace)["metadata"].get("finalizers")
-        cl.helm("uninstall", "tollway-uninstall", "--namespace", namespace, "--wait")
+        cl.helm("uninstall", namespace, "--namespace", namespace, "--wait")
         started = time.monotonic()
         cl.kubectl("delete", "namespace", namespace, "--wait=false")
         try:
@@ -77,5 +77,6 @@ def test_uninstall_then_namespace_deletion_completes(
                 f"{e}; the namespace's conditions: {ns.get('status', {}).get('conditions')}"
             ) from None
         assert gone - started <= NAMESPACE_DELETION_LIMIT_S
-    finally:
+    finally:  # after a failure: nothing of this test's stays (its ClusterRole is cluster-wide)
+        cl.helm("uninstall", namespace, "--namespace", namespace, check=False)
         cl.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
