@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -410,31 +411,6 @@ class KubeStatusWriter:
         await self._kube.patch_status(k.MODELPOOL, namespace, pool, {"autoscaling": autoscaling})
 
 
-class _SharedKube:
-    """One API client for every pool's autoscaler, connected on first use, closed at cleanup."""
-
-    def __init__(self) -> None:
-        self._kube: k.Kube | None = None
-        self._lock: asyncio.Lock | None = None
-
-    async def get(self) -> k.Kube:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._kube is None:
-                self._kube = k.Kube(await k.connect())
-            return self._kube
-
-    async def close(self) -> None:
-        if self._kube is not None:
-            kube, self._kube = self._kube, None
-            await kube.close()
-        self._lock = None
-
-
-SHARED_KUBE = _SharedKube()
-
-
 # ---------------------------------------------------------------------------------------------
 # kopf wiring
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +457,15 @@ class PoolAutoscalers:
 
     def __init__(self) -> None:
         self._pools: dict[tuple[str, str], _RunningPool] = {}
+        self._kube: k.Kube | None = None
+        self._connecting = asyncio.Lock()
+
+    async def kube(self) -> k.Kube:
+        """The API client every pool's task shares, connected on first use."""
+        async with self._connecting:
+            if self._kube is None:
+                self._kube = k.Kube(await k.connect())
+            return self._kube
 
     def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
         """Take one watch event of a pool: start, update or stop its autoscaler."""
@@ -506,7 +491,8 @@ class PoolAutoscalers:
         if running is not None:
             running.stop.set()
 
-    async def stop_all(self, timeout: float = 10.0) -> None:
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop every task (bounded), then close the client."""
         tasks = [p.task for p in self._pools.values() if p.task is not None]
         for key in list(self._pools):
             self._stop(key)
@@ -515,10 +501,13 @@ class PoolAutoscalers:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._kube is not None:
+            kube, self._kube = self._kube, None
+            await kube.close()
 
     async def _run(self, key: tuple[str, str], running: _RunningPool) -> None:
         namespace, name = key
-        kube = await SHARED_KUBE.get()
+        kube = await self.kube()
         autoscaler = PoolAutoscaler(pool=name, namespace=namespace, scaler=KubeReplicaScaler(kube))
 
         def post(kind: str, reason: str, message: str) -> None:
@@ -550,7 +539,15 @@ class PoolAutoscalers:
                 self._pools.pop(key, None)
 
 
-AUTOSCALERS = PoolAutoscalers()
+_BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PoolAutoscalers] = weakref.WeakKeyDictionary()
+"""One registry per operator, i.e. per event loop (tests run several operators in one process)."""
+
+
+def autoscalers() -> PoolAutoscalers:
+    loop = asyncio.get_running_loop()
+    if loop not in _BY_LOOP:
+        _BY_LOOP[loop] = PoolAutoscalers()
+    return _BY_LOOP[loop]
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -558,10 +555,11 @@ async def autoscaler_pool_event(event: Mapping[str, Any], **_: Any) -> None:
     """Every watch event of a pool (the initial listing included) feeds its autoscaler."""
     body = event.get("object")
     if isinstance(body, Mapping):
-        AUTOSCALERS.observe(event.get("type"), dict(body))
+        autoscalers().observe(event.get("type"), dict(body))
 
 
 @kopf.on.cleanup()
-async def close_autoscaler_client(**_: Any) -> None:
-    await AUTOSCALERS.stop_all()
-    await SHARED_KUBE.close()
+async def stop_autoscalers(**_: Any) -> None:
+    registry = _BY_LOOP.pop(asyncio.get_running_loop(), None)
+    if registry is not None:
+        await registry.close()
