@@ -3,7 +3,7 @@
 `Kube.apply(obj)` makes one object look like the desired manifest: create it when absent, else
 send a JSON merge patch with the desired fields (and `null` for fields that an earlier apply set
 and the desired state no longer has — remembered in the `tollway.io/last-applied` annotation,
-like kubectl's last-applied-configuration). Nothing is sent when the live object already contains
+like kubectl's last-applied-configuration; `spec.replicas` is never removed, see SHARED_FIELDS). Nothing is sent when the live object already contains
 the desired state, so drift repair costs one GET per child. `list_children`/`delete` find and
 remove children that the desired state no longer has.
 
@@ -150,11 +150,28 @@ def deep_merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]
     return base
 
 
+SHARED_FIELDS = (("spec", "replicas"),)
+"""Fields that others own once they are set (the autoscaler, KEDA's HPA, `kubectl scale`): tollway
+sets them when it has a value for them, and never records or removes them. Removing one would send
+`null`, which the API server replaces with its default (`replicas: 1` wakes a model at zero)."""
+
+
+def _record(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What the last-applied annotation keeps of an object: everything but status and the shared
+    fields (also applied to records that older versions wrote)."""
+    record = {k: json.loads(json.dumps(v)) for k, v in obj.items() if k != "status"}
+    for path in SHARED_FIELDS:
+        parent: Any = record
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return record
+
+
 def with_last_applied(desired: Mapping[str, Any]) -> dict[str, Any]:
     obj = json.loads(json.dumps(desired))
-    record = json.dumps(
-        {k: v for k, v in obj.items() if k != "status"}, sort_keys=True, separators=(",", ":")
-    )
+    record = json.dumps(_record(obj), sort_keys=True, separators=(",", ":"))
     obj.setdefault("metadata", {}).setdefault("annotations", {})[LAST_APPLIED] = record
     return obj
 
@@ -164,8 +181,8 @@ def apply_patch(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str
     annotated = with_last_applied(desired)
     raw_previous = (live.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED)
     try:
-        previous = json.loads(raw_previous) if raw_previous else None
-    except ValueError:
+        previous = _record(json.loads(raw_previous)) if raw_previous else None
+    except (ValueError, AttributeError):
         previous = None
     removed = removals(previous, annotated) if previous else None
     # The record itself may be stale (e.g. replicas the autoscaler changed): not a reason to patch.

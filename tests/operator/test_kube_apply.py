@@ -68,6 +68,21 @@ def test_removed_fields_are_nulled() -> None:
     assert "nodeSelector" not in record["spec"]["template"]["spec"]
 
 
+def test_replicas_left_out_of_the_desired_state_are_never_nulled() -> None:
+    """KEDA mode: the operator sets spec.replicas on creation and then leaves it to KEDA. A merge
+    patch with `replicas: null` would make the API server default it to 1 (waking a scaled-to-zero
+    model), so replicas is never a removal, also from records written before this rule."""
+    created = desired(replicas=0)
+    live = live_from(created)  # its record still has spec.replicas, as older versions wrote it
+    later = desired()
+    del later["spec"]["replicas"]
+    assert k.apply_patch(live, later) is None
+    later["spec"]["template"]["spec"]["containers"][0]["image"] = "i:2"
+    patch = k.apply_patch(live, later)
+    assert patch is not None and "replicas" not in patch["spec"]
+    assert "replicas" not in json.loads(patch["metadata"]["annotations"][k.LAST_APPLIED])["spec"]
+
+
 def test_fields_set_by_others_are_left_alone() -> None:
     obj = desired()
     live = live_from(obj)
