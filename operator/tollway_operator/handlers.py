@@ -30,7 +30,7 @@ from tollway_operator import kube as k
 from tollway_operator import metrics
 from tollway_operator.api import GROUP, VERSION
 from tollway_operator.reconcile import reconcile_policy, reconcile_pool, refresh_policies
-from tollway_operator.resync import forget, owner_of_child, remember_indexes, resync_loop, schedule
+from tollway_operator.resync import forget, owner_of_child, remember_indexes, schedule
 from tollway_operator.state import MANAGED_CHILD, POLICIES, POOLS, RETRY_SECONDS, STATE, Outcome
 
 log = logging.getLogger("tollway.operator")
@@ -66,13 +66,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     STATE.stopping = False
+    STATE.resync_task = None  # started by the first resource handler (resync.remember_indexes)
     STATE.kube = k.Kube(await k.connect())
     if settings.peering.mandatory and not settings.peering.standalone:
         namespaces = [n for n in os.environ.get("TOLLWAY_OPERATOR_NAMESPACES", "").split(",") if n]
         await ensure_peering(STATE.kube, settings.peering.name, settings.peering.clusterwide, namespaces)
-    STATE.resync_task = asyncio.get_running_loop().create_task(resync_loop())
-    STATE.tasks.add(STATE.resync_task)
-    STATE.resync_task.add_done_callback(STATE.tasks.discard)
     port = os.environ.get("TOLLWAY_OPERATOR_METRICS_PORT", "")
     if port:
         metrics.serve(int(port), os.environ.get("TOLLWAY_OPERATOR_METRICS_HOST", "0.0.0.0"))
