@@ -23,6 +23,7 @@ from urllib.parse import quote, urlencode
 
 from kubernetes.aio import client as aio_client
 from kubernetes.aio import config as aio_config
+from kubernetes.utils.quantity import parse_quantity
 
 log = logging.getLogger("tollway.kube")
 
@@ -105,12 +106,31 @@ class ApiError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def contains(live: Any, desired: Any) -> bool:
+QUANTITY_MAPS = frozenset({"limits", "requests"})
+"""Maps whose values are Kubernetes quantities (a container's resources)."""
+QUANTITY_FIELDS = frozenset({"sizeLimit"})
+"""Fields that are quantities themselves (an emptyDir's size limit)."""
+
+
+def same_quantity(live: Any, desired: Any) -> bool:
+    """Whether two quantities are equal in value: the API server stores them normalised (`cpu: 1`
+    as "1", `1024Mi` as "1Gi", `0.5` as "500m")."""
+    if isinstance(live, bool) or isinstance(desired, bool):
+        return False
+    try:
+        return bool(parse_quantity(str(live)) == parse_quantity(str(desired)))
+    except ValueError:
+        return False
+
+
+def contains(live: Any, desired: Any, quantity: bool = False) -> bool:
     """Whether `live` already has every field of `desired` (the server may add defaults: extra
-    keys in dicts are fine; lists must have the same length, item by item)."""
+    keys in dicts are fine; lists must have the same length, item by item; quantities compare by
+    value)."""
     if isinstance(desired, Mapping):
         return isinstance(live, Mapping) and all(
-            k in live and contains(live[k], v) for k, v in desired.items()
+            k in live and contains(live[k], v, quantity or k in QUANTITY_MAPS or k in QUANTITY_FIELDS)
+            for k, v in desired.items()
         )
     if isinstance(desired, list):
         return (
@@ -118,6 +138,8 @@ def contains(live: Any, desired: Any) -> bool:
             and len(live) == len(desired)
             and all(contains(a, b) for a, b in zip(live, desired, strict=True))
         )
+    if quantity and live != desired:
+        return same_quantity(live, desired)
     if isinstance(desired, bool) or isinstance(live, bool):
         return live is desired
     if isinstance(desired, int | float) and isinstance(live, int | float):

@@ -37,6 +37,22 @@ def test_contains_tolerates_server_defaults() -> None:
     assert k.contains({"a": 1.0}, {"a": 1})
 
 
+def test_quantities_compare_by_value_as_the_api_server_normalises_them() -> None:
+    """The API server stores `cpu: 1` as "1", `1024Mi` as "1Gi", `0.5` as "500m"."""
+    written = {"resources": {"requests": {"cpu": 1, "memory": "1024Mi"}, "limits": {"cpu": 0.5}}}
+    stored = {"resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "500m"}}}
+    assert k.contains(stored, written)
+    assert k.contains({"emptyDir": {"sizeLimit": "512Mi"}}, {"emptyDir": {"sizeLimit": "0.5Gi"}})
+    assert not k.contains(stored, {"resources": {"requests": {"cpu": 2}}})
+    assert not k.contains({"requests": {"cpu": "bogus"}}, {"requests": {"cpu": 1}})
+    assert not k.contains({"args": ["1"]}, {"args": [1]})  # elsewhere types still matter
+    obj = desired()
+    obj["spec"]["template"]["spec"]["containers"][0]["resources"] = written
+    live = live_from(obj)
+    live["spec"]["template"]["spec"]["containers"][0]["resources"] = stored
+    assert k.apply_patch(live, obj) is None
+
+
 def test_no_patch_when_live_matches() -> None:
     obj = desired()
     assert k.apply_patch(live_from(obj, progressDeadlineSeconds=600), obj) is None
