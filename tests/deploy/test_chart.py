@@ -304,6 +304,7 @@ OPERATOR_RULES = {
     ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("", "pods"): {"list"},
     ("", "events"): {"create", "patch"},
 }
 KEDA_RULES = {("keda.sh", "scaledobjects"): {"get", "list", "watch", "create", "update", "patch", "delete"}}
