@@ -35,6 +35,15 @@ from tollway_operator.state import MANAGED_CHILD, POLICIES, POOLS, RETRY_SECONDS
 
 log = logging.getLogger("tollway.operator")
 
+CHILD_WATCHES = (
+    ("apps", "v1", "deployments"),
+    ("v1", "services"),
+    ("v1", "configmaps"),
+    ("policy", "v1", "poddisruptionbudgets"),
+)
+"""The children whose events re-reconcile their owner (cache claims are left to the resync)."""
+MANAGED_CHILD_SELECTOR = ",".join(f"{key}={value}" for key, value in MANAGED_CHILD.items())
+
 
 @kopf.on.login()
 def login(**kwargs: Any) -> Any:
@@ -63,6 +72,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # One-time API discovery instead of watching CRDs and Namespaces: the chart's least-privilege
     # RBAC grants neither (namespaces are named explicitly or all are watched; the CRDs come first).
     settings.scanning.disabled = True
+    # Stream only our children: the API server filters these watches by label (the handlers'
+    # `labels=` filters alone would make kopf receive every such object in the cluster).
+    for resource in CHILD_WATCHES:
+        settings.watching.label_selectors[resource] = MANAGED_CHILD_SELECTOR
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     STATE.stopping = False
@@ -205,10 +218,10 @@ async def policy_changed(
     _raise_for(await reconcile_policy(namespace, name, str(reason)))
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_CHILD)
-@kopf.on.event("v1", "services", labels=MANAGED_CHILD)
-@kopf.on.event("v1", "configmaps", labels=MANAGED_CHILD)
-@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED_CHILD)
+@kopf.on.event(*CHILD_WATCHES[0], labels=MANAGED_CHILD)
+@kopf.on.event(*CHILD_WATCHES[1], labels=MANAGED_CHILD)
+@kopf.on.event(*CHILD_WATCHES[2], labels=MANAGED_CHILD)
+@kopf.on.event(*CHILD_WATCHES[3], labels=MANAGED_CHILD)
 async def child_event(event: Mapping[str, Any], labels: Mapping[str, str], namespace: str, **_: Any) -> None:
     owner = owner_of_child(labels)
     if owner is not None and event.get("type") in ("ADDED", "MODIFIED", "DELETED", None):

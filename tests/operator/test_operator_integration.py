@@ -439,6 +439,30 @@ def test_autoscaled_replicas_are_kept_within_bounds(cl: Cluster) -> None:
     wait_for(lambda: cl.deployment("chat-small")["spec"]["replicas"] == 4, what="clamped to max")  # type: ignore[index]
 
 
+def test_children_are_watched_with_a_server_side_label_selector(cluster: Any, cl: Cluster) -> None:
+    """The operator streams only its own children: the API server filters the watches of
+    Deployments, Services, ConfigMaps and PodDisruptionBudgets by the managed-by label, rather
+    than kopf dropping everyone else's objects after receiving them."""
+    apply_examples(cl)
+    watches = [
+        r
+        for r in list(cluster.emulator)
+        if r.params.get("watch") in ("true", "1")
+        and r.resource is not None
+        and r.resource.plural in {"deployments", "services", "configmaps", "poddisruptionbudgets"}
+    ]
+    assert {r.resource.plural for r in watches} == {
+        "deployments",
+        "services",
+        "configmaps",
+        "poddisruptionbudgets",
+    }
+    for request in watches:
+        assert request.params.get("labelSelector") == "app.kubernetes.io/managed-by=tollway-operator", (
+            f"{request.resource.plural} watched with {request.params}"
+        )
+
+
 def test_operator_metrics_are_served(operator: Any, metrics_port: int, cl: Cluster) -> None:
     apply_examples(cl)
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
