@@ -308,10 +308,12 @@ async def _exchange(
                     out.ttft = time.perf_counter() - start
             out.meta.setdefault("model", event.get("model"))
         out.meta["chunks"] = chunks
-        if not done:
-            out.error = "incomplete-stream"
-        elif "stream_error" in out.meta:
+        # An error event ends a stream without [DONE] (the router's, as OpenAI's): a clear error,
+        # not a cut. Only a stream with neither is incomplete.
+        if "stream_error" in out.meta:
             out.error = "stream-error"
+        elif not done:
+            out.error = "incomplete-stream"
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,7 +76,10 @@ class Stack:
     """Three simulators and a router, each a subprocess on a fixed 127.0.0.1 port."""
 
     log_dir: Path
-    upstream_timeout: float = 2.0
+    upstream_timeout: float = 30.0
+    first_byte_timeout: float = 2.0
+    breaker_open_seconds: float = 1.0
+    breaker_max_open_seconds: float = 4.0
     drain_seconds: float = 3.0
     max_request_bytes: int = 64 * 1024
     sims: dict[str, ManagedProcess] = field(default_factory=dict)
@@ -86,6 +89,7 @@ class Stack:
     router_url: str = ""
     router_port: int = 0
     events: list[tuple[float, str]] = field(default_factory=list)
+    blackholes: dict[str, socket.socket] = field(default_factory=dict)
 
     def start(self) -> Stack:
         for name in MODELS:
@@ -102,9 +106,15 @@ class Stack:
                 "scrapeIntervalSeconds": 0.5,
                 "staleAfterSeconds": 2,
                 "retryAfterSeconds": 1,
+                "circuitBreaker": {
+                    "failureThreshold": 3,
+                    "openSeconds": self.breaker_open_seconds,
+                    "maxOpenSeconds": self.breaker_max_open_seconds,
+                },
             },
             "server": {
                 "upstreamTimeoutSeconds": self.upstream_timeout,
+                "firstByteTimeoutSeconds": self.first_byte_timeout,
                 "connectTimeoutSeconds": 1,
                 "drainSeconds": self.drain_seconds,
                 "maxRequestBytes": self.max_request_bytes,
@@ -132,6 +142,22 @@ class Stack:
         self.note(f"restart {name}")
         self.start_sim(name)
 
+    def blackhole_sim(self, name: str) -> None:
+        """Replace a simulator by a socket that never accepts: once its one-slot accept queue is
+        full the kernel drops every SYN, as for a host that vanished (connects time out)."""
+        self.note(f"blackhole {name}")
+        self.sims[name].kill()
+        hole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hole.bind(("127.0.0.1", self.sim_ports[name]))
+        hole.listen(0)
+        self.blackholes[name] = hole
+
+    def restore_sim(self, name: str) -> None:
+        self.note(f"restore {name}")
+        self.blackholes.pop(name).close()
+        self.start_sim(name)
+
     def set_faults(self, name: str, **faults: Any) -> None:
         self.note(f"faults {name} {faults}")
         httpx.post(f"{self.sim_urls[name]}/admin/faults", json=faults, timeout=5).raise_for_status()
@@ -153,6 +179,8 @@ class Stack:
         for proc in procs:
             if proc is not None:
                 proc.stop()
+        for hole in self.blackholes.values():
+            hole.close()
 
 
 @dataclass(frozen=True)
@@ -174,6 +202,8 @@ def standard_phases(seconds: float) -> list[Phase]:
         Phase("500s cleared", s, lambda st: st.clear_faults("strong")),
         Phase("strong hangs", s, lambda st: st.set_faults("strong", hang=True), failing="strong"),
         Phase("hang cleared", s, lambda st: st.clear_faults("strong")),
+        Phase("strong blackholed", s, lambda st: st.blackhole_sim("strong"), failing="strong"),
+        Phase("blackhole cleared", s, lambda st: st.restore_sim("strong")),
         Phase(
             "strong cuts streams", s, lambda st: st.set_faults("strong", die_after_tokens=3), failing="strong"
         ),
@@ -480,12 +510,216 @@ def raw_http_garbage(host: str, port: int) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# issue 17's numbers: budget probes, a hung or blackholed top model, a burst on the demo pool,
+# the prompt bound's error
+
+BUDGET = 5000
+PROBE_PROMPT = "Write a Python function that reverses a list."
+
+
+def _generated(sim_url: str) -> float:
+    text = httpx.get(f"{sim_url}/metrics", timeout=5).text
+    return sum(
+        float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith("vllm:generation_tokens_total")
+    )
+
+
+def budget_probes(stack: Stack, log_dir: Path, concurrency: int) -> list[dict[str, Any]]:
+    """`concurrency` requests at once against 5,000-token budgets, per probe; the spend measured at
+    the simulators (tokens generated plus each simulator's own prompt count per answered request)."""
+    from router_service.simulator.protocol import ChatCompletionRequest
+
+    def chat(**extra: Any) -> dict[str, Any]:
+        return {"model": "strong", "messages": [{"role": "user", "content": PROBE_PROMPT}], **extra}
+
+    punctuation = {"role": "user", "content": "!?" * 12}
+    strong_only = ["strong"]
+    probes: list[tuple[str, list[str], list[dict[str, Any]]]] = [
+        ("pinned, max_tokens 50", strong_only, [chat(max_tokens=50)] * concurrency),
+        ("pinned, n 8, max_tokens 50", strong_only, [chat(max_tokens=50, n=8)] * concurrency),
+        ("one request, n 128, max_tokens 50", strong_only, [chat(max_tokens=50, n=128)]),
+        (
+            "pinned, punctuation prompt",
+            strong_only,
+            [{**chat(max_tokens=50), "messages": [punctuation]}] * concurrency,
+        ),
+        ("pinned, no max_tokens", strong_only, [chat()] * concurrency),
+        ("streams without include_usage", strong_only, [chat(max_tokens=50, stream=True)] * concurrency),
+        (
+            "auto (routed), no max_tokens, every model",
+            list(MODELS),
+            [{**chat(), "model": "auto"}] * concurrency,
+        ),
+    ]
+    rows = []
+    for name, budgeted, bodies in probes:
+        config = stack.router_config()
+        config["budgets"] = {"tokens": dict.fromkeys(budgeted, BUDGET), "admissionWaitSeconds": 30}
+        config["degradation"]["maxWaitingPerReplica"] = 10_000  # budget admission alone decides
+        config["degradation"]["maxInFlightPerReplica"] = 10_000
+        router, url = start_router(config, log_dir, name="router-budget")
+        try:
+            before = {m: _generated(stack.sim_urls[m]) for m in budgeted}
+            t0 = time.perf_counter()
+            results = asyncio.run(_send_bodies(url, bodies))
+            seconds = time.perf_counter() - t0
+        finally:
+            router.stop()
+        spend = {}
+        for model in budgeted:
+            served = [b for b, (code, m) in zip(bodies, results, strict=True) if code == 200 and m == model]
+            prompts = sum(
+                ChatCompletionRequest.model_validate(b).prompt_identity_and_tokens()[1] for b in served
+            )
+            spend[model] = _generated(stack.sim_urls[model]) - before[model] + prompts
+        codes = Counter(code for code, _ in results)
+        demand_exceeds = codes.get(429, 0) > 0  # refused for budget: the budgets were the limit
+        rows.append(
+            {
+                "probe": name,
+                "requests": len(bodies),
+                "served_by": dict(Counter(m for code, m in results if code == 200)),
+                "statuses": dict(codes),
+                "spend_tokens": spend,
+                "spend_share": max(v / BUDGET for v in spend.values()),
+                "unused_share": (BUDGET * len(budgeted) - sum(spend.values())) / (BUDGET * len(budgeted))
+                if demand_exceeds
+                else None,
+                "seconds": seconds,
+            }
+        )
+    return rows
+
+
+async def _send_bodies(url: str, bodies: list[dict[str, Any]]) -> list[tuple[int, str | None]]:
+    """All at once; (status, serving model) per body (streams read to the end)."""
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=1000)) as client:
+
+        async def one(body: dict[str, Any]) -> tuple[int, str | None]:
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                await r.aread()
+                return r.status_code, r.headers.get("x-tollway-model")
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def failing_top_model(outcomes: list[Outcome], phases: list[Phase], settle_s: float = 2.0) -> dict[str, Any]:
+    """For the hang and blackhole phases: requests that tried the top model first (route
+    "fallback"), and latency of those sent after the breaker had time to open."""
+    out: dict[str, Any] = {}
+    for phase in phases:
+        if phase.name not in ("strong hangs", "strong blackholed"):
+            continue
+        mine = sorted((o for o in outcomes if o.tag == phase.name), key=lambda o: o.start)
+        if not mine:
+            continue
+        start = mine[0].start
+        after = [o for o in mine if o.start - start >= settle_s and o.latency is not None]
+        lat = [o.latency for o in after]
+        out[phase.name] = {
+            "sent": len(mine),
+            "tried_strong_first": sum(o.headers.get("x-tollway-route") == "fallback" for o in mine),
+            "ok": sum(o.ok for o in mine),
+            "after_breaker": len(after),
+            "after_breaker_ok": sum(o.ok for o in after),
+            "after_breaker_latency_p50_s": percentile(lat, 50),
+            "after_breaker_latency_max_s": max(lat, default=float("nan")),
+            "after_breaker_over_5s": sum(x > 5 for x in lat),
+        }
+    return out
+
+
+def demo_burst(log_dir: Path, streams: int, max_tokens: int) -> dict[str, Any]:
+    """`streams` simultaneous `auto` streams on the demo pool (tollway demo's simulators and
+    router config), with and without the backends' maxNumSeqs (the old, scrape-only load view)."""
+    from router_service import demo
+
+    models = demo.example_models()
+    prompts = [p[:2000] for p in history_prompts(streams, seed=3)]
+    arms: dict[str, Any] = {}
+    for arm in ("scrapes only (before)", "in-flight vs maxNumSeqs"):
+        arm_dir = log_dir / arm.split(" ")[0]
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        with demo.running_stack(models, 2.0, arm_dir) as st:
+            urls = st.start_simulators()
+            config = demo.router_config(models, urls, demo.example_policy(), {}, 3600, 1000)
+            if arm.startswith("scrapes"):
+                for backend in config["backends"]:
+                    backend.pop("maxNumSeqs", None)
+            url = st.start_router(config)
+
+            async def burst(url: str = url) -> list[Outcome]:
+                async with make_client(streams, timeout=120) as client:
+                    return await asyncio.gather(
+                        *(
+                            send_chat(client, url, model="auto", prompt=p, max_tokens=max_tokens, stream=True)
+                            for p in prompts
+                        )
+                    )
+
+            outcomes = asyncio.run(burst())
+        ttft = [o.ttft for o in outcomes if o.ok and o.ttft is not None]
+        arms[arm] = {
+            "ok": sum(o.ok for o in outcomes),
+            "served_by": dict(Counter(o.headers.get("x-tollway-model", "?") for o in outcomes if o.ok)),
+            "ttft_p50_s": percentile(ttft, 50),
+            "ttft_max_s": max(ttft, default=float("nan")),
+        }
+    return {"streams": streams, "max_tokens": max_tokens, "arms": arms}
+
+
+def prompt_bound_error(n: int = 400) -> dict[str, Any]:
+    """The prompt bound (router_service/proxy/tokens.py) against real counts on held-out prompts:
+    the simulator's tokenizer and OpenAI's o200k_base / cl100k_base with a ChatML template."""
+    import bpe_openai
+
+    from router_service.proxy.request import parse_request
+    from router_service.routing.history import load_builtin_history
+    from router_service.simulator.protocol import ChatCompletionRequest
+
+    prompts = [p for p in load_builtin_history("stream").prompts if p][:n]
+    out: dict[str, Any] = {"prompts": len(prompts)}
+    counters: dict[str, Callable[[dict[str, Any]], int]] = {
+        "simulator": lambda body: ChatCompletionRequest.model_validate(body).prompt_identity_and_tokens()[1]
+    }
+    for name in ("o200k_base", "cl100k_base"):
+        enc = bpe_openai.get_encoding(name)
+
+        def chatml(body: dict[str, Any], enc: Any = enc) -> int:
+            m = body["messages"][0]
+            return (
+                3
+                + 4
+                + len(enc.encode(m["role"], disallowed_special=()))
+                + len(enc.encode(m["content"], disallowed_special=()))
+            )
+
+        counters[f"{name} (ChatML)"] = chatml
+    for name, count in counters.items():
+        ratios = []
+        for text in prompts:
+            body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+            bound = parse_request(json.dumps(body).encode(), "chat").prompt_bound
+            ratios.append(bound / count(body))
+        out[name] = {
+            "bound_at_least_real": sum(r >= 1 for r in ratios) / len(ratios),
+            "ratio_min": min(ratios),
+            "ratio_p50": percentile(ratios, 50),
+            "ratio_p90": percentile(ratios, 90),
+            "ratio_max": max(ratios),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # benchmark
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="tollway-bench-faults-"))
-    stack = Stack(log_dir, upstream_timeout=args.upstream_timeout).start()
+    stack = Stack(
+        log_dir, upstream_timeout=args.upstream_timeout, first_byte_timeout=args.first_byte_timeout
+    ).start()
     phases = standard_phases(args.phase_seconds)
     try:
         t_start = time.time()
@@ -504,8 +738,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ready = httpx.get(f"{stack.router_url}/readyz", timeout=5).status_code
         probe = asyncio.run(_probe(stack.router_url))
         alive = stack.router is not None and stack.router.alive()
+        budgets = budget_probes(stack, log_dir, args.budget_concurrency)
     finally:
         stack.stop()
+    burst = demo_burst(log_dir, args.burst_streams, args.burst_max_tokens)
+    bound = prompt_bound_error()
     rows = phase_stats(outcomes, phases, args.deadline)
     moves = {p.name: second_half_share(outcomes, p, "strong") for p in phases}
     return {
@@ -513,6 +750,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "phase_seconds": args.phase_seconds,
         "client_deadline_s": args.deadline,
         "router_upstream_timeout_s": args.upstream_timeout,
+        "router_first_byte_timeout_s": args.first_byte_timeout,
         "router_config": stack.router_config(),
         "phases": rows,
         "strong_share_second_half": moves,
@@ -522,6 +760,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fuzz": fuzz,
         "raw_http": raw,
         "after_fuzz": {"healthz": after, "readyz": ready, "chat": probe, "router_alive": alive},
+        "failing_top_model": failing_top_model(outcomes, phases),
+        "budget_probes": budgets,
+        "demo_burst": burst,
+        "prompt_bound": bound,
     }
 
 
@@ -576,7 +818,9 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
         "and `tollway router`, each its own process on 127.0.0.1.",
         f"- Load: {data['rate']:g} requests/s open loop, `model: auto`, every other one streamed, {MAX_TOKENS} "
         f"tokens; {data['phase_seconds']:g} s per phase; client deadline {data['client_deadline_s']:g} s; router "
-        f"upstream timeout {data['router_upstream_timeout_s']:g} s.",
+        f"upstream timeout {data['router_upstream_timeout_s']:g} s, first-byte timeout "
+        f"{data['router_first_byte_timeout_s']:g} s, circuit breaker "
+        f"{data['router_config']['degradation']['circuitBreaker']}.",
         "- Each phase's fault is switched at its start (on a thread, load keeps flowing). 'strong share, 2nd half': "
         "share of ok answers served by the strong model among requests sent in the phase's second half.",
         "",
@@ -611,6 +855,7 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
             f"- {truncated} answers were cut mid-way without an error event (connection closed); the client "
             "sees the cut, but not a reason. See the phases where they happened."
         )
+    lines += issue17_sections(data)
     fig, axes = new_figure(1, 1, size=(10.0, 4.0))
     ax = axes[0][0]
     names = [r["phase"] for r in data["phases"]]
@@ -643,18 +888,102 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
     return paths["md"]
 
 
+def issue17_sections(data: dict[str, Any]) -> list[str]:
+    """Budget probes, the failing top model, the demo burst and the prompt bound, as markdown."""
+    lines = ["", "## A failing top model (circuit breaker)", ""]
+    for phase, r in data["failing_top_model"].items():
+        lines.append(
+            f"- {phase}: {r['sent']} requests, {r['ok']} ok; {r['tried_strong_first']} tried strong first "
+            f"(and fell back); of the {r['after_breaker']} sent 2 s or more after the fault began, "
+            f"{r['after_breaker_ok']} ok, latency p50 {fmt(r['after_breaker_latency_p50_s'], 2)} s, max "
+            f"{fmt(r['after_breaker_latency_max_s'], 2)} s, {r['after_breaker_over_5s']} over 5 s."
+        )
+    rows = [
+        [
+            r["probe"],
+            r["requests"],
+            ", ".join(f"{m} {n}" for m, n in sorted(r["served_by"].items())),
+            ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items())),
+            f"{100 * r['spend_share']:.1f}%",
+            "-" if r["unused_share"] is None else f"{100 * r['unused_share']:.1f}%",
+            fmt(r["seconds"], 1),
+        ]
+        for r in data["budget_probes"]
+    ]
+    lines += [
+        "",
+        f"## Budget probes ({BUDGET:,}-token budgets)",
+        "",
+        "Each probe sends its requests at once through a fresh router; spend is measured at the simulator "
+        "(tokens it generated plus its prompt count per answered request). Spend: the highest share of a "
+        "model's budget spent. Unused: budget left when demand exceeded it (some requests refused 429). "
+        "Pinned probes: a budget on strong; the routed probe: on every model, the real routing engine.",
+        "",
+        markdown_table(["probe", "requests", "served by", "statuses", "spend", "unused", "seconds"], rows),
+    ]
+    burst = data["demo_burst"]
+    rows = [
+        [
+            arm,
+            r["ok"],
+            ", ".join(f"{m} {n}" for m, n in sorted(r["served_by"].items())),
+            fmt(r["ttft_p50_s"], 2),
+            fmt(r["ttft_max_s"], 2),
+        ]
+        for arm, r in burst["arms"].items()
+    ]
+    lines += [
+        "",
+        f"## Burst: {burst['streams']} simultaneous `auto` streams on the demo pool",
+        "",
+        f"`tollway demo`'s simulators (large: 4 sequences at once) and router config, {burst['max_tokens']} tokens "
+        "each, prompts from the held-out split; the same burst with the router's load view from scrapes only.",
+        "",
+        markdown_table(["load view", "ok", "served by", "TTFT p50 s", "TTFT max s"], rows),
+    ]
+    bound = data["prompt_bound"]
+    rows = [
+        [
+            name,
+            f"{100 * r['bound_at_least_real']:.0f}%",
+            fmt(r["ratio_min"], 2),
+            fmt(r["ratio_p50"], 2),
+            fmt(r["ratio_p90"], 2),
+            fmt(r["ratio_max"], 2),
+        ]
+        for name, r in bound.items()
+        if isinstance(r, dict)
+    ]
+    lines += [
+        "",
+        f"## The prompt bound against real counts ({bound['prompts']} held-out prompts, one user message)",
+        "",
+        markdown_table(["counted by", "bound >= real", "bound/real min", "p50", "p90", "max"], rows),
+    ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/faults.py", description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
     parser.add_argument("--phase-seconds", type=float, default=8.0)
     parser.add_argument("--deadline", type=float, default=15.0, help="client deadline per request (s)")
-    parser.add_argument("--upstream-timeout", type=float, default=2.0, help="router upstreamTimeoutSeconds")
+    parser.add_argument("--upstream-timeout", type=float, default=120.0, help="router upstreamTimeoutSeconds")
+    parser.add_argument(
+        "--first-byte-timeout", type=float, default=2.0, help="router firstByteTimeoutSeconds"
+    )
+    parser.add_argument(
+        "--budget-concurrency", type=int, default=200, help="requests at once per budget probe"
+    )
+    parser.add_argument("--burst-streams", type=int, default=40, help="simultaneous auto streams (demo pool)")
+    parser.add_argument("--burst-max-tokens", type=int, default=128)
     parser.add_argument("--fuzz-examples", type=int, default=600)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.phase_seconds, args.fuzz_examples, args.rate = 3.0, 150, 10.0
+        args.budget_concurrency = 60
     data = {"load_average_1m_at_start": round(os.getloadavg()[0], 2)}
     data |= run(args)
     print(report(data, args.out_dir).read_text())

@@ -143,6 +143,35 @@ class ObjectiveSettings(CamelModel):
 PriorityClass = Literal["critical", "standard", "sheddable"]
 
 
+class CircuitBreakerSettings(CamelModel):
+    """When a backend endpoint is taken out of rotation, and how it is let back in."""
+
+    failure_threshold: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description=(
+            "Consecutive failures (no connection, no first byte in time, 5xx, broken response) that open the "
+            "circuit: the endpoint gets no work until openSeconds have passed."
+        ),
+    )
+    open_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How long an open circuit keeps work away before a probe is let through.",
+    )
+    max_open_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="The open time doubles after every failed probe, up to this.",
+    )
+    half_open_probes: int = Field(
+        1, ge=1, le=100, description="Requests let through at once to probe a half-open endpoint."
+    )
+
+
 class DegradationSettings(CamelModel):
     """When a model counts as saturated, and what happens then."""
 
@@ -173,6 +202,10 @@ class DegradationSettings(CamelModel):
         ),
     )
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with 429/503 answers.")
+    circuit_breaker: CircuitBreakerSettings = Field(
+        default_factory=CircuitBreakerSettings,
+        description="Stop sending work to a backend endpoint that keeps failing, and probe it before trusting it again.",
+    )
 
 
 class BackendConfig(CamelModel):
@@ -197,6 +230,22 @@ class BackendConfig(CamelModel):
     upstream_model: str | None = Field(
         None, description="Model name to send upstream if it differs from `name` (external endpoints)."
     )
+    max_num_seqs: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Sequences one replica runs at once (vLLM --max-num-seqs). The router counts its own requests in "
+            "flight against it between metric scrapes, so a burst spreads instead of queueing on one model."
+        ),
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description=(
+            "Context window in tokens (vLLM --max-model-len): bounds a request's worst-case tokens, and the "
+            "ceiling the router sets when a request names no max_tokens."
+        ),
+    )
 
 
 class BudgetConfig(CamelModel):
@@ -206,9 +255,96 @@ class BudgetConfig(CamelModel):
     tokens: dict[str, int] = Field(
         default_factory=dict, description="Tokens per window per model (whole policy, all replicas)."
     )
-    replica_share: float = Field(1.0, gt=0, le=1, description="This replica's share of every budget.")
+    replica_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description=(
+            "This replica's share of every budget with the in-process store. With a shared store "
+            "(state.url) every replica spends from the whole budget, and the share only bounds a "
+            "replica that has never reached the store in this window."
+        ),
+    )
     state_file: str | None = Field(
-        None, description="Where the ledger is persisted so it survives restarts and reloads."
+        None,
+        description=(
+            "Where the ledger is persisted so it survives restarts and reloads (with a shared store: "
+            "the operations not yet written to it, and the last usage seen)."
+        ),
+    )
+    max_request_fraction: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description=(
+            "When a request to a model with a budget names no max_tokens, the router sets max_tokens to at most "
+            "this fraction of the model's budget per window (less when the context window or the budget left is "
+            "smaller), so one request's worst case is bounded and can be reserved."
+        ),
+    )
+    min_completion_tokens: int = Field(
+        16,
+        ge=1,
+        description=(
+            "The smallest ceiling the router sets for a request without max_tokens when the budget left is "
+            "short: below it the request waits for budget (or is refused) instead of getting a stub answer."
+        ),
+    )
+    admission_wait_seconds: float = Field(
+        10.0,
+        ge=0,
+        le=600,
+        description=(
+            "A request that no model's budget can pay right now, while requests in flight still hold budget "
+            "that they may give back, waits this long for them to settle before it is refused (0: refuse at once)."
+        ),
+    )
+
+
+REDIS_URL = r"^rediss?://"
+
+
+class StateSettings(CamelModel):
+    """Where router replicas keep what they share: budget usage, dual prices, learned history."""
+
+    url: str | None = Field(
+        None,
+        pattern=REDIS_URL,
+        description=(
+            "redis://[user:password@]HOST:PORT/DB (rediss:// for TLS): every router replica of the policy "
+            "reserves and settles budgets atomically in this Redis and shares dual prices and learned "
+            "history through it. Unset: in-process state (one replica, or a static share per replica)."
+        ),
+    )
+    sync_interval_seconds: float = Field(
+        0.5,
+        ge=0.05,
+        le=60,
+        description=(
+            "How often a replica reads the shared state (usage, live replicas, dual prices, learned "
+            "entries); a re-fit or feedback on one replica is in use on the others within two intervals."
+        ),
+    )
+    timeout_seconds: float = Field(
+        0.25,
+        gt=0,
+        le=10,
+        description=(
+            "Redis connect and reply timeout. Past it the replica serves on a local conservative share "
+            "of the remaining budget until Redis answers again."
+        ),
+    )
+
+
+class StateConfig(StateSettings):
+    """The router's shared-state settings, plus the key prefix that keeps policies apart."""
+
+    key: str = Field(
+        "tollway",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9._/:-]+$",
+        description="Prefix of this policy's keys in Redis (the operator writes NAMESPACE/NAME).",
     )
 
 
@@ -255,8 +391,34 @@ class AuthConfig(CamelModel):
 class ServerConfig(CamelModel):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     upstream_timeout_seconds: float = Field(120, gt=0, description="Total timeout for one upstream call.")
+    first_byte_timeout_seconds: float = Field(
+        30,
+        gt=0,
+        description=(
+            "Per attempt: the backend must send its response headers (and, for a stream, its first event) "
+            "within this, else the attempt counts as failed and is retried on another model."
+        ),
+    )
     connect_timeout_seconds: float = Field(2, gt=0)
-    drain_seconds: float = Field(30, ge=0, description="On shutdown, wait this long for in-flight requests.")
+    request_body_timeout_seconds: float = Field(
+        30, gt=0, description="A request body not received whole within this is answered 408."
+    )
+    client_stall_seconds: float = Field(
+        30,
+        gt=0,
+        description=(
+            "A streaming client that reads nothing for this long is dropped: its in-flight slot is freed and "
+            "its reservation settled."
+        ),
+    )
+    drain_seconds: float = Field(
+        30,
+        ge=0,
+        description=(
+            "On shutdown: keep answering (/readyz 503) while requests are in flight, at most this long; streams "
+            "still open then get an error event before their connection closes."
+        ),
+    )
 
 
 class RouterConfig(CamelModel):
@@ -270,6 +432,7 @@ class RouterConfig(CamelModel):
     ann: AnnSettings = Field(default_factory=AnnSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     degradation: DegradationSettings = Field(default_factory=DegradationSettings)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)

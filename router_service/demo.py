@@ -189,8 +189,9 @@ def router_config(
                 "url": urls[m.name],
                 "profile": m.profile,
                 "price": {"inputPerMillionTokens": m.input_price, "outputPerMillionTokens": m.output_price},
+                "maxNumSeqs": CAPACITY[min(rank, len(CAPACITY) - 1)]["max_num_seqs"],
             }
-            for m in models
+            for rank, m in enumerate(models)
         ],
         "objective": policy.get("objective", {}),
         "history": {"builtin": True},

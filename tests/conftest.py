@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from redis_server import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS_BIN = REPO_ROOT / ".tools" / "bin"
@@ -37,3 +41,35 @@ def tool() -> Callable[[str], str]:
         return path
 
     return get
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole session (tests keep apart by a unique key prefix each).
+    Missing redis-server fails the test (.ci/setup installs it), never skips it."""
+    from redis_server import RedisServer, redis_server_binary
+
+    if redis_server_binary() is None:
+        pytest.fail("redis-server not found: run .ci/setup (apt-get install redis-server)", pytrace=False)
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """own_redis(appendonly=False) -> a redis-server for this test alone (to stop, pause, restart)."""
+    from redis_server import RedisServer, redis_server_binary
+
+    if redis_server_binary() is None:
+        pytest.fail("redis-server not found: run .ci/setup (apt-get install redis-server)", pytrace=False)
+    servers: list[RedisServer] = []
+
+    def make(appendonly: bool = False) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(servers)}", appendonly=appendonly).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()

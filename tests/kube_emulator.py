@@ -21,7 +21,8 @@ FIX 4  a watch subscribes to the event bus *before* replaying, replays only even
 FIX 5  `/api/v1/namespaces[/NAME]` works (kmock 0.8's path parser fails on it with 500).
 FIX 6  status subresource semantics: `PATCH .../status` changes only `status`; a patch of the main
        resource ignores `status` when the kind has a status subresource; create drops `status`.
-       `.../scale` answers an `autoscaling/v1` Scale (Deployments and CRDs declaring scale).
+       `.../scale` answers an `autoscaling/v1` Scale (Deployments and CRDs declaring scale; a CRD's
+       `labelSelectorPath` fills `status.selector`, as an HPA reads it).
 FIX 7  creating a CustomResourceDefinition registers its resource for discovery; `preregister_crds`
        does the same from `crds/*.yaml` up front.
 FIX 9  discovery of the core group says `groupVersion: v1` (kmock: "/v1") and lists subresources
@@ -88,10 +89,10 @@ NAMESPACES = kmock.resource("", "v1", "namespaces")
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
 NAMESPACE_PATH = re.compile(r"^/api/v1/namespaces(?:/(?P<name>[^/]+))?/?$")
-SCALE_PATHS = {
-    "deployments": ("spec.replicas", "status.replicas"),
-    "statefulsets": ("spec.replicas", "status.replicas"),
-    "replicasets": ("spec.replicas", "status.replicas"),
+SCALE_PATHS: dict[str, tuple[str, str, str | None]] = {
+    "deployments": ("spec.replicas", "status.replicas", None),
+    "statefulsets": ("spec.replicas", "status.replicas", None),
+    "replicasets": ("spec.replicas", "status.replicas", None),
 }
 EVENT_LOG_SIZE = 100_000
 
@@ -258,7 +259,8 @@ class TollwayKubeEmulator(kmock.KubernetesEmulator):
         info = self._info(resource)
         return bool(info and sub in info.subresources)
 
-    def _scale_paths(self, resource: kmock.resource) -> tuple[str, str] | None:
+    def _scale_paths(self, resource: kmock.resource) -> tuple[str, str, str | None] | None:
+        """(specReplicasPath, statusReplicasPath, labelSelectorPath or None)."""
         if resource.plural in SCALE_PATHS and resource.group == "apps":
             return SCALE_PATHS[resource.plural]
         for key, crd in self._objects.items():
@@ -270,7 +272,11 @@ class TollwayKubeEmulator(kmock.KubernetesEmulator):
             for version in spec.get("versions", []):
                 scale = (version.get("subresources") or {}).get("scale")
                 if version.get("name") == resource.version and scale:
-                    return scale["specReplicasPath"], scale["statusReplicasPath"]
+                    return (
+                        scale["specReplicasPath"],
+                        scale["statusReplicasPath"],
+                        scale.get("labelSelectorPath"),
+                    )
         return None
 
     def _next_rv(self) -> str:
@@ -479,7 +485,8 @@ class TollwayKubeEmulator(kmock.KubernetesEmulator):
                 if k in meta
             },
             "spec": {"replicas": _get_path(obj, paths[0]) or 0},
-            "status": {"replicas": _get_path(obj, paths[1]) or 0},
+            "status": {"replicas": _get_path(obj, paths[1]) or 0}
+            | ({"selector": _get_path(obj, paths[2])} if paths[2] and _get_path(obj, paths[2]) else {}),
         }
 
     # --- request dispatch ------------------------------------------------------------------------

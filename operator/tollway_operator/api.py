@@ -22,6 +22,7 @@ from router_service.config import (
     ModelName,
     ObjectiveSettings,
     Price,
+    StateSettings,
 )
 
 GROUP = "tollway.io"
@@ -355,8 +356,51 @@ class BudgetsSpec(CamelModel):
         return self
 
 
+class SharedStateSpec(StateSettings):
+    """Where the policy's router replicas share budgets, dual prices and learned history (Redis)."""
+
+    model_config = StateSettings.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("!(has(self.url) && has(self.urlSecret))", "set url or urlSecret, not both")
+            ]
+        }
+    }
+
+    url_secret: SecretKeyRef | None = Field(
+        None,
+        description=(
+            "A Secret in the policy's namespace whose key holds the Redis URL (use it when the URL carries "
+            "a password: it then reaches the router as $TOLLWAY_STATE_URL, never through its ConfigMap)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SharedStateSpec:
+        if self.url is not None and self.url_secret is not None:
+            raise ValueError("set url or urlSecret, not both")
+        return self
+
+
 class RouterDeploymentSpec(CamelModel):
-    replicas: int = Field(2, ge=0, le=100)
+    replicas: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description=(
+            "Router replicas; the RoutingPolicy's scale subresource (kubectl scale, an HPA targeting the "
+            "RoutingPolicy) sets it. Scaling changes no pod template: running routers are not restarted."
+        ),
+    )
+    replicas_owner: Literal["policy", "external"] = Field(
+        "policy",
+        description=(
+            "Who sets the router Deployment's replicas. policy: the operator copies `replicas` (what the "
+            "scale subresource of this RoutingPolicy sets). external: something else scales the Deployment "
+            "<name>-router itself (an HPA or KEDA targeting it); the operator sets its replicas only when it "
+            "creates it and leaves them alone afterwards."
+        ),
+    )
     image: str = Field(DEFAULT_ROUTER_IMAGE)
     resources: dict[str, Any] | None = None
     auth_secret: SecretKeyRef | None = Field(
@@ -379,6 +423,14 @@ class RoutingPolicySpec(CamelModel):
     ann: AnnSettings = Field(default_factory=AnnSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
     degradation: DegradationSettings = Field(default_factory=DegradationSettings)
+    state: SharedStateSpec | None = Field(
+        None,
+        description=(
+            "Shared state of the router replicas. Unset (or neither url nor urlSecret): the operator's "
+            "default Redis (chart values redis.*) if it has one, else in-process state, where each replica "
+            "enforces 1/replicas of every budget and a rollout starts the window's spend from zero."
+        ),
+    )
     router: RouterDeploymentSpec = Field(default_factory=RouterDeploymentSpec)
 
 
@@ -387,6 +439,9 @@ class RoutingPolicyStatus(CamelModel):
     conditions: list[Condition] = Field(default_factory=list)
     endpoint: str | None = Field(None, description="Cluster-internal OpenAI base URL.")
     router_replicas: int = 0
+    router_selector: str | None = Field(
+        None, description="Label selector of the router pods (the scale subresource's, for an HPA)."
+    )
     budgets: dict[str, int] = Field(
         default_factory=dict, description="Tokens per window per model (resolved)."
     )

@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "router": ("router_service.proxy.server", "run the OpenAI-compatible router from a config file"),
     "simulate": ("router_service.simulator.cli", "run a vLLM-compatible simulator for one model"),
     "eval": ("router_service.evaluation.cli", "replay a query stream through routing algorithms"),
+    "calibrate": ("router_service.calibration.cli", "score the pool's models on a labelled set -> a history"),
     "demo": ("router_service.demo", "run simulators + router locally and replay real prompts"),
 }
 

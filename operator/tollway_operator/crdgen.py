@@ -193,7 +193,11 @@ def all_crds() -> dict[str, dict[str, Any]]:
             {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
             _age_column(),
         ],
-        scale={"specReplicasPath": ".spec.router.replicas", "statusReplicasPath": ".status.routerReplicas"},
+        scale={
+            "specReplicasPath": ".spec.router.replicas",
+            "statusReplicasPath": ".status.routerReplicas",
+            "labelSelectorPath": ".status.routerSelector",
+        },
     )
     return {
         f"{GROUP}_modelpools.yaml": model_pool,

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -227,13 +228,24 @@ async def _reconcile_policy(body: dict[str, Any]) -> Outcome:
     if spec.budgets is not None and spec.budgets.total_tokens is not None and spec.history.builtin:
         quality = builtin_profile_quality()
     owner = d.Owner.from_body(body)
+    live = await list_children(body, POLICY_CHILD_KINDS, d.policy_children_selector(name))
+    router_live = live.get(("Deployment", d.router_child_name(name)))
+    live_replicas = int(router_live.get("spec", {}).get("replicas", 1)) if router_live is not None else None
     try:
-        plan = d.policy_children(owner, spec, pool_name, pool_spec, ready, quality)
+        plan = d.policy_children(
+            owner,
+            spec,
+            pool_name,
+            pool_spec,
+            ready,
+            quality,
+            live_router_replicas=live_replicas,
+            default_state_url=os.environ.get(d.DEFAULT_STATE_URL_ENV) or None,
+        )
     except d.PolicyReferenceError as e:
         return await wait(e.reason, e.message)
     except (ValidationError, ValueError) as e:
         return await invalid(f"the router config built from this policy is invalid: {e}")
-    live = await list_children(body, POLICY_CHILD_KINDS, d.policy_children_selector(name))
     applied = await apply_children(body, plan.children, live)
     await prune_children(body, live, applied)
     router = applied.get(("Deployment", d.router_child_name(name)))

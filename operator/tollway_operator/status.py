@@ -39,6 +39,7 @@ from tollway_operator.desired import (
     model_child_name,
     model_endpoint,
     router_endpoint,
+    router_selector_text,
 )
 
 READY = "Ready"
@@ -372,6 +373,7 @@ def policy_status(
         "conditions": merge_conditions(previous.get("conditions"), conds, now, generation),
         "endpoint": router_endpoint(name, namespace),
         "routerReplicas": view.ready if view is not None else 0,
+        "routerSelector": router_selector_text(name),
         "budgets": dict(budgets),
     }
 

@@ -7,8 +7,10 @@
   Streams pass through chunk by chunk.
 - `GET /v1/models` (and `/v1/models/{id}`): the served name and every backend.
 - `POST /v1/feedback`: the observed quality of a served answer, for the routing history.
-- `GET /healthz` (alive), `/readyz` (serving; 503 while draining), `/metrics` (Prometheus),
-  `GET /v1/tollway/status` (budgets, load, dual prices as the router sees them).
+- `GET /healthz` (alive), `/readyz` (serving; 503 while draining; its `state` detail says whether
+  the shared state store answers: a router on its local budget share is still ready),
+  `/metrics` (Prometheus), `GET /v1/tollway/status` (budgets, load, circuit breakers, dual prices,
+  state store).
 
 Handlers read the body as bytes and parse it once; no pydantic request models on the hot path.
 """
@@ -39,6 +41,7 @@ from router_service.proxy.request import PATHS, parse_json_object, read_body
 from router_service.proxy.state import Engine, EngineFactory, Runtime, build_state, default_engine_factory
 from router_service.proxy.telemetry import configure_tracing, get_tracer
 from router_service.routing.ledger import BudgetLedger
+from router_service.store.base import open_store
 
 log = logging.getLogger("tollway.router")
 
@@ -75,23 +78,31 @@ def create_app(
     watch: bool | None = None,
     reload_interval_seconds: float = 1.0,
     clock: Any = time.monotonic,
+    state_url: str | None = None,
 ) -> FastAPI:
     """The router app for a config object or file.
 
     With a file, the app watches it (and the tokens file) and reloads on change unless
     `watch=False`. `engine` / `engine_factory` replace the routing engine (tests), `transport`
     the network to the backends, `tracer_provider` the global OpenTelemetry provider.
+    `state_url` (`--state-url`) selects the Redis state store over $TOLLWAY_STATE_URL and
+    `state.url` in the config; none of them: the in-process store.
     """
     path: Path | None = None
     if isinstance(config, str | Path):
         path = Path(config)
         config = load_router_config(path)
     factory = engine_factory or default_engine_factory
-    ledger = BudgetLedger(config.budgets, clock=clock)
+    store = open_store(config, url=state_url, clock=clock)
+    ledger = BudgetLedger(config.budgets, clock=clock, store=store)
     if engine is not None and callable(getattr(engine, "attach_ledger", None)):
         engine.attach_ledger(ledger)  # type: ignore[attr-defined]
     runtime = Runtime(
-        build_state(config, factory, ledger, engine=engine), ledger, clock=clock, transport=transport
+        build_state(config, factory, ledger, engine=engine),
+        ledger,
+        clock=clock,
+        transport=transport,
+        state_url_override=state_url,
     )
     tracing = tracer_provider is not None or configure_tracing()
     proxy = Proxy(runtime, get_tracer(tracer_provider), tracing)
@@ -148,7 +159,8 @@ def create_app(
         """Observed quality of a served answer: {"prompt", "model", "score" in [0, 1], "tokens"?}."""
         state = runtime.state
         proxy.authorize(request, state)
-        body = await read_body(request, state.config.server.max_request_bytes)
+        server = state.config.server
+        body = await read_body(request, server.max_request_bytes, server.request_body_timeout_seconds)
         data = parse_json_object(body)
         prompt, model, score, tokens = (
             data.get("prompt"),
@@ -166,14 +178,15 @@ def create_app(
             not isinstance(tokens, int | float) or isinstance(tokens, bool) or tokens < 0
         ):
             raise errors.bad_request("`tokens` must be a non-negative number.", param="tokens")
-        record = getattr(state.engine, "record_feedback", None)
-        if record is None or not state.config.history.learn_from_traffic:
+        make_learned = getattr(state.engine, "make_learned", None)
+        if make_learned is None or not state.config.history.learn_from_traffic:
             raise errors.bad_request(
                 "Feedback is not accepted: history.learnFromTraffic is off in the router config.",
                 code="feedback_disabled",
             )
-        accepted = record(prompt, model, float(score), None if tokens is None else float(tokens))
-        return Response(json.dumps({"accepted": bool(accepted)}), media_type="application/json")
+        entry = make_learned(prompt, model, float(score), None if tokens is None else float(tokens))
+        await runtime.learn(entry)  # in this replica's history now, in the others' within the sync bound
+        return Response(json.dumps({"accepted": True}), media_type="application/json")
 
     @app.get("/v1/tollway/status")
     async def status(request: Request) -> Response:
@@ -187,7 +200,8 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> Response:
         if runtime.ready and not runtime.draining:
-            return Response(b'{"status":"ready"}', media_type="application/json")
+            body = {"status": "ready", "state": runtime.store.health().to_json()}
+            return Response(json.dumps(body), media_type="application/json")
         return errors.not_ready("draining" if runtime.draining else "starting").response()
 
     @app.get("/metrics")

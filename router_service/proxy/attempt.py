@@ -1,9 +1,12 @@
 """Steps 5 and 7 of the request path, reserve and settle: what one upstream attempt holds.
 
-`Attempt.reserve` takes a budget reservation for the estimated tokens and an in-flight slot on the
-model; `settle` ends the attempt once with the true usage (charged to the ledger, counted in the
-metrics) or without it (the reservation released); `abandon` undoes an attempt that failed before
-the client saw a byte, so the caller may retry elsewhere. Every path ends exactly once.
+`Attempt.reserve` takes a budget reservation for the request's worst case (`dispatch.Need`) and an
+in-flight slot on the endpoint that will answer; `settle` ends the attempt once with the true usage
+(charged to the ledger, counted in the metrics), with none reported (the worst case reserved is
+charged: the router never charges less than it cannot rule out), or with nothing consumed (the
+reservation released); `abandon` undoes an attempt that failed before the client saw a byte, so
+the caller may retry elsewhere. Every path ends exactly once, tells the endpoint's circuit breaker
+how the endpoint did, and wakes requests waiting for budget (`Runtime.budget_changed`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from router_service.config import Price
 from router_service.proxy import openai_errors as errors
+from router_service.proxy.breaker import Outcome as Health
 from router_service.proxy.upstream import Backend, Usage
 from router_service.routing.ledger import Reservation
 
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 class Attempt:
     rt: Runtime
     model: str
+    endpoint: str
     route: str
     reservation: Reservation
     price: Price
@@ -34,23 +39,31 @@ class Attempt:
 
     @classmethod
     def reserve(cls, rt: Runtime, backend: Backend, route: str, tokens: int, retry_after: int) -> Attempt:
-        """Hold `tokens` of the model's budget and one of its in-flight slots."""
+        """Hold `tokens` of the model's budget and one in-flight slot on its endpoint."""
         model = backend.name
         reservation = rt.ledger.reserve(model, tokens)
         if reservation is None:  # the decision checked it; nothing awaited in between
             raise errors.budget_exhausted(f"The token budget of model {model!r} is spent.", retry_after)
-        rt.load.acquire(model)
-        return cls(rt, model, route, reservation, backend.config.price)
+        rt.load.acquire(model, backend.endpoint)
+        rt.breakers.get(backend.endpoint).begin()
+        return cls(rt, model, backend.endpoint, route, reservation, backend.config.price)
 
-    def settle(self, usage: Usage | None, outcome: str) -> None:
-        """End the attempt: charge the true usage (None: release the reservation) and count it."""
+    def settle(
+        self, usage: Usage | None, outcome: str, health: Health = "success", *, consumed: bool = True
+    ) -> None:
+        """End the attempt: charge `usage` (None: none was reported, so the reserved worst case is
+        charged; `consumed=False`: nothing was used, the reservation is released), count it, and
+        tell the breaker how the endpoint did."""
         if self.ended:
             return
         self.ended = True
         rt, model = self.rt, self.model
-        rt.load.release(model)
-        if usage is None:
+        rt.load.release(model, self.endpoint)
+        rt.breakers.record(self.endpoint, health)
+        if not consumed:
             rt.ledger.release(self.reservation)
+        elif usage is None:
+            rt.ledger.settle(self.reservation, self.reservation.amount)
         else:
             rt.ledger.settle(self.reservation, usage.total)
             rt.metrics.child(rt.metrics.tokens, model, "prompt").inc(usage.prompt_tokens)
@@ -58,6 +71,7 @@ class Attempt:
             rt.metrics.child(rt.metrics.cost, model).inc(
                 self.price.usd(usage.prompt_tokens, usage.completion_tokens)
             )
+        rt.budget_changed()
         rt.metrics.child(rt.metrics.upstream_seconds, model, "total").observe(
             time.perf_counter() - self.started
         )
@@ -68,13 +82,15 @@ class Attempt:
                 self.span.set_attribute("tollway.tokens", usage.total)
             self.span.end()
 
-    def abandon(self, kind: str) -> None:
+    def abandon(self, kind: str, health: Health = "failure") -> None:
         """The attempt failed before the client saw a byte: undo it; the caller may retry."""
         if self.ended:
             return
         self.ended = True
-        self.rt.load.release(self.model)
+        self.rt.load.release(self.model, self.endpoint)
+        self.rt.breakers.record(self.endpoint, health)
         self.rt.ledger.release(self.reservation)
+        self.rt.budget_changed()
         if self.span is not None:
             self.span.set_attribute("tollway.outcome", f"failed:{kind}")
             self.span.end()

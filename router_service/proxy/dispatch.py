@@ -1,25 +1,27 @@
 """Which backend serves a request: filter -> score -> pick, and why.
 
 The scoring is the engine's (a `Ranking` best-first); the picking is `policy.pick` with two
-filters built from the router's live state: the budget ledger (can the model pay the estimated
-tokens?) and the load tracker (is it available and not saturated for this priority?). This module
-turns the outcome into what the HTTP layer needs: a model and a route label for the response
-headers, or a refusal (shed / budget / unavailable / rejected) with the reason spelled out.
+filters built from the router's live state: the budget ledger (can the model pay the request's
+worst case, `token_need`?) and the endpoint's health and load (circuit closed, replicas up, not
+saturated for this priority?). This module turns the outcome into what the HTTP layer needs: a
+model and a route label for the response headers, or a refusal (shed / budget / unavailable /
+rejected) with the reason spelled out.
 
 Everything here is pure: the live state comes in as callables, so each rule is testable alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from router_service.proxy.load import LoadVerdict
+from router_service.proxy.load import CIRCUIT_OPEN, LoadVerdict
 from router_service.routing.policy import Candidate, pick
 
 Route = Literal["routed", "degraded", "fallback", "pinned"]
-SkipReason = Literal["budget", "saturated", "unavailable"]
+SkipReason = Literal["budget", "saturated", "unavailable", "circuit_open"]
 RefusalKind = Literal["shed", "budget", "unavailable", "rejected"]
 
 
@@ -45,17 +47,61 @@ class Decision:
         return self.skipped[0][1] if self.skipped and self.model is not None else None
 
 
-def reservation_tokens(estimate: float, prompt_tokens: int, max_tokens: int | None) -> int:
-    """Tokens to hold at admission: the engine's estimate, capped by what the request allows.
+@dataclass(frozen=True, slots=True)
+class Need:
+    """What admission holds for one request on one model: the request's worst case in tokens, and
+    the max_tokens the router sets upstream to make that worst case true (None: the client's own)."""
 
-    A request cannot use more than its prompt plus `max_tokens`; without an estimate the cap (or
-    the prompt plus a default answer length) is held.
+    tokens: int
+    ceiling: int | None = None
+
+
+def token_need(
+    *,
+    prompt_bound: int,
+    sequences: int,
+    max_tokens: int | None,
+    budget: float,
+    remaining: float,
+    max_model_len: int | None,
+    max_request_fraction: float,
+    min_completion_tokens: int,
+) -> Need:
+    """The most tokens a request can cost on a model, which is what admission reserves.
+
+    A request costs its prompt (at most `prompt_bound`, counted once, as vLLM reports it) plus up to
+    `max_tokens` per generated sequence; and no sequence outgrows the context window, so never more
+    than `sequences x max_model_len`. Reserving this worst case means a model's spend never exceeds
+    its budget (as long as the backend honours max_tokens; what it overdraws anyway is charged and
+    repaid, see `routing/ledger.py`).
+
+    Without `max_tokens` the worst case is the context window, often more than a small budget: on a
+    model with a budget the router sets a ceiling itself, at most `max_request_fraction` of the
+    budget (and what the window leaves after the prompt). When the budget left cannot pay the
+    ceiling (or the client's own max_tokens), the ceiling shrinks to what it can pay, down to
+    `min_completion_tokens` per sequence, so the end of a window's budget is spent on shorter
+    answers rather than refused. A model without a budget gets no ceiling.
     """
-    cap = prompt_tokens + max_tokens if max_tokens is not None else None
-    est = estimate if estimate > 0 else float(prompt_tokens + (max_tokens if max_tokens is not None else 256))
-    if cap is not None:
-        est = min(est, float(cap))
-    return max(1, round(est))
+    sequences = max(1, sequences)
+    window_cap = sequences * max_model_len if max_model_len is not None else math.inf
+    if not math.isfinite(budget):
+        completion = max_tokens if max_tokens is not None else (max_model_len or 0)
+        return Need(max(1, int(min(prompt_bound + sequences * completion, window_cap))))
+    room = (max_model_len - prompt_bound) if max_model_len is not None else math.inf
+    if max_tokens is not None:
+        wanted = max_tokens
+    elif room < 1:  # the prompt bound fills the window: only the window bounds the request
+        return Need(max(1, int(window_cap)))
+    else:
+        wanted = int(min(max(1.0, max_request_fraction * budget), room))
+    affordable = math.floor((remaining - prompt_bound) / sequences)
+    ceiling = wanted
+    if affordable < wanted:
+        ceiling = max(min(wanted, min_completion_tokens), affordable)
+    tokens = max(1, int(min(prompt_bound + sequences * ceiling, window_cap)))
+    if max_tokens is not None and ceiling >= max_tokens:
+        return Need(tokens)  # the client's own limit stands
+    return Need(tokens, ceiling)
 
 
 def _refusal(skipped: Sequence[tuple[str, SkipReason]], what: str) -> Refusal:
@@ -67,9 +113,21 @@ def _refusal(skipped: Sequence[tuple[str, SkipReason]], what: str) -> Refusal:
         return Refusal(
             "budget", f"The token budget of every model that could serve {what} is spent ({detail})."
         )
+    if reasons <= {"unavailable", "circuit_open"} and "circuit_open" in reasons:
+        return Refusal(
+            "unavailable",
+            f"Every model that could serve {what} is failing or has no replicas right now ({detail}); "
+            "retry later.",
+        )
     if reasons == {"unavailable"}:
         return Refusal("unavailable", f"No model that could serve {what} has replicas right now ({detail}).")
     return Refusal("unavailable", f"No model can serve {what}.")
+
+
+def _skip_reason(verdict: LoadVerdict) -> SkipReason:
+    if verdict.reason == CIRCUIT_OPEN:
+        return "circuit_open"
+    return "unavailable" if not verdict.available else "saturated"
 
 
 def choose(
@@ -121,7 +179,7 @@ def choose(
         if why == "over-budget":
             skipped.append((model, "budget"))
         else:
-            skipped.append((model, "unavailable" if not verdicts[model].available else "saturated"))
+            skipped.append((model, _skip_reason(verdicts[model])))
     if choice.model is None:
         return Decision(None, None, None, tuple(skipped), _refusal(skipped, what))
     if mode == "shed" and any(why == "saturated" for _, why in skipped):
@@ -140,6 +198,14 @@ def choose_pinned(
     what: str = "this request",
 ) -> Decision:
     """A request that names a concrete model: it goes there or is refused, never elsewhere."""
+    if verdict.reason == CIRCUIT_OPEN:
+        return Decision(
+            None,
+            None,
+            None,
+            ((model, "circuit_open"),),
+            Refusal("unavailable", f"Model {model!r} is failing (circuit open); retry later."),
+        )
     if not verdict.available:
         return Decision(
             None,

@@ -1,9 +1,13 @@
 """Load signals per backend, and the decision whether a backend is saturated.
 
-Two sources: the router's own in-flight count per model (exact, instant) and each backend's vLLM
-`/metrics` (queue length and KV-cache use, read every `scrapeIntervalSeconds`). Scraped values
-older than `staleAfterSeconds` are ignored, never turned into errors: the decision then rests on
-the in-flight count alone.
+Two sources: the router's own in-flight count per model (exact, instant; kept per endpoint, the
+server that answers) and each backend's vLLM `/metrics` (queue length and KV-cache use, read every
+`scrapeIntervalSeconds`). Scraped values older than `staleAfterSeconds` are ignored, never turned
+into errors: the decision then rests on the in-flight count alone.
+
+Between scrapes a burst is seen through the in-flight count: with the backend's real concurrency
+known (`maxNumSeqs`, vLLM's --max-num-seqs), the router's own requests beyond it are requests
+queued on the backend, and count against `maxWaitingPerReplica` at once, before any scrape says so.
 
 `assess()` is the pure decision; `LoadTracker` is the thin stateful adapter (counters, scrape loop).
 """
@@ -33,7 +37,11 @@ _WAITING = "num_requests_waiting"
 _RUNNING = "num_requests_running"
 _KV = "kv_cache_usage_perc"
 _KV_LEGACY = "gpu_cache_usage_perc"  # vLLM < 0.10
-_WANTED = (_WAITING, _RUNNING, _KV, _KV_LEGACY)
+_GENERATED = "generation_tokens_total"  # a counter: whether the engine makes progress at all
+_WANTED = (_WAITING, _RUNNING, _KV, _KV_LEGACY, _GENERATED, "generation_tokens")
+
+CIRCUIT_OPEN = "circuit_open"
+"""The verdict reason for an endpoint whose circuit breaker keeps work away (see breaker.py)."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +52,17 @@ class ScrapedLoad:
     running: float
     kv_usage: float | None
     at: float  # clock() when read
+    generated: float | None = None  # vllm:generation_tokens_total, when exported
 
 
 @dataclass(frozen=True)
 class LoadVerdict:
     available: bool
     saturated: bool
-    reason: str | None  # "unavailable", "in_flight", "waiting", "kv_cache" (the first limit crossed)
+    reason: str | None
+    """"unavailable", "circuit_open", "in_flight", "waiting", "kv_cache" (the first limit crossed)"""
     pressure: float  # the largest signal/threshold ratio; >= 1 means at or over a limit
+    queues: bool = False  # one more request would wait for a free sequence slot (maxNumSeqs known)
 
     @property
     def can_serve(self) -> bool:
@@ -94,7 +105,13 @@ def parse_vllm_metrics(text: str, at: float) -> ScrapedLoad:
             counts[base] = counts.get(base, 0) + 1
     kv_key = _KV if _KV in sums else (_KV_LEGACY if _KV_LEGACY in sums else None)
     kv = sums[kv_key] / counts[kv_key] if kv_key else None
-    return ScrapedLoad(waiting=sums.get(_WAITING, 0.0), running=sums.get(_RUNNING, 0.0), kv_usage=kv, at=at)
+    return ScrapedLoad(
+        waiting=sums.get(_WAITING, 0.0),
+        running=sums.get(_RUNNING, 0.0),
+        kv_usage=kv,
+        at=at,
+        generated=sums.get(_GENERATED),
+    )
 
 
 def assess(
@@ -105,6 +122,7 @@ def assess(
     settings: DegradationSettings,
     priority: str,
     now: float,
+    max_num_seqs: int | None = None,
 ) -> LoadVerdict:
     """Whether a backend can take one more request of this priority.
 
@@ -112,7 +130,9 @@ def assess(
     a backend as saturated sooner, critical work later). A backend with no replicas is unavailable.
     Saturated when: in-flight >= maxInFlightPerReplica x replicas x headroom (admitting one more
     would exceed it), or waiting > maxWaitingPerReplica x replicas x headroom, or KV-cache use >
-    min(maxKvCacheUsage x headroom, 1).
+    min(maxKvCacheUsage x headroom, 1). With `max_num_seqs` known, the router's own in-flight
+    requests beyond max_num_seqs x replicas are waiting on the backend: admitting one more must not
+    take that queue past the waiting limit (whatever the last scrape said).
     """
     if replicas <= 0:
         return LoadVerdict(available=False, saturated=True, reason="unavailable", pressure=math.inf)
@@ -120,8 +140,13 @@ def assess(
     ratios: list[tuple[str, float, bool]] = []
     in_flight_limit = settings.max_in_flight_per_replica * replicas * headroom
     ratios.append(("in_flight", in_flight / in_flight_limit, in_flight >= in_flight_limit))
+    waiting_limit = settings.max_waiting_per_replica * replicas * headroom
+    queued = 0
+    if max_num_seqs is not None:
+        queued = max(0, in_flight + 1 - max_num_seqs * replicas)  # were one more admitted
+        over = queued > waiting_limit
+        ratios.append(("waiting", queued / waiting_limit if waiting_limit > 0 else float(over), over))
     if scraped is not None and now - scraped.at <= settings.stale_after_seconds:
-        waiting_limit = settings.max_waiting_per_replica * replicas * headroom
         if waiting_limit > 0:
             ratios.append(("waiting", scraped.waiting / waiting_limit, scraped.waiting > waiting_limit))
         else:
@@ -135,6 +160,7 @@ def assess(
         saturated=crossed is not None,
         reason=crossed,
         pressure=max(r for _, r, _ in ratios),
+        queues=queued > 0,
     )
 
 
@@ -142,10 +168,16 @@ def assess(
 class _BackendLoad:
     replicas: int
     metrics_url: str
-    in_flight: int = 0
+    max_num_seqs: int | None = None
+    in_flight_by_endpoint: dict[str, int] = field(default_factory=dict)
     scraped: ScrapedLoad | None = None
     scrape_errors: int = 0
     last_error: str | None = None
+    progress_at: float = 0.0  # when it was last seen generating, or idle
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.in_flight_by_endpoint.values())
 
 
 @dataclass
@@ -183,6 +215,8 @@ class LoadTracker:
         settings: DegradationSettings,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.on_stall: Callable[[str], None] | None = None  # told of each model `stalled` finds
+        self.stall_after = math.inf  # seconds without progress that count as a stall
         self._clock = clock
         self._loads: dict[str, _BackendLoad] = {}
         self._demand: dict[str, DemandWindow] = {}
@@ -197,12 +231,14 @@ class LoadTracker:
             metrics_url = b.metrics_url or b.url.rstrip("/") + "/metrics"
             old = self._loads.get(b.name)
             if old is not None:
-                old.replicas, old.metrics_url = b.replicas, metrics_url
+                old.replicas, old.metrics_url, old.max_num_seqs = b.replicas, metrics_url, b.max_num_seqs
                 if b.replicas == 0:
                     old.scraped = None
                 new[b.name] = old
             else:
-                new[b.name] = _BackendLoad(replicas=b.replicas, metrics_url=metrics_url)
+                new[b.name] = _BackendLoad(
+                    replicas=b.replicas, metrics_url=metrics_url, max_num_seqs=b.max_num_seqs
+                )
         self._loads = new
         self.settings = settings
         if settings.stale_after_seconds < settings.scrape_interval_seconds:
@@ -215,15 +251,21 @@ class LoadTracker:
 
     # --- in-flight accounting -------------------------------------------------------------------
 
-    def acquire(self, model: str) -> None:
+    def acquire(self, model: str, endpoint: str) -> None:
+        """One more request in flight to `endpoint`, a server of `model`."""
         load = self._loads.get(model)
         if load is not None:
-            load.in_flight += 1
+            load.in_flight_by_endpoint[endpoint] = load.in_flight_by_endpoint.get(endpoint, 0) + 1
 
-    def release(self, model: str) -> None:
+    def release(self, model: str, endpoint: str) -> None:
         load = self._loads.get(model)
-        if load is not None and load.in_flight > 0:
-            load.in_flight -= 1
+        if load is None:
+            return
+        count = load.in_flight_by_endpoint.get(endpoint, 0)
+        if count > 1:
+            load.in_flight_by_endpoint[endpoint] = count - 1
+        else:
+            load.in_flight_by_endpoint.pop(endpoint, None)
 
     def in_flight(self, model: str) -> int:
         load = self._loads.get(model)
@@ -242,6 +284,7 @@ class LoadTracker:
             settings=self.settings,
             priority=priority,
             now=self._clock(),
+            max_num_seqs=load.max_num_seqs,
         )
 
     def record_demand(self, model: str) -> None:
@@ -259,7 +302,9 @@ class LoadTracker:
             fresh = s is not None and now - s.at <= self.settings.stale_after_seconds
             out[name] = {
                 "replicas": load.replicas,
+                "max_num_seqs": load.max_num_seqs,
                 "in_flight": load.in_flight,
+                "in_flight_by_endpoint": dict(load.in_flight_by_endpoint),
                 "waiting": s.waiting if fresh and s else None,
                 "running": s.running if fresh and s else None,
                 "kv_cache_usage": s.kv_usage if fresh and s else None,
@@ -272,8 +317,25 @@ class LoadTracker:
 
     def record_scrape(self, model: str, text: str) -> None:
         load = self._loads.get(model)
-        if load is not None:
-            load.scraped = parse_vllm_metrics(text, self._clock())
+        if load is None:
+            return
+        before, now = load.scraped, self._clock()
+        load.scraped = parse_vllm_metrics(text, now)
+        generated = load.scraped.generated
+        progressed = generated is not None and (before is None or before.generated != generated)
+        if progressed or load.in_flight == 0 or generated is None:
+            load.progress_at = now
+
+    def stalled(self, limit: float) -> list[str]:
+        """Models that generated nothing for `limit` seconds while this router had requests in
+        flight to them (a hung engine: no token, no error); each is reported once per stall."""
+        now = self._clock()
+        out = []
+        for name, load in self._loads.items():
+            if load.in_flight and load.scraped is not None and now - load.progress_at > limit:
+                out.append(name)
+                load.progress_at = now
+        return out
 
     async def scrape_once(self, client: httpx.AsyncClient) -> None:
         timeout = max(0.25, min(self.settings.scrape_interval_seconds, 2.0))
@@ -291,6 +353,9 @@ class LoadTracker:
             except ValueError as exc:  # malformed exposition: keep the previous value until it goes stale
                 load.scrape_errors += 1
                 load.last_error = f"parse: {exc}"
+        if self.on_stall is not None:
+            for name in self.stalled(self.stall_after):
+                self.on_stall(name)
 
     @staticmethod
     async def _fetch(client: httpx.AsyncClient, url: str, timeout: float) -> str:

@@ -86,6 +86,27 @@ def method_not_allowed(method: str, path: str) -> ApiError:
     )
 
 
+def request_timeout(seconds: float) -> ApiError:
+    return ApiError(
+        408,
+        f"The request body did not arrive whole within {seconds:g} s.",
+        "invalid_request_error",
+        "request_timeout",
+        headers={"connection": "close"},
+    )
+
+
+def not_served(path: str, what: str) -> ApiError:
+    """No model in the pool serves this kind of request at all (not a transient 503)."""
+    return ApiError(
+        400,
+        f"No model behind this endpoint serves {path} ({what}).",
+        "invalid_request_error",
+        "capability_not_served",
+        "model",
+    )
+
+
 def too_large(limit: int) -> ApiError:
     return ApiError(
         413, f"Request body exceeds the limit of {limit} bytes.", "invalid_request_error", "request_too_large"

@@ -3,24 +3,31 @@ endpoint picker: filter -> score -> pick):
 
 1. parse     `request.parse_request`: the body and the few fields the router relies on;
 2. estimate  `estimate.estimate`: every model that can serve it, scored best first;
-3. filter    `dispatch.choose`: drop models without budget for it or without room (load);
-4. pick      `dispatch.choose`: the best that is left, or a refusal that says why;
-5. reserve   `Attempt.reserve`: the estimated tokens from the budget, an in-flight slot;
+3. filter    `dispatch.choose`: drop models without budget for its worst case (`token_need`),
+             failing ones (circuit breaker open) and ones without room (load);
+4. pick      `dispatch.choose`: the best that is left, or a refusal that says why; a refusal for
+             budget while requests in flight still hold budget waits for them to settle first;
+5. reserve   `Attempt.reserve`: the worst case from the budget, an in-flight slot on the endpoint;
 6. forward   `forward.forward`: the request to the backend, the answer relayed to the client;
 7. settle    `Attempt.settle`: the true usage charged, the slot freed, the outcome counted.
 
 A failure before the client saw a byte is retried once on the next pick (steps 3-7 again, the
-failed model excluded). `Proxy` only chains the steps and records what happened.
+failed model excluded), if the client is still there. A client that leaves while the backend has
+not answered yet ends the attempt at once. `Proxy` only chains the steps and records what happened.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from opentelemetry import propagate, trace
 from starlette.requests import Request
@@ -28,10 +35,10 @@ from starlette.responses import Response
 
 from router_service.proxy import openai_errors as errors
 from router_service.proxy.attempt import Attempt
-from router_service.proxy.dispatch import Decision, choose, choose_pinned, reservation_tokens
+from router_service.proxy.dispatch import Decision, Need, choose, choose_pinned, token_need
 from router_service.proxy.estimate import estimate
-from router_service.proxy.forward import forward
-from router_service.proxy.load import LoadVerdict
+from router_service.proxy.forward import Timeouts, forward
+from router_service.proxy.load import CIRCUIT_OPEN, LoadVerdict
 from router_service.proxy.request import (
     PATHS,
     PRIORITY_HEADER,
@@ -41,14 +48,51 @@ from router_service.proxy.request import (
     read_body,
 )
 from router_service.proxy.state import RouterState, Runtime, token_accepted
-from router_service.proxy.upstream import UpstreamFailure, estimate_prompt_tokens
+from router_service.proxy.upstream import UpstreamFailure
 from router_service.routing.policy import Candidate
+
+T = TypeVar("T")
 
 log = logging.getLogger("tollway.router")
 
 MODEL_HEADER = "x-tollway-model"
 ROUTE_HEADER = "x-tollway-route"
+MAX_TOKENS_HEADER = "x-tollway-max-tokens"  # the max_tokens the router set (none given, or budget short)
 MAX_ATTEMPTS = 2  # the first choice plus one retry on the next-best model
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left first" (nobody reads it)
+BUDGET_POLL_SECONDS = 0.25  # a waiting request re-checks at least this often (other replicas settle too)
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer started."""
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body must have been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T], abort: asyncio.Event | None = None) -> T:
+    """`work`'s result; or, with `work` cancelled, ClientGone when the client leaves first and
+    UpstreamFailure when `abort` is set first (the endpoint's circuit opened while it waited)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(until_disconnected(request))
+    aborted = asyncio.ensure_future(abort.wait()) if abort is not None else None
+    try:
+        await asyncio.wait({t for t in (task, watcher, aborted) if t}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if aborted is not None:
+            aborted.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, UpstreamFailure, errors.ApiError):
+                await task
+            if watcher.done() and not watcher.cancelled():
+                raise ClientGone
+            raise UpstreamFailure("timeout", "circuit opened while the request waited for its answer")
+    return task.result()
 
 
 def refusal_error(decision: Decision, retry_after: int, budget_retry_after: int) -> errors.ApiError:
@@ -83,20 +127,39 @@ class Admitted:
     """One admitted request: what was parsed, for whom, and the state it is served under."""
 
     state: RouterState
+    runtime: Runtime
     parsed: ParsedRequest
     capability: str
     priority: str
-    prompt_tokens: int
     request_id: str
 
     @property
     def routed(self) -> bool:
         return self.parsed.model == self.state.config.served_model_name
 
-    def tokens_for(self, candidate: Candidate | None) -> int:
-        """Tokens to reserve for a pick (the engine's estimate, capped by the request's limit)."""
-        est = candidate.est_tokens if candidate is not None else 0.0
-        return reservation_tokens(est, self.prompt_tokens, self.parsed.max_tokens)
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens are at most this (see tokens.py)."""
+        return self.parsed.prompt_bound
+
+    def need(self, model: str, remaining: float | None = None) -> Need:
+        """What admission holds for this request on `model` (its worst case, `dispatch.token_need`),
+        with the model's budget left as the ledger says (or as `remaining` supposes)."""
+        ledger, budgets = self.runtime.ledger, self.state.config.budgets
+        backend = self.state.backends[model]
+        return token_need(
+            prompt_bound=self.parsed.prompt_bound,
+            sequences=self.parsed.sequences,
+            max_tokens=self.parsed.max_tokens,
+            budget=ledger.budget(model),
+            remaining=ledger.remaining(model) if remaining is None else remaining,
+            max_model_len=backend.config.max_model_len,
+            max_request_fraction=budgets.max_request_fraction,
+            min_completion_tokens=budgets.min_completion_tokens,
+        )
+
+    def tokens_for(self, candidate: Candidate) -> int:
+        return self.need(candidate.model).tokens
 
 
 @dataclass
@@ -126,10 +189,17 @@ class Proxy:
             raise errors.unauthorized()
 
     async def handle(self, request: Request, capability: str) -> Response:
-        req = await self.admit(request, capability)  # 1. parse
-        plan = await self.plan(req)  # 2-4. estimate -> filter -> pick
-        self.record_plan(req, plan)
-        return await self.serve(request, req, plan)  # 5-7. reserve -> forward -> settle
+        self.rt.active += 1
+        try:
+            req = await self.admit(request, capability)  # 1. parse
+            plan = await self.plan(req, request)  # 2-4. estimate -> filter -> pick
+            self.record_plan(req, plan)
+            return await self.serve(request, req, plan)  # 5-7. reserve -> forward -> settle
+        except ClientGone:
+            self.rt.metrics.child(self.rt.metrics.requests, "none", "none", "client_gone").inc()
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        finally:
+            self.rt.active -= 1
 
     # -- 1. parse --------------------------------------------------------------------------------
 
@@ -139,36 +209,103 @@ class Proxy:
         self.authorize(request, state)
         if not rt.ready:
             raise errors.not_ready("The router is starting or shutting down.")
-        parsed = parse_request(await read_body(request, state.config.server.max_request_bytes), capability)
+        server = state.config.server
+        body = await read_body(request, server.max_request_bytes, server.request_body_timeout_seconds)
+        parsed = parse_request(body, capability)
         return Admitted(
             state=state,
+            runtime=rt,
             parsed=parsed,
             capability=capability,
             priority=parse_priority(request.headers.get(PRIORITY_HEADER)),
-            prompt_tokens=estimate_prompt_tokens(parsed.prompt_chars),
             request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
         )
 
     # -- 2-4. estimate -> filter -> pick --------------------------------------------------------
 
     def verdict(self, req: Admitted, model: str) -> LoadVerdict:
+        """Health (circuit breaker of the model's endpoint) and load, as the filter sees them."""
+        if not self.rt.breakers.allows(req.state.backends[model].endpoint):
+            return LoadVerdict(available=False, saturated=True, reason=CIRCUIT_OPEN, pressure=math.inf)
         return self.rt.load.verdict(model, req.priority)
 
     def pick(self, req: Admitted, candidates: list[Candidate], **options: object) -> Decision:
-        """Steps 3-4: filter by budget and load, pick the best left."""
-        return choose(
-            candidates,
-            verdict=functools.partial(self.verdict, req),
-            can_afford=self.rt.ledger.can_afford,
-            tokens=req.tokens_for,
-            what=f"{req.capability} requests",
-            **options,  # type: ignore[arg-type]
+        """Steps 3-4: filter by budget and load, pick the best left. First among the models with a
+        free sequence slot (where maxNumSeqs is known: a burst spills over to models with room
+        instead of queueing on the best one); when none has one, queueing within the limits."""
+
+        def with_free_slot(model: str) -> LoadVerdict:
+            v = self.verdict(req, model)
+            return replace(v, saturated=True, reason=v.reason or "waiting") if v.queues else v
+
+        decision: Decision | None = None
+        for verdict in (with_free_slot, functools.partial(self.verdict, req)):
+            decision = choose(
+                candidates,
+                verdict=verdict,
+                can_afford=self.rt.ledger.can_afford,
+                tokens=req.tokens_for,
+                what=f"{req.capability} requests",
+                **options,  # type: ignore[arg-type]
+            )
+            if decision.model is not None:
+                return decision
+        assert decision is not None
+        return decision
+
+    async def plan(self, req: Admitted, request: Request) -> Plan:
+        """Steps 2-4; a refusal for budget waits (bounded) for budget held in flight to come back."""
+        plan = await self._plan(req)
+        wait = req.state.config.budgets.admission_wait_seconds
+        deadline = time.monotonic() + wait
+        while self._budget_may_free(plan.decision, req, deadline):
+            await unless_disconnected(
+                request, self.rt.wait_budget_change(min(BUDGET_POLL_SECONDS, deadline - time.monotonic()))
+            )
+            plan = self._repick(req, plan)
+        return plan
+
+    def _repick(self, req: Admitted, plan: Plan) -> Plan:
+        if req.routed:
+            decision = self.pick(req, plan.candidates, mode=req.state.config.degradation.mode)
+        else:
+            decision = self._pinned(req)
+        return Plan(decision, plan.candidates, plan.phase, plan.seconds)
+
+    def _budget_may_free(self, decision: Decision, req: Admitted, deadline: float) -> bool:
+        """A budget refusal that waiting could turn into a pick: budget held by requests in flight
+        (or a window that ends) could pay this request on some model it was refused for."""
+        if decision.refusal is None or decision.refusal.kind != "budget" or time.monotonic() >= deadline:
+            return False
+        ledger = self.rt.ledger
+        snapshot = ledger.snapshot()
+        if snapshot["window_resets_in_seconds"] < deadline - time.monotonic():
+            return True
+        for model, why in decision.skipped:
+            if why != "budget":
+                continue
+            held = snapshot["models"].get(model, {}).get("in_flight", 0.0)
+            could_have = ledger.remaining(model) + held
+            if held > 0 and could_have >= req.need(model, remaining=could_have).tokens:
+                return True
+        return False
+
+    def _pinned(self, req: Admitted) -> Decision:
+        model = req.parsed.model
+        return choose_pinned(
+            model,
+            verdict=self.verdict(req, model),
+            can_afford=self.rt.ledger.can_afford(model, req.need(model).tokens),
         )
 
-    async def plan(self, req: Admitted) -> Plan:
+    async def _plan(self, req: Admitted) -> Plan:
         rt, state, parsed = self.rt, req.state, req.parsed
         started = time.perf_counter()
         if req.routed:
+            if not any(req.capability in b.capabilities for b in state.backends.values()):
+                raise errors.not_served(
+                    PATHS[req.capability], f"no model in the pool serves {req.capability}"
+                )
             est = await estimate(
                 functools.partial(rt.rank, state),
                 state.backends,
@@ -189,12 +326,7 @@ class Proxy:
                     f"(capabilities: {', '.join(sorted(backend.capabilities))}).",
                     param="model",
                 )
-            decision = choose_pinned(
-                parsed.model,
-                verdict=self.verdict(req, parsed.model),
-                can_afford=rt.ledger.can_afford(parsed.model, req.tokens_for(None)),
-            )
-            return Plan(decision, seconds=time.perf_counter() - started)
+            return Plan(self._pinned(req), seconds=time.perf_counter() - started)
         rt.metrics.child(rt.metrics.requests, "none", "none", "unknown_model").inc()
         raise errors.model_not_found(parsed.model, [state.config.served_model_name, *state.backends])
 
@@ -202,7 +334,7 @@ class Proxy:
         """Count the decision (demand for models at zero, degradations, refusals); raise a refusal."""
         rt, decision = self.rt, plan.decision
         for model, why in decision.skipped:
-            if why == "unavailable":
+            if why == "unavailable":  # no replicas (not a failing endpoint): demand to scale it up
                 rt.metrics.child(rt.metrics.demand, model).inc()
                 rt.load.record_demand(model)
         if self.tracing:
@@ -239,12 +371,19 @@ class Proxy:
         failure: UpstreamFailure | None = None
         for attempt in range(MAX_ATTEMPTS):
             try:
-                return await self.attempt(req, decision, retry_after)
+                # A non-streamed answer has no first byte before it is complete (vLLM sends headers
+                # then): if the endpoint's circuit opens meanwhile, the request goes elsewhere.
+                endpoint = req.state.backends[str(decision.model)].endpoint
+                abort = None if req.parsed.stream else self.rt.breakers.opened(endpoint)
+                work = self.attempt(req, decision, retry_after)
+                return await unless_disconnected(request, work, abort)
             except UpstreamFailure as exc:
                 failure = exc
                 tried.append(str(decision.model))
             if not req.routed or not failure.retryable or attempt + 1 >= MAX_ATTEMPTS:
                 break
+            if await request.is_disconnected():
+                raise ClientGone
             nxt = self.pick(req, plan.candidates, mode="degrade", exclude=tried, fallback=True)
             if nxt.model is None:
                 break
@@ -255,13 +394,14 @@ class Proxy:
         rt.metrics.child(rt.metrics.requests, tried[-1], decision.route or "none", "upstream_error").inc()
         raise failure_error(failure, retry_after)
 
-    async def attempt(self, req: Admitted, decision: Decision, retry_after: int) -> Response:
-        """Steps 5-7 on one model. Raises UpstreamFailure before the client saw anything."""
+    def attempt(self, req: Admitted, decision: Decision, retry_after: int) -> Awaitable[Response]:
+        """Steps 5-7 on one model. Reserves at once (no await between the pick and its reservation,
+        so concurrent requests see each other's holds); the awaitable forwards and raises
+        UpstreamFailure before the client saw anything."""
         assert decision.model is not None and decision.route is not None
         backend = req.state.backends[decision.model]
-        attempt = Attempt.reserve(
-            self.rt, backend, decision.route, req.tokens_for(decision.candidate), retry_after
-        )
+        need = req.need(backend.name)
+        attempt = Attempt.reserve(self.rt, backend, decision.route, need.tokens, retry_after)
         extra = {"x-request-id": req.request_id}
         if self.tracing:
             attempt.span = self.tracer.start_span(
@@ -273,14 +413,24 @@ class Proxy:
                 },
             )
             propagate.inject(extra, context=trace.set_span_in_context(attempt.span))
-        return await forward(
+        server = req.state.config.server
+        out_headers = route_headers(decision, req.request_id)
+        if need.ceiling is not None:
+            out_headers[MAX_TOKENS_HEADER] = str(need.ceiling)
+        return forward(
             self.rt.http(),
             backend,
             PATHS[req.capability],
             req.parsed,
             attempt,
             extra_headers=extra,
-            out_headers=route_headers(decision, req.request_id),
-            upstream_timeout=req.state.config.server.upstream_timeout_seconds,
+            out_headers=out_headers,
+            timeouts=Timeouts(
+                first_byte=server.first_byte_timeout_seconds,
+                total=server.upstream_timeout_seconds,
+                client_stall=server.client_stall_seconds,
+            ),
             prompt_tokens=req.prompt_tokens,
+            ceiling=need.ceiling,
+            streams=self.rt.streams,
         )

@@ -77,6 +77,7 @@ async def reload_from(runtime: Runtime, path: Path, engine_factory: EngineFactor
         if isinstance(exc, ValueError):
             return "invalid"
         return "failed"
+    await runtime.prepare(state)  # a new engine gets the shared prices and learned entries first
     runtime.apply(state)
     runtime.metrics.reloads.labels("applied").inc()
     log.info("config reloaded from %s (generation %d)", path, state.generation)

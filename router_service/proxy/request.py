@@ -1,5 +1,7 @@
-"""Step 1 of the request path, parse: the body read within its size limit, the few fields the
-router relies on checked, the routing text and the priority taken out.
+"""Step 1 of the request path, parse: the body read within its size and time limits, the few
+fields the router relies on checked, the routing text, the priority and what admission needs to
+bound the request's tokens (a prompt bound from `tokens.py`, how many sequences it generates,
+its max_tokens) taken out.
 
 The backend validates everything else; a request that fails here gets a 400 (or 413) in OpenAI's
 error shape that names the field.
@@ -7,6 +9,7 @@ error shape that names the field.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +18,7 @@ from starlette.requests import Request
 
 from router_service.proxy import openai_errors as errors
 from router_service.proxy.load import DEFAULT_PRIORITY, PRIORITIES
+from router_service.proxy.tokens import chat_prompt_bound, completion_prompts_bound, embedding_inputs_bound
 
 PRIORITY_HEADER = "x-tollway-priority"
 ROUTING_TEXT_CHARS = 4096  # the routing decision reads at most this much of the prompt
@@ -34,8 +38,10 @@ class ParsedRequest:
     model: str
     stream: bool
     routing_text: str
-    prompt_chars: int
+    prompt_bound: int  # the prompt's tokens are at most this (template included)
     max_tokens: int | None
+    sequences: int = 1  # completions generated: max(n, best_of) per prompt
+    usage_requested: bool = False  # stream_options.include_usage asked by the client
 
 
 def _text_of(content: Any) -> str:
@@ -76,6 +82,20 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return payload
 
 
+def _positive_int(payload: dict[str, Any], name: str) -> int:
+    value = payload.get(name)
+    if value is None:
+        return 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise errors.bad_request(f"`{name}` must be a positive integer.", param=name)
+    return value
+
+
+def _usage_requested(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 def parse_request(body: bytes, capability: str) -> ParsedRequest:
     """Validate the few fields the router relies on; the backend validates the rest."""
     payload = parse_json_object(body)
@@ -99,34 +119,37 @@ def parse_request(body: bytes, capability: str) -> ParsedRequest:
             _text_of(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"
         ]
         routing = users[-1] if users else " ".join(texts)
-        chars = sum(len(t) for t in texts)
+        bound, prompts = chat_prompt_bound(payload), 1
     elif capability == "completions":
         prompt = payload.get("prompt")
+        bound, prompts = completion_prompts_bound(prompt)
         if isinstance(prompt, list):
             prompt = " ".join(p for p in prompt if isinstance(p, str))
         if not isinstance(prompt, str):
             raise errors.bad_request("`prompt` must be a string or a list of strings.", param="prompt")
-        routing, chars = prompt, len(prompt)
+        routing = prompt
     else:  # embeddings
         inputs = payload.get("input")
-        if isinstance(inputs, str):
-            chars = len(inputs)
-        elif isinstance(inputs, list):
-            chars = sum(
-                len(x) if isinstance(x, str) else 4 * len(x) if isinstance(x, list) else 4 for x in inputs
-            )
-        else:
+        if not isinstance(inputs, str | list):
             raise errors.bad_request("`input` must be a string or a list.", param="input")
+        bound, prompts = embedding_inputs_bound(inputs), 1
         routing = ""
         stream = False
+    per_prompt = (
+        1
+        if capability == "embeddings"
+        else max(_positive_int(payload, "n"), _positive_int(payload, "best_of"))
+    )
     return ParsedRequest(
         raw=body,
         payload=payload,
         model=model,
         stream=stream,
         routing_text=routing[:ROUTING_TEXT_CHARS],
-        prompt_chars=chars,
+        prompt_bound=bound,
         max_tokens=max_tokens,
+        sequences=per_prompt * prompts,
+        usage_requested=_usage_requested(payload),
     )
 
 
@@ -142,8 +165,19 @@ def parse_priority(value: str | None) -> str:
     return v
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes without reading them all."""
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The request body, refusing more than `limit` bytes without reading them all, and answering
+    408 when it has not arrived whole within `timeout` seconds."""
+    if timeout is None:
+        return await _read_body(request, limit)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise errors.request_timeout(timeout) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

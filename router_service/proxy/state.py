@@ -5,12 +5,16 @@ engine, accepted tokens, the `/v1/models` answer). A reload builds a new one off
 and swaps a single reference, so a request in flight keeps the generation it started with.
 
 `Runtime` holds what outlives reloads: the budget ledger (resized, never rebuilt, so spent
-budget stays spent), the load tracker, the metrics, and the one pooled HTTP client.
+budget stays spent) over the state store (in-process, or Redis shared by every replica), the sync
+that keeps the engine in step with the store (dual prices, learned entries), the load tracker, the
+circuit breakers, the metrics, the open streams, and the one pooled HTTP client. `drain` is the
+graceful part of a shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -25,10 +29,13 @@ from typing import Any, Protocol
 import httpx
 
 from router_service.config import RouterConfig
+from router_service.proxy.breaker import Breakers
 from router_service.proxy.load import LoadTracker
 from router_service.proxy.telemetry import LiveState, RouterMetrics
 from router_service.proxy.upstream import Backend, make_client
 from router_service.routing.ledger import BudgetLedger
+from router_service.store.base import LearnedEntry, state_url
+from router_service.store.sync import EngineSync
 
 log = logging.getLogger("tollway.router")
 
@@ -44,8 +51,9 @@ class Engine(Protocol):
 EngineFactory = Callable[[RouterConfig, BudgetLedger], Engine]
 
 # Config blocks the routing engine is built from; when none of them changes, a reload keeps the
-# engine (and what it learned) as it is. Budget sizes are not among them: the engine reads them
-# from the shared ledger, which a reload resizes.
+# engine (and what it learned) as it is. Budget sizes and this replica's share are not among
+# them: the engine reads budgets from the ledger, which a reload resizes, and takes a new share
+# in place (scaling the router must not rebuild every engine).
 _ENGINE_FIELDS = ("objective", "history", "embedding", "ann", "learning")
 
 
@@ -58,7 +66,6 @@ def default_engine_factory(config: RouterConfig, ledger: BudgetLedger) -> Engine
 def engine_inputs(config: RouterConfig) -> str:
     """A stable fingerprint of what the engine depends on (reuse it when unchanged)."""
     parts: dict[str, Any] = {f: getattr(config, f).model_dump(mode="json") for f in _ENGINE_FIELDS}
-    parts["replica_share"] = config.budgets.replica_share
     parts["backends"] = [(b.name, b.profile, b.price.model_dump(mode="json")) for b in config.backends]
     return json.dumps(parts, sort_keys=True)
 
@@ -170,17 +177,29 @@ class Runtime:
         *,
         clock: Callable[[], float] = time.monotonic,
         transport: httpx.AsyncBaseTransport | None = None,
+        state_url_override: str | None = None,
     ) -> None:
         config = state.config
         self.state = state
         self.clock = clock
         self.ledger = ledger
+        self.store = ledger.store
+        self.sync = EngineSync(self.store, config.state.sync_interval_seconds)
+        self._state_url_override = state_url_override
+        self._store_url = state_url(config, state_url_override)
+        self._sync_task: asyncio.Task[None] | None = None
         self.load = LoadTracker(config.backends, config.degradation, clock=clock)
+        self.breakers = Breakers(config.degradation.circuit_breaker, clock=clock)
+        self.load.on_stall = self.endpoint_stalled
+        self.load.stall_after = config.server.first_byte_timeout_seconds
         self.metrics = RouterMetrics(self.live_state)
         self._transport = transport
         self.client: httpx.AsyncClient | None = None
         self.ready = False
         self.draining = False
+        self.active = 0  # requests inside the request path (streams being relayed: `streams`)
+        self.streams: set[Any] = set()  # open `forward.Relay`s
+        self._budget_event: asyncio.Event | None = None
         self._rank_pool: ThreadPoolExecutor | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -188,10 +207,19 @@ class Runtime:
     async def start(self) -> None:
         self.client = make_client(self.state.config, self._transport)
         self.load.start(self.client)
+        self.store.start()
+        await self.sync.step(self.state.engine)  # shared prices and learned entries before serving
+        self._sync_task = asyncio.get_running_loop().create_task(
+            self.sync.run(lambda: self.state.engine), name="tollway-state-sync"
+        )
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
         await self.load.stop()
         if self.client is not None:
             await self.client.aclose()
@@ -200,7 +228,57 @@ class Runtime:
         close = getattr(self.state.engine, "close", None)
         if callable(close):
             await asyncio.to_thread(close)  # let a running dual-price fit finish
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.sync.step(self.state.engine)  # publish a fit that just finished
         self.ledger.save()
+        await asyncio.to_thread(self.store.close)  # writes what is queued for Redis
+
+    def endpoint_stalled(self, model: str) -> None:
+        """A model generated nothing for a first-byte limit with requests in flight: open the
+        circuit of each of its endpoints that has some (those requests go elsewhere)."""
+        backend = self.state.backends.get(model)
+        if backend is None:
+            return
+        log.warning(
+            "%s generated nothing for %.1f s with requests in flight: circuit opened",
+            model,
+            self.load.stall_after,
+        )
+        self.breakers.trip(backend.endpoint)
+
+    async def drain(self, seconds: float) -> None:
+        """The graceful part of a shutdown: /readyz answers 503 from now on while requests in flight
+        get up to `seconds` to finish; streams still open then end with an error event."""
+        self.draining = True
+        deadline = time.monotonic() + seconds
+        while (self.active or self.streams) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for relay in list(self.streams):
+            relay.stop("shutdown")
+        give_up = time.monotonic() + 2.0  # they only have an error event left to write
+        while self.streams and time.monotonic() < give_up:
+            await asyncio.sleep(0.01)
+        if self.streams or self.active:
+            log.warning(
+                "drain ended with %d streams and %d requests still open", len(self.streams), self.active
+            )
+
+    # --- budget waits ---------------------------------------------------------------------------
+
+    def budget_changed(self) -> None:
+        """A reservation was settled or released: wake the requests waiting for budget."""
+        event, self._budget_event = self._budget_event, None
+        if event is not None:
+            event.set()
+
+    async def wait_budget_change(self, timeout: float) -> None:
+        """Until the next `budget_changed` or `timeout` seconds."""
+        if self._budget_event is None:
+            self._budget_event = asyncio.Event()
+        event = self._budget_event
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, timeout)):
+                await event.wait()
 
     def http(self) -> httpx.AsyncClient:
         if self.client is None:
@@ -209,11 +287,33 @@ class Runtime:
 
     # --- config generations ---------------------------------------------------------------------
 
+    async def prepare(self, state: RouterState) -> None:
+        """Bring a new generation's engine up to date with the store before it serves."""
+        if state.engine is not self.state.engine:
+            await self.sync.step(state.engine)
+
     def apply(self, state: RouterState) -> None:
         """Swap to a new generation; budgets carry over, load counts of kept backends too."""
-        self.ledger.resize(state.config.budgets)
-        self.load.configure(state.config.backends, state.config.degradation)
+        config = state.config
+        wanted = state_url(config, self._state_url_override)
+        if wanted != self._store_url:
+            log.warning("state.url changed in the config; the router keeps its store until it restarts")
+            self._store_url = wanted
+        self.ledger.resize(config.budgets)
+        rescale = getattr(state.engine, "set_replica_share", None)
+        if callable(rescale):
+            rescale(config.budgets.replica_share)
+        self.load.configure(config.backends, config.degradation)
+        self.load.stall_after = config.server.first_byte_timeout_seconds
+        self.breakers.configure(
+            config.degradation.circuit_breaker, (b.endpoint for b in state.backends.values())
+        )
         self.state = state
+
+    async def learn(self, entry: LearnedEntry) -> None:
+        """A learned history entry from this replica: into the store, and into the engine now."""
+        self.store.append_learned(entry)
+        await self.sync.step(self.state.engine)
 
     # --- routing decision off the loop for slow embedders ---------------------------------------
 
@@ -245,7 +345,17 @@ class Runtime:
             load=self.load.snapshot(),
             pending_demand={m: self.load.pending_demand(m) for m in state.backends},
             ready=self.ready and not self.draining,
+            circuits=self.circuits(),
+            store=self.store.health(),
         )
+
+    def circuits(self) -> dict[str, dict[str, Any]]:
+        """Circuit breaker state per endpoint, with the model it serves."""
+        models = {b.endpoint: b.name for b in self.state.backends.values()}
+        return {
+            endpoint: {"model": models.get(endpoint), **info}
+            for endpoint, info in self.breakers.snapshot().items()
+        }
 
     def status(self) -> dict:
         """JSON for `GET /v1/tollway/status`: what the router sees right now."""
@@ -258,6 +368,9 @@ class Runtime:
             "engine": engine.status() if callable(getattr(engine, "status", None)) else None,
             "gamma": {m: float(v) for m, v in dict(getattr(engine, "gamma", {}) or {}).items()},
             "budgets": self.ledger.snapshot(),
+            "state": self.store.health().to_json(),
             "load": self.load.snapshot(),
             "pending_demand": {m: self.load.pending_demand(m) for m in state.backends},
+            "circuits": self.circuits(),
+            "open_streams": len(self.streams),
         }

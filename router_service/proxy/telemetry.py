@@ -17,13 +17,16 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from router_service.proxy.breaker import STATE_VALUES
+from router_service.store.base import StoreHealth
 
 log = logging.getLogger("tollway.telemetry")
 
@@ -41,6 +44,9 @@ class LiveState:
     load: Mapping[str, Mapping[str, Any]]
     pending_demand: Mapping[str, int]
     ready: bool
+    circuits: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Circuit breaker per endpoint: {"model", "state", "trips", ...} (see proxy/breaker.py)."""
+    store: StoreHealth | None = None
 
 
 class _LiveCollector(Collector):
@@ -56,11 +62,14 @@ class _LiveCollector(Collector):
             return
         remaining = GaugeMetricFamily(
             "tollway_budget_remaining_tokens",
-            "Tokens left in this window's budget on this router replica (models with a budget).",
+            "Tokens left in this window's budget as this replica sees it (models with a budget): the "
+            "whole policy's with a shared store, its local share while that store is unreachable.",
             labels=["model"],
         )
         total = GaugeMetricFamily(
-            "tollway_budget_tokens", "This replica's token budget per window.", labels=["model"]
+            "tollway_budget_tokens",
+            "The token budget per window this replica enforces (the whole budget with a shared store).",
+            labels=["model"],
         )
         for model, value in state.budget_remaining.items():
             if math.isfinite(value):
@@ -108,7 +117,56 @@ class _LiveCollector(Collector):
             demand.add_metric([model], value)
         ready = GaugeMetricFamily("tollway_ready", "1 when the router is ready to serve.")
         ready.add_metric([], 1.0 if state.ready else 0.0)
-        yield from (remaining, total, dual, in_flight, replicas, signal, age, demand, ready)
+        circuit = GaugeMetricFamily(
+            "tollway_circuit_state",
+            "Circuit breaker per backend endpoint: 0 closed (serving), 1 half-open (probing), 2 open (no work).",
+            labels=["model", "endpoint"],
+        )
+        trips = CounterMetricFamily(
+            "tollway_circuit_trips",
+            "Times a backend endpoint's circuit breaker opened.",
+            labels=["model", "endpoint"],
+        )
+        for endpoint, info in state.circuits.items():
+            labels = [str(info.get("model") or ""), endpoint]
+            circuit.add_metric(labels, STATE_VALUES.get(info["state"], 0))
+            trips.add_metric(labels, float(info.get("trips", 0)))
+        yield from (remaining, total, dual, in_flight, replicas, signal, age, demand, ready, circuit, trips)
+        if state.store is not None:
+            yield from _store_metrics(state.store)
+
+
+def _store_metrics(health: StoreHealth) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    up = GaugeMetricFamily(
+        "tollway_state_store_up",
+        "1 when the state store answers (always for the in-process store); 0 while Redis is "
+        "unreachable and this replica serves on its local budget share.",
+        labels=["store"],
+    )
+    up.add_metric([health.kind], 1.0 if health.connected else 0.0)
+    pending = GaugeMetricFamily(
+        "tollway_state_store_pending_operations", "Budget and learning writes waiting for the shared store."
+    )
+    pending.add_metric([], health.pending_operations)
+    live = GaugeMetricFamily(
+        "tollway_state_store_live_replicas", "Router replicas of this policy seen alive by the shared store."
+    )
+    live.add_metric([], health.live_replicas)
+    outages = CounterMetricFamily(
+        "tollway_state_store_outages", "Times the shared store became unreachable (local-share mode began)."
+    )
+    outages.add_metric([], health.outages)
+    errors = CounterMetricFamily("tollway_state_store_errors", "Failed calls to the shared store.")
+    errors.add_metric([], health.errors)
+    share = GaugeMetricFamily(
+        "tollway_state_store_local_share_tokens",
+        "While the shared store is unreachable: tokens this replica may still spend per model.",
+        labels=["model"],
+    )
+    for model, value in health.local_share.items():
+        if math.isfinite(value):
+            share.add_metric([model], value)
+    yield from (up, pending, live, outages, errors, share)
 
 
 class RouterMetrics:

@@ -3,9 +3,10 @@
 `open_upstream` sends a request and returns as soon as the response headers arrive (the body is
 not read), or raises `UpstreamFailure` saying whether the failure happened before the first byte
 and may be retried on another model (connect error, timeout, 5xx, 429). Streaming bodies are then
-passed through chunk by chunk by the caller while `SseUsage` watches the bytes go by: it takes the
-`usage` object when the backend sends one and otherwise counts the generated tokens (one content
-delta per token, as vLLM emits them).
+cut into whole server-sent events by `SseEvents` (a client never gets half an event) and relayed
+while `SseUsage` watches them go by: it takes the `usage` object when the backend sends one and
+otherwise counts the generated tokens (one content delta per token, as vLLM emits them).
+Response headers reach the client only when an OpenAI client needs them (`response_headers`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import httpx
 
 from router_service.config import BackendConfig, RouterConfig
 
-# Response headers never copied from the backend (hop-by-hop, or recomputed by the router).
-_DROP_RESPONSE_HEADERS = frozenset(
-    {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server", "content-encoding"}
-)
+# The backend's response headers that reach the client: what an OpenAI client reads. Everything
+# else (cookies, CORS grants, servers' and proxies' internal headers, hop-by-hop headers) stays here.
+PASSED_RESPONSE_HEADERS = frozenset({"content-type", "cache-control", "retry-after"})
 _MAX_ERROR_BODY = 4096
 _MAX_SSE_LINE = 1 << 20
 
@@ -37,6 +37,12 @@ class Backend:
     capabilities: frozenset[str]
     headers: dict[str, str]
     config: BackendConfig
+
+    @property
+    def endpoint(self) -> str:
+        """The identity of the server that answers (circuit breaker, in-flight counts): its base URL.
+        One per backend today; a replica's URL once replicas are routed one by one."""
+        return self.base_url
 
     @classmethod
     def from_config(cls, b: BackendConfig) -> Backend:
@@ -165,8 +171,8 @@ def _error_message(body: bytes) -> str:
 
 
 def response_headers(response: httpx.Response) -> dict[str, str]:
-    """Backend headers worth passing to the client."""
-    return {k: v for k, v in response.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
+    """Backend headers worth passing to the client (`PASSED_RESPONSE_HEADERS`)."""
+    return {k: v for k, v in response.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
 
 
 # --- usage ----------------------------------------------------------------------------------------
@@ -211,37 +217,72 @@ def usage_from_body(body: bytes) -> Usage | None:
 
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
 _CONTENT_RE = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
+_EVENT_END_RE = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
-class SseUsage:
-    """Watches a server-sent-event stream of OpenAI chunks without altering it.
+class SseEvents:
+    """Cuts a byte stream into whole server-sent events (each with its blank-line terminator).
 
-    Keeps only an incomplete line between chunks (bounded), parses JSON only for the event that
-    carries `usage`, and otherwise counts events with non-empty generated text.
+    What is left between chunks is the start of an unfinished event; it is never relayed alone, so
+    an error event the router adds after a failure is always an event of its own. An unfinished
+    event longer than 1 MiB is dropped (and counted in `dropped`).
     """
 
-    __slots__ = ("_buffer", "counted", "done", "errored", "reported")
+    __slots__ = ("_buffer", "dropped")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._buffer + chunk if self._buffer else chunk
+        events: list[bytes] = []
+        start = 0
+        for match in _EVENT_END_RE.finditer(data):
+            events.append(data[start : match.end()])
+            start = match.end()
+        rest = data[start:]
+        if len(rest) > _MAX_SSE_LINE:
+            rest, self.dropped = b"", self.dropped + 1
+        self._buffer = rest
+        return events
+
+    @property
+    def pending(self) -> bool:
+        """An event was begun and not finished."""
+        return bool(self._buffer.strip())
+
+
+def _event_data(event: bytes) -> bytes:
+    """The joined `data:` lines of one event."""
+    lines = [line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+class SseUsage:
+    """Watches whole server-sent events of an OpenAI stream without altering them.
+
+    Parses JSON only for the event that carries `usage`, and otherwise counts events with
+    non-empty generated text. `event()` says whether an event only carries usage (the final chunk
+    of a stream asked for `stream_options.include_usage`), so the relay can leave it out.
+    """
+
+    __slots__ = ("counted", "done", "errored", "reported")
+
+    def __init__(self) -> None:
         self.counted = 0
         self.reported: Usage | None = None
         self.done = False
         self.errored = False
 
-    def feed(self, chunk: bytes) -> None:
-        data = self._buffer + chunk if self._buffer else chunk
-        lines = data.split(b"\n")
-        tail = lines.pop()
-        self._buffer = tail if len(tail) <= _MAX_SSE_LINE else b""
-        for line in lines:
-            if line.startswith(b"data:"):
-                self._event(line[5:].strip())
-
-    def _event(self, payload: bytes) -> None:
+    def event(self, event: bytes) -> bool:
+        """Take one whole event; True when it carries usage and no choices."""
+        payload = _event_data(event)
+        if not payload:
+            return False
         if payload == b"[DONE]":
             self.done = True
-            return
+            return False
         if _USAGE_RE.search(payload):
             try:
                 obj = json.loads(payload)
@@ -252,11 +293,13 @@ class SseUsage:
                 self.reported = usage
             if isinstance(obj, dict) and obj.get("choices"):
                 self._count(payload)
-            return
+                return False
+            return usage is not None
         if payload.startswith(b'{"error"'):
             self.errored = True
-            return
+            return False
         self._count(payload)
+        return False
 
     def _count(self, payload: bytes) -> None:
         self.counted += len(_CONTENT_RE.findall(payload))
@@ -265,8 +308,3 @@ class SseUsage:
         if self.reported is not None:
             return self.reported
         return Usage(prompt_estimate, self.counted, False)
-
-
-def estimate_prompt_tokens(text_chars: int) -> int:
-    """A tokenizer-free estimate: about four characters per token for English text."""
-    return max(1, text_chars // 4)

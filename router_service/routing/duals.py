@@ -185,6 +185,7 @@ class DualController:
         self._prior_g = None if prior_cost is None else np.asarray(prior_cost, dtype=np.float64)
         self.observed = 0
         self.fits = 0
+        self.adopted = 0
         self.gamma = np.zeros(len(self.models))
 
     # -- state ----------------------------------------------------------------------------------
@@ -195,6 +196,25 @@ class DualController:
 
     def gamma_dict(self) -> dict[str, float]:
         return {m: float(v) for m, v in zip(self.models, self.gamma, strict=True)}
+
+    def set_expected_queries(self, expected_queries: int) -> None:
+        """A new expected volume per window (this replica's share of it changed)."""
+        if expected_queries < 1:
+            raise ValueError("expected_queries must be >= 1")
+        with self._lock:
+            self.expected_queries = int(expected_queries)
+            self.warmup_queries = math.ceil(self.warmup_fraction * expected_queries)
+
+    def adopt(self, gamma: dict[str, float]) -> None:
+        """Install prices fitted elsewhere (another router replica); models it does not name keep
+        theirs. Not a fit of this controller: `fits` does not change."""
+        with self._lock:
+            new = self.gamma.copy()
+            for i, model in enumerate(self.models):
+                if model in gamma and math.isfinite(gamma[model]) and gamma[model] >= 0:
+                    new[i] = float(gamma[model])
+            self.gamma = new
+            self.adopted += 1
 
     def reset_window(self) -> None:
         """A new budget window began: count queries from zero again (gamma is kept)."""

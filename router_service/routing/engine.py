@@ -31,6 +31,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from router_service.routing.estimator import NeighbourEstimator
 from router_service.routing.history import CHARS_PER_TOKEN, History, load_builtin_history, load_history
 from router_service.routing.ledger import BudgetLedger
 from router_service.routing.policy import Candidate, rank
+from router_service.store.base import LearnedEntry
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,8 @@ class RoutingEngine:
         completion = np.clip(history.tokens - prompt_tokens[:, None], 0.0, None)
         index = NeighbourIndex.build(history_vectors, cfg.ann)
         self.estimator = NeighbourEstimator(index, history.scores, completion, k=cfg.ann.k)
-        share = cfg.budgets.replica_share
+        # With a shared store every replica prices the whole budget and the whole volume.
+        share = 1.0 if ledger is not None and ledger.shared else cfg.budgets.replica_share
         prior_d = prior_g = None
         if self.algorithm == "tollway":
             prior_d, prior_g = self._prior_sample(history_vectors, prompt_tokens)
@@ -159,6 +162,8 @@ class RoutingEngine:
         self._fit_thread: threading.Thread | None = None
         self._window = ledger.window_index if ledger is not None else 0
         self.last_fit_error: str | None = None
+        self.fleet_observed: int | None = None
+        """Queries routed in this window by every replica (set by the state sync; None: only ours)."""
         if self.algorithm == "tollway":
             self.controller.fit_prior(self._full_budgets())
 
@@ -289,6 +294,7 @@ class RoutingEngine:
         window = self.ledger.window_index
         if window != self._window:
             self._window = window
+            self.fleet_observed = None
             self.controller.reset_window()
 
     # -- fitting --------------------------------------------------------------------------------
@@ -307,9 +313,10 @@ class RoutingEngine:
 
     def _remaining_queries(self) -> float:
         """Expected queries left in this budget window: the larger of what the count says
-        (N - seen) and what the clock says (N x time left); the larger one is the cautious one."""
+        (N - seen, by every replica when the state store shares the count) and what the clock says
+        (N x time left); the larger one is the cautious one."""
         n = self.controller.expected_queries
-        by_count = n - self.controller.observed
+        by_count = n - max(self.controller.observed, self.fleet_observed or 0)
         if self.ledger is None:
             return max(by_count, 1)
         by_time = n * (1.0 - self.ledger.window_elapsed_fraction())
@@ -341,15 +348,32 @@ class RoutingEngine:
         """Wait for a running fit to finish (call on shutdown)."""
         self.wait_for_fit()
 
+    def set_replica_share(self, share: float) -> None:
+        """This replica's share of the budgets changed (the router was scaled; in-process store):
+        expect that share of the volume. With a shared store the whole volume is priced anyway."""
+        if self.ledger is not None and self.ledger.shared:
+            share = 1.0
+        self.controller.set_expected_queries(max(1, round(self.cfg.learning.expected_queries * share)))
+
+    # -- dual prices fitted elsewhere ------------------------------------------------------------
+
+    @property
+    def local_fits(self) -> int:
+        """Fits this engine ran itself (the state sync publishes each one)."""
+        return self.controller.fits
+
+    def adopt_gamma(self, gamma: Mapping[str, float]) -> None:
+        """Route with prices another replica fitted (the newest published fit wins)."""
+        self.controller.adopt(dict(gamma))
+
     # -- learning from traffic ------------------------------------------------------------------
 
-    def record_feedback(self, prompt: str, model: str, score: float, tokens: float | None = None) -> bool:
-        """Add a served query with observed quality to the history (when history.learnFromTraffic).
-
-        The new entry carries the observed score (and tokens, when given) for `model` and the
-        current estimates for the other backends. Returns False when learning is off."""
-        if not self.learn_from_traffic:
-            return False
+    def make_learned(
+        self, prompt: str, model: str, score: float, tokens: float | None = None
+    ) -> LearnedEntry:
+        """The history entry for a served query with observed quality: the observed score (and
+        tokens, when given) for `model`, this engine's current estimates for the other backends.
+        Raises KeyError for an unknown backend, ValueError for a score outside [0, 1]."""
         if model not in self.backends:
             raise KeyError(f"feedback for unknown backend {model!r}; backends are {self.backends}")
         if not 0.0 <= score <= 1.0:
@@ -362,7 +386,40 @@ class RoutingEngine:
         d[j] = score
         if tokens is not None:
             completion[j] = max(0.0, float(tokens) - len(prompt) / CHARS_PER_TOKEN)
-        self.estimator.add(vec, d[None, :], completion[None, :])
+        return LearnedEntry(
+            prompt=prompt,
+            quality={m: float(v) for m, v in zip(self.backends, d, strict=True)},
+            completion={m: float(v) for m, v in zip(self.backends, completion, strict=True)},
+            uid=uuid.uuid4().hex,
+        )
+
+    def add_learned(self, entries: list[LearnedEntry]) -> int:
+        """Add history entries (from this replica or another) to the neighbour index. A backend an
+        entry does not name (added to the pool since) gets this engine's estimate for it."""
+        if not entries:
+            return 0
+        vectors = self.embedder.embed([e.prompt for e in entries])
+        quality = np.empty((len(entries), len(self.backends)))
+        completion = np.empty_like(quality)
+        for i, entry in enumerate(entries):
+            missing = [m for m in self.backends if m not in entry.quality or m not in entry.completion]
+            est_d = est_c = None
+            if missing:
+                est_d, est_c = self.estimator.estimate_one(vectors[i])
+            for j, m in enumerate(self.backends):
+                quality[i, j] = entry.quality[m] if m in entry.quality else est_d[j]  # type: ignore[index]
+                completion[i, j] = entry.completion[m] if m in entry.completion else est_c[j]  # type: ignore[index]
+        self.estimator.add(vectors, quality, completion)
+        return len(entries)
+
+    def record_feedback(self, prompt: str, model: str, score: float, tokens: float | None = None) -> bool:
+        """Add a served query with observed quality to the history (when history.learnFromTraffic).
+
+        The new entry carries the observed score (and tokens, when given) for `model` and the
+        current estimates for the other backends. Returns False when learning is off."""
+        if not self.learn_from_traffic:
+            return False
+        self.add_learned([self.make_learned(prompt, model, score, tokens)])
         return True
 
     # -- introspection --------------------------------------------------------------------------
@@ -379,6 +436,8 @@ class RoutingEngine:
             "observed_queries": self.controller.observed,
             "warmup_queries": self.controller.warmup_queries,
             "fits": self.controller.fits,
+            "gamma_adopted": self.controller.adopted,
+            "fleet_observed_queries": self.fleet_observed,
             "history_size": self.history_size,
             "index": self.estimator.index.kind,
             "embedder": self.embedder.name,

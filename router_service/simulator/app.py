@@ -1,5 +1,7 @@
 """The HTTP face of the simulator: a FastAPI app shaped like `vllm serve` for one model.
 
+A skill file (``profile.skill``, see `skill.py`) scripts the answers to known chat prompts.
+
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE
 with ``stream_options.include_usage``), ``POST /v1/embeddings`` (task=embed), ``GET /health``,
 ``GET /version``, ``GET /metrics``; and, not in vLLM, ``GET/POST/DELETE /admin/faults`` (fault
@@ -43,11 +45,13 @@ from router_service.simulator.protocol import (
     usage,
     validation_error,
 )
+from router_service.simulator.skill import Skill, load_skill
 from router_service.simulator.textgen import (
     drawn_length,
     generate_pieces,
     hashed_embedding,
     stable_hash,
+    text_pieces,
     truncate_at_stop,
 )
 
@@ -109,6 +113,7 @@ class Simulator:
         self.profile = profile
         self.faults = FaultInjector(profile.faults, seed=profile.seed)
         self.engine = Engine(profile, self.faults)
+        self.skill: Skill | None = load_skill(profile.skill) if profile.skill else None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # ---- checks --------------------------------------------------------------------------
@@ -131,7 +136,9 @@ class Simulator:
         limit: int | None,
         stops: list[str],
         seed: int | None,
+        scripted: str | None = None,
     ) -> ChoicePlan:
+        """What one choice generates: `scripted` text (the skill's answer) or text drawn from the seed."""
         max_len = self.profile.max_model_len
         if prompt_tokens < 1:
             raise SimulatorError(400, "The prompt cannot be empty.", "prompt")
@@ -142,6 +149,13 @@ class Simulator:
                 f"{prompt_tokens} input tokens. Please reduce the length of the input messages.",
                 "messages",
             )
+        room = max_len - prompt_tokens
+        if scripted is not None:
+            pieces = text_pieces(scripted)
+            cap = room if limit is None else min(limit, room)
+            reason = "length" if len(pieces) > cap else "stop"
+            deltas, hit_stop = truncate_at_stop(pieces[:cap], stops)
+            return ChoicePlan(index, prompt_tokens, deltas, "stop" if hit_stop else reason)
         key = stable_hash(self.profile.seed, self.profile.model, identity, sample, seed)
         if limit is not None:
             if prompt_tokens + limit > max_len:
@@ -155,7 +169,6 @@ class Simulator:
             length, reason = limit, "length"
         else:
             drawn = drawn_length(stable_hash("length", key))
-            room = max_len - prompt_tokens
             length, reason = (drawn, "stop") if drawn <= room else (room, "length")
         deltas, hit_stop = truncate_at_stop(generate_pieces(key, length), stops)
         return ChoicePlan(index, prompt_tokens, deltas, "stop" if hit_stop else reason)
@@ -510,8 +523,11 @@ def create_app(profile: SimulatorProfile) -> FastAPI:
         if body.logprobs:
             raise SimulatorError(400, "logprobs: not supported by the simulator", "logprobs")
         identity, prompt_tokens = body.prompt_identity_and_tokens()
+        scripted = sim.skill.answer_for(body.last_user_text()) if sim.skill else None
         plans = [
-            sim.plan_choice(j, j, identity, prompt_tokens, body.output_limit, body.stop_strings(), body.seed)
+            sim.plan_choice(
+                j, j, identity, prompt_tokens, body.output_limit, body.stop_strings(), body.seed, scripted
+            )
             for j in range(body.n)
         ]
         return await sim.generate(

@@ -5,6 +5,7 @@
 The flags map one to one onto `SimulatorProfile` fields (``--max-num-seqs`` -> ``max_num_seqs``).
 ``--port 0`` picks a free port. Once listening, one JSON line goes to stdout:
 ``{"event": "ready", "model": ..., "url": "http://127.0.0.1:PORT", "port": PORT}``.
+``--skill FILE.jsonl`` scripts the answers to known prompts (see `skill.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from router_service.simulator.app import create_app
 from router_service.simulator.faults import FaultSettings
 from router_service.simulator.profile import SimulatorProfile
 from router_service.simulator.server import bind_socket, url_for
+from router_service.simulator.skill import SkillFileError
 
 # (flag, profile field, type, help); defaults come from SimulatorProfile.
 _PROFILE_FLAGS: list[tuple[str, str, type, str]] = [
@@ -47,6 +49,7 @@ _PROFILE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--seed", "seed", int, "mixed into generated text"),
     ("--embedding-dimensions", "embedding_dimensions", int, "vector length for --task embed"),
     ("--metrics-format", "metrics_format", str, "text (always text 0.0.4) or negotiate (honour Accept)"),
+    ("--skill", "skill", str, "JSONL file of {prompt, answer}: scripted answers to those chat prompts"),
 ]
 _FAULT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--error-rate", "error_rate", float, "fault: fraction of requests answered with an error"),
@@ -133,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         parser.error(f"invalid simulator profile: {problems}")
     try:
+        app = create_app(profile)
+    except SkillFileError as exc:
+        print(f"tollway simulate: {exc}", file=sys.stderr)
+        return 2
+    try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
         print(f"tollway simulate: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     port = sock.getsockname()[1]
-    app = create_app(profile)
     config = uvicorn.Config(
         app, log_level=args.log_level, lifespan="on", access_log=False, timeout_graceful_shutdown=5
     )

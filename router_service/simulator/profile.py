@@ -69,6 +69,13 @@ class SimulatorProfile(BaseModel):
             "(OpenMetrics then writes `vllm_` in sample names)."
         ),
     )
+    skill: str | None = Field(
+        None,
+        description=(
+            "A JSONL file of {prompt, answer} lines: a chat request whose last user message equals a "
+            "prompt is answered with that answer (see skill.py); other prompts get generated text."
+        ),
+    )
     faults: FaultSettings = Field(default_factory=FaultSettings, description="Faults active from the start.")
 
     @model_validator(mode="after")

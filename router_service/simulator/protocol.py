@@ -158,6 +158,13 @@ class ChatCompletionRequest(_SamplingRequest):
             total += CHAT_TOKENS_PER_MESSAGE + count_tokens(text)
         return "\x1d".join(texts), total
 
+    def last_user_text(self) -> str | None:
+        """The text of the last message with role ``user`` (None if there is none)."""
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i].role == "user":
+                return message_text(self.messages[i].content, i)
+        return None
+
 
 def message_text(content: str | list[dict[str, Any]] | None, index: int) -> str:
     if content is None or isinstance(content, str):

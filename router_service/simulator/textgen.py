@@ -13,7 +13,8 @@ generation prompt costs `CHAT_GENERATION_PROMPT_TOKENS`.
 Generated text is a sequence of pieces that are each exactly one token under that rule
 (short words with a leading space, and ``,`` / ``.``), drawn from a random generator seeded by
 a hash of the request, so the same request always gets the same text and
-``count_tokens(text) == completion_tokens``.
+``count_tokens(text) == completion_tokens``. A scripted answer (the simulator's skill) is cut
+into one-token pieces the same way by `text_pieces`.
 """
 
 from __future__ import annotations
@@ -242,6 +243,23 @@ def generate_pieces(key: int, n: int) -> list[str]:
         word = _CAPITALIZED[index] if words_in_sentence == 0 else _WORDS[index]
         pieces.append(word if i == 0 else " " + word)
         words_in_sentence += 1
+    return pieces
+
+
+def text_pieces(text: str) -> list[str]:
+    """`text` cut into one-token pieces (each token with the white space before it), joining to `text`.
+
+    ``len(text_pieces(text)) == count_tokens(text)``, except that text without any token (empty or
+    only white space) is one piece: generating it still takes one step, as an end-of-sequence would.
+    """
+    pieces: list[str] = []
+    start = 0
+    for match in TOKEN_RE.finditer(text):
+        pieces.append(text[start : match.end()])
+        start = match.end()
+    if not pieces:
+        return [text]
+    pieces[-1] += text[start:]
     return pieces
 
 

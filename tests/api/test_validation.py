@@ -56,6 +56,7 @@ MINIMAL: dict[type[BaseModel], dict[str, Any]] = {
     api.PoolRef: {"name": "chat"},
     api.BudgetsSpec: {},
     api.RouterDeploymentSpec: {},
+    api.SharedStateSpec: {},
     api.RoutingPolicySpec: {"poolRef": {"name": "chat"}},
     api.RoutingPolicyStatus: {},
     config.Price: {},
@@ -64,8 +65,11 @@ MINIMAL: dict[type[BaseModel], dict[str, Any]] = {
     config.LearningSettings: {},
     config.ObjectiveSettings: {},
     config.DegradationSettings: {},
+    config.CircuitBreakerSettings: {},
     config.BackendConfig: BACKEND,
     config.BudgetConfig: {},
+    config.StateSettings: {},
+    config.StateConfig: {},
     config.HistorySettings: {"builtin": True},
     config.AuthConfig: {},
     config.ServerConfig: {},
@@ -92,6 +96,11 @@ PATTERN_EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
     ),
     r"^[-._a-zA-Z][-._a-zA-Z0-9]*$": (["HF_TOKEN", "a.b-c"], ["1ABC", "HAS SPACE", "A=B"]),
     r"^https?://": (["http://x", "https://api.example.com/v1"], ["ftp://x", "prometheus:9090", "x"]),
+    config.REDIS_URL: (
+        ["redis://redis:6379/0", "rediss://user:pw@redis.example.com:6380/2"],
+        ["http://redis:6379", "redis:6379", "unix:///tmp/redis.sock"],
+    ),
+    r"^[A-Za-z0-9._/:-]+$": (["ml/chat-auto", "tollway"], ["has space", "brace{tag}", "a*b"]),
 }
 
 # List fields with length bounds: a factory for n distinct valid items.
@@ -351,6 +360,14 @@ MODEL_RULES: list[tuple[str, type[BaseModel], str, dict[str, Any], dict[str, Any
         "EmbeddingSettings: embedding.url is required when embedding.kind is 'openai'",
     ),
     (
+        "state-url-or-secret",
+        api.SharedStateSpec,
+        "_one_source",
+        {"urlSecret": {"name": "redis", "key": "url"}},
+        {"url": "redis://redis:6379/0", "urlSecret": {"name": "redis", "key": "url"}},
+        "SharedStateSpec: set url or urlSecret, not both",
+    ),
+    (
         "history-one-source",
         config.HistorySettings,
         "_one_source",
@@ -555,6 +572,13 @@ CEL_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         policy_spec(history={"configMap": "history"}),
         policy_spec(history={"configMap": "history", "url": "https://h/x.csv"}),
         "spec.history",
+    ),
+    (
+        "set url or urlSecret, not both",
+        "spec.state",
+        policy_spec(state={"urlSecret": {"name": "redis", "key": "url"}}),
+        policy_spec(state={"url": "redis://r:6379/0", "urlSecret": {"name": "redis"}}),
+        "spec.state",
     ),
     (
         "set perModel or totalTokens, not both",

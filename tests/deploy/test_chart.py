@@ -262,6 +262,7 @@ def test_container_command_is_a_valid_tollway_operator_command_line(helm_templat
         ),
         (("--set", "prometheusUrl=prometheus:9090"), "prometheusUrl: Does not match pattern '^https?://'"),
         (("--set", "replicas=-1"), "replicas: Must be greater than or equal to 0"),
+        (("--set", "redis.url=http://redis:6379"), "redis.url: Does not match pattern"),
         (("--set", "imag.tag=1.0"), "Additional property imag is not allowed"),
         (
             ("--set", "serviceAccount.create=false"),
@@ -274,6 +275,7 @@ def test_container_command_is_a_valid_tollway_operator_command_line(helm_templat
         "namespaces-not-list",
         "prometheus-url",
         "replicas",
+        "redis-url",
         "typo",
         "service-account",
     ],
@@ -466,3 +468,59 @@ def test_install_manifests_need_no_helm(repo_root: Path, helm_template: Render) 
         deployment["spec"]["template"]["spec"]["containers"]
         == chart_deployment["spec"]["template"]["spec"]["containers"]
     )
+
+
+# --- shared state for the routers (Redis) ----------------------------------------------------------
+
+
+def operator_env(rendered: str) -> dict[str, dict[str, Any]]:
+    (deployment,) = [d for d in objects(rendered, "Deployment") if d["metadata"]["name"] == "tollway"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_no_redis_and_no_router_state_url_by_default(helm_template: Render) -> None:
+    assert "TOLLWAY_ROUTER_STATE_URL" not in operator_env(helm_template())
+
+
+def test_in_chart_redis_is_valid_persistent_and_the_operators_default(helm_template: Render) -> None:
+    rendered = helm_template("--set", "redis.enabled=true,redis.persistence.storageClassName=fast")
+    redis_objects = [o for o in objects(rendered) if o["metadata"]["name"] == "tollway-redis"]
+    assert sorted(o["kind"] for o in redis_objects) == ["Deployment", "PersistentVolumeClaim", "Service"]
+    for obj in redis_objects:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    (deployment,) = [o for o in redis_objects if o["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    # Durable (append-only file on the claim) and never evicting a budget key.
+    assert args[args.index("--appendonly") + 1] == "yes" and args[args.index("--dir") + 1] == "/data"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert pod["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": "tollway-redis"}}]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    (claim,) = [o for o in redis_objects if o["kind"] == "PersistentVolumeClaim"]
+    assert (
+        claim["spec"]["storageClassName"] == "fast"
+        and claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    )
+    (service,) = [o for o in redis_objects if o["kind"] == "Service"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert operator_env(rendered)["TOLLWAY_ROUTER_STATE_URL"]["value"] == (
+        "redis://tollway-redis.tollway-system.svc:6379/0"
+    )
+    scratch = helm_template("--set", "redis.enabled=true,redis.persistence.enabled=false")
+    assert not objects(scratch, "PersistentVolumeClaim")
+    (deployment,) = [d for d in objects(scratch, "Deployment") if d["metadata"]["name"] == "tollway-redis"]
+    assert deployment["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+
+
+def test_an_existing_redis_by_url_or_secret(helm_template: Render) -> None:
+    by_url = helm_template("--set", "redis.url=redis://shared-redis.infra:6379/4")
+    assert operator_env(by_url)["TOLLWAY_ROUTER_STATE_URL"]["value"] == "redis://shared-redis.infra:6379/4"
+    assert [d["metadata"]["name"] for d in objects(by_url, "Deployment")] == ["tollway"]
+    by_secret = helm_template("--set", "redis.url=redis://ignored:6379/0,redis.existingSecret.name=redis-url")
+    assert operator_env(by_secret)["TOLLWAY_ROUTER_STATE_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "redis-url", "key": "url"}
+    }

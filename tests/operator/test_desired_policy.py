@@ -25,6 +25,8 @@ POOL = parse_model_pool(
             {
                 "name": "large",
                 "model": "a/large",
+                "maxModelLen": 32768,
+                "extraArgs": ["--enable-prefix-caching", "--max-num-seqs=4"],
                 "cost": {"inputPerMillionTokens": 10, "outputPerMillionTokens": 30},
             },
             {
@@ -77,6 +79,15 @@ def test_backends_from_pool_services_prices_and_ready_replicas() -> None:
     assert (small.replicas, large.replicas, gpt.replicas) == (2, 0, 1)  # 0 ready: the router degrades it
     assert gpt.url == "https://api.example.com" and gpt.upstream_model == "gpt-4o"
     assert gpt.api_key_env == "TOLLWAY_BACKEND_GPT_API_KEY" and small.api_key_env is None
+
+
+def test_vllm_concurrency_and_context_window_reach_the_router() -> None:
+    backends = {b.name: b for b in config_of(plan()).backends}
+    assert (backends["large"].max_num_seqs, backends["large"].max_model_len) == (4, 32768)
+    assert (backends["small"].max_num_seqs, backends["small"].max_model_len) == (None, None)  # not set
+    assert backends["gpt"].max_num_seqs is None  # an external endpoint: nothing known
+    assert d.vllm_flag(["--max-num-seqs", "16"], "--max-num-seqs") == 16
+    assert d.vllm_flag(["--max-num-seqs=x"], "--max-num-seqs") is None
 
 
 def test_settings_are_carried_into_the_config() -> None:
@@ -302,3 +313,84 @@ def test_example_policy_over_example_pool() -> None:
     assert p.budgets.tokens["small"] > p.budgets.tokens["medium"] > p.budgets.tokens["large"]
     assert config_of(p).budgets.replica_share == 0.5
     assert [c["kind"] for c in p.children] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+
+
+# --- scaling the router, shared state -----------------------------------------------------------
+
+
+def deployment_of(p: d.RouterPlan) -> dict[str, Any]:
+    return child(p, "Deployment")
+
+
+def test_scaling_the_router_changes_no_pod_template() -> None:
+    two, five = plan(policy(router={"replicas": 2})), plan(policy(router={"replicas": 5}))
+    assert deployment_of(two)["spec"]["replicas"] == 2 and deployment_of(five)["spec"]["replicas"] == 5
+    # The pods are not rolled: same template (checksum included), only replicas differ...
+    assert deployment_of(two)["spec"]["template"] == deployment_of(five)["spec"]["template"]
+    # ... and the new share reaches running routers by hot reload of the ConfigMap.
+    assert config_of(two).budgets.replica_share == 0.5 and config_of(five).budgets.replica_share == 0.2
+    # Anything else in the config still rolls them.
+    other = plan(policy(router={"replicas": 2}, objective={"alpha": 3.0}))
+    assert deployment_of(other)["spec"]["template"] != deployment_of(two)["spec"]["template"]
+
+
+def test_an_external_owner_keeps_the_live_router_replicas() -> None:
+    spec = policy(router={"replicas": 2, "replicasOwner": "external"})
+    created = d.policy_children(OWNER, spec, "chat", POOL, {}, live_router_replicas=None)
+    assert deployment_of(created)["spec"]["replicas"] == 2  # set once, at creation
+    scaled = d.policy_children(OWNER, spec, "chat", POOL, {}, live_router_replicas=7)
+    assert deployment_of(scaled)["spec"]["replicas"] == 7  # an HPA on the Deployment set 7: kept
+    assert config_of(scaled).budgets.replica_share == pytest.approx(1 / 7)
+    assert any(c["kind"] == "PodDisruptionBudget" for c in scaled.children)
+    assert deployment_of(scaled)["spec"]["template"] == deployment_of(created)["spec"]["template"]
+    owned = d.policy_children(OWNER, policy(router={"replicas": 2}), "chat", POOL, {}, live_router_replicas=7)
+    assert deployment_of(owned)["spec"]["replicas"] == 2  # the policy owns them: spec wins
+
+
+def env_of(p: d.RouterPlan) -> dict[str, Any]:
+    return {e["name"]: e for e in deployment_of(p)["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_shared_state_url_from_the_policy_the_operator_default_or_a_secret() -> None:
+    none = config_of(plan())
+    assert none.state.url is None and none.state.key == "ml/chat-auto"
+    default = d.policy_children(
+        OWNER, policy(), "chat", POOL, {}, default_state_url="redis://tollway-redis:6379/0"
+    )
+    assert config_of(default).state.url == "redis://tollway-redis:6379/0"
+    own = d.policy_children(
+        OWNER,
+        policy(state={"url": "redis://team-redis:6379/3", "syncIntervalSeconds": 1.0}),
+        "chat",
+        POOL,
+        {},
+        default_state_url="redis://tollway-redis:6379/0",
+    )
+    assert config_of(own).state.url == "redis://team-redis:6379/3"
+    assert config_of(own).state.sync_interval_seconds == 1.0
+    secret = plan(policy(state={"urlSecret": {"name": "redis-auth", "key": "url"}}))
+    assert config_of(secret).state.url is None  # the password never lands in the ConfigMap
+    assert "redis-auth" not in child(secret, "ConfigMap")["data"]["router.yaml"]
+    assert env_of(secret)["TOLLWAY_STATE_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "redis-auth", "key": "url"}
+    }
+    assert env_of(secret)["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # Switching stores restarts the routers (a running router keeps the store it started with).
+    assert deployment_of(default)["spec"]["template"] != deployment_of(plan())["spec"]["template"]
+
+
+def test_the_scale_subresource_can_drive_an_hpa() -> None:
+    from tollway_operator.crdgen import all_crds
+
+    crd = all_crds()["tollway.io_routingpolicies.yaml"]
+    scale = crd["spec"]["versions"][0]["subresources"]["scale"]
+    assert scale == {
+        "specReplicasPath": ".spec.router.replicas",
+        "statusReplicasPath": ".status.routerReplicas",
+        "labelSelectorPath": ".status.routerSelector",
+    }
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert status["properties"]["routerSelector"]["type"] == "string"
+    assert d.router_selector_text("chat-auto") == (
+        "app.kubernetes.io/instance=chat-auto,app.kubernetes.io/name=tollway-router"
+    )

@@ -513,3 +513,49 @@ def test_peering_objects_are_created_once(api: Any, operator: Any, cl: Cluster) 
         ]["name"]
         == "tollway"
     )
+
+
+def test_an_hpa_style_scale_changes_replicas_without_restarting_router_pods(cl: Cluster) -> None:
+    apply_examples(cl)
+    before = cl.deployment("chat-auto-router")
+    assert before is not None and before["spec"]["replicas"] == 2
+    scale = cl.custom.get_namespaced_custom_object_scale(
+        GROUP, VERSION, cl.ns, "routingpolicies", "chat-auto"
+    )
+    # What an HPA reads: the selector of the pods whose metrics it averages.
+    assert (
+        scale["status"]["selector"]
+        == "app.kubernetes.io/instance=chat-auto,app.kubernetes.io/name=tollway-router"
+    )
+    # What an HPA writes: the scale subresource's spec.replicas.
+    cl.custom.patch_namespaced_custom_object_scale(
+        GROUP, VERSION, cl.ns, "routingpolicies", "chat-auto", {"spec": {"replicas": 4}}
+    )
+    after = wait_for(
+        lambda: (dep := cl.deployment("chat-auto-router")) and dep["spec"]["replicas"] == 4 and dep,
+        what="router Deployment scaled to 4",
+    )
+    assert after["spec"]["template"] == before["spec"]["template"]  # no rollout of the running pods
+    wait_for(lambda: cl.config().budgets.replica_share == 0.25, what="share hot-reloaded via the ConfigMap")  # type: ignore[union-attr]
+    policy = wait_for(
+        lambda: (p := cl.get("routingpolicies", "chat-auto"))["status"].get("routerReplicas") == 4 and p,
+        what="status follows",
+    )
+    assert policy["spec"]["router"]["replicas"] == 4
+
+
+def test_an_external_scaler_owns_the_router_replicas(cl: Cluster) -> None:
+    cl.create(example("modelpool", cl.ns))
+    policy = example("routingpolicy", cl.ns)
+    policy["spec"]["router"] = {"replicas": 2, "replicasOwner": "external"}
+    cl.create(policy)
+    wait_for(lambda: cl.cond("routingpolicies", "chat-auto", "Ready").get("status") == "True", what="Ready")
+    template = cl.deployment("chat-auto-router")["spec"]["template"]  # type: ignore[index]
+    # An HPA targeting the Deployment itself scales it through the Deployment's scale subresource.
+    cl.apps.patch_namespaced_deployment_scale("chat-auto-router", cl.ns, {"spec": {"replicas": 6}})
+    wait_for(lambda: cl.config().budgets.replica_share == pytest.approx(1 / 6), what="share follows the HPA")  # type: ignore[union-attr]
+    cl.patch("routingpolicies", "chat-auto", {"spec": {"objective": {"alpha": 2.0}}})  # a reconcile
+    wait_for(lambda: cl.config().objective.alpha == 2.0, what="reconciled")  # type: ignore[union-attr]
+    dep = cl.deployment("chat-auto-router")
+    assert dep is not None and dep["spec"]["replicas"] == 6  # left alone by the operator
+    assert dep["spec"]["template"] != template  # (alpha rolls the pods; the replicas stay the HPA's)

@@ -200,6 +200,10 @@ def test_policy_status_ready_and_degraded_backends() -> None:
         and st["routerReplicas"] == 2
         and st["budgets"] == {"small": 10}
     )
+    # What the scale subresource's labelSelectorPath points at: an HPA finds the router pods by it.
+    assert (
+        st["routerSelector"] == "app.kubernetes.io/instance=chat-auto,app.kubernetes.io/name=tollway-router"
+    )
 
 
 def test_policy_status_scaled_to_zero_backend_is_not_degraded() -> None:

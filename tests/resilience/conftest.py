@@ -52,7 +52,14 @@ def bench() -> ModuleType:
 def stack(bench: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Three simulators and a router, each a subprocess on 127.0.0.1, shared by the resilience
     tests (each test leaves it healthy) and stopped at the end of the session."""
-    st = bench.Stack(tmp_path_factory.mktemp("resilience"), upstream_timeout=1.0, drain_seconds=1.0)
+    st = bench.Stack(
+        tmp_path_factory.mktemp("resilience"),
+        upstream_timeout=10.0,
+        first_byte_timeout=1.0,
+        breaker_open_seconds=0.5,
+        breaker_max_open_seconds=1.0,
+        drain_seconds=1.0,
+    )
     try:
         st.start()
         yield st

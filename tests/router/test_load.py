@@ -153,7 +153,7 @@ def test_tracker_counts_reconfigures_and_keeps_counts() -> None:
         BackendConfig(name="b", url="http://b:1", profile="p"),
     ]
     t = LoadTracker(backends, settings(maxInFlightPerReplica=1), clock=lambda: now[0])
-    t.acquire("a")
+    t.acquire("a", "http://a:1")
     assert t.verdict("a").saturated and not t.verdict("b").saturated
     t.record_scrape("b", "vllm:num_requests_waiting 9\n")
     assert t.verdict("b").reason == "waiting"
@@ -164,10 +164,47 @@ def test_tracker_counts_reconfigures_and_keeps_counts() -> None:
     )
     assert t.in_flight("a") == 1 and not t.verdict("a").saturated
     assert t.verdict("b").reason == "unavailable"
-    t.release("a")
-    t.release("a")
+    t.release("a", "http://a:1")
+    t.release("a", "http://a:1")
     assert t.in_flight("a") == 0
     t.record_demand("a")
     assert t.pending_demand("a") == 1
     now[0] = 61.0
     assert t.pending_demand("a") == 0
+
+
+def test_a_model_generating_nothing_with_requests_in_flight_is_reported_stalled_once() -> None:
+    now = [0.0]
+    t = LoadTracker(
+        [BackendConfig(name="a", url="http://a:1", profile="p")], settings(), clock=lambda: now[0]
+    )
+    t.record_scrape("a", "vllm:generation_tokens_total 10\n")
+    t.acquire("a", "http://a:1")
+    now[0] = 1.0
+    t.record_scrape("a", "vllm:generation_tokens_total 12\n")  # progress
+    now[0] = 2.5
+    t.record_scrape("a", "vllm:generation_tokens_total 12\n")
+    assert t.stalled(2.0) == []  # 1.5 s without progress
+    now[0] = 3.5
+    t.record_scrape("a", "vllm:generation_tokens_total 12\n")
+    assert t.stalled(2.0) == ["a"] and t.stalled(2.0) == []  # once per stall
+    t.release("a", "http://a:1")
+    now[0] = 10.0
+    t.record_scrape("a", "vllm:generation_tokens_total 12\n")
+    assert t.stalled(2.0) == []  # idle is not stalled
+
+
+def test_max_num_seqs_turns_the_routers_own_requests_into_a_queue_between_scrapes() -> None:
+    s = settings(maxWaitingPerReplica=2)
+    kw = {
+        "replicas": 1,
+        "scraped": None,
+        "settings": s,
+        "priority": "standard",
+        "now": 0.0,
+        "max_num_seqs": 4,
+    }
+    assert not assess(in_flight=3, **kw).queues  # the 4th still gets a slot
+    v = assess(in_flight=4, **kw)
+    assert v.queues and not v.saturated  # the 5th would wait: allowed, 2 may wait
+    assert assess(in_flight=6, **kw).saturated and assess(in_flight=6, **kw).reason == "waiting"

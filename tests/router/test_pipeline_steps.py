@@ -6,6 +6,7 @@ chain in test_router_openai.py.)
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -15,7 +16,7 @@ from router_helpers import FixedEngine, router_config
 from router_service.proxy import openai_errors as errors
 from router_service.proxy.attempt import Attempt
 from router_service.proxy.estimate import capable, embedding_candidates, estimate
-from router_service.proxy.forward import forward, upstream_body
+from router_service.proxy.forward import Relay, Timeouts, forward, upstream_body
 from router_service.proxy.request import parse_request
 from router_service.proxy.state import Runtime, build_state, default_engine_factory
 from router_service.proxy.upstream import UpstreamFailure, Usage
@@ -103,8 +104,15 @@ def test_abandon_and_settle_without_usage_give_the_reservation_back() -> None:
     a = Attempt.reserve(rt, rt.state.backends["small"], "routed", tokens=250, retry_after=1)
     a.abandon("connect")
     b = Attempt.reserve(rt, rt.state.backends["small"], "routed", tokens=250, retry_after=1)
-    b.settle(None, "client_error")
+    b.settle(None, "client_error", consumed=False)
     assert rt.ledger.remaining("small") == 1000 and rt.load.in_flight("small") == 0
+
+
+def test_settle_without_reported_usage_charges_the_reserved_worst_case() -> None:
+    rt = runtime(budget=1000)
+    a = Attempt.reserve(rt, rt.state.backends["small"], "routed", tokens=250, retry_after=1)
+    a.settle(None, "ok")
+    assert rt.ledger.remaining("small") == 750
 
 
 def test_reserve_refuses_when_the_budget_cannot_pay() -> None:
@@ -125,7 +133,28 @@ def test_upstream_body_keeps_the_clients_bytes_when_the_name_matches() -> None:
     assert json.loads(upstream_body(routed, rt.state.backends["small"]))["model"] == "small"
 
 
-async def _forward(rt: Runtime, handler, body: bytes, model: str = "large", tokens: int = 500):
+TIMEOUTS = Timeouts(first_byte=5.0, total=5.0, client_stall=5.0)
+
+
+async def play(response) -> bytes:
+    """Run an ASGI response against a client that reads everything and never leaves; its body."""
+    sent: list[bytes] = []
+    forever = asyncio.Event()
+
+    async def receive():
+        await forever.wait()
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+
+    await response({"type": "http"}, receive, send)
+    return b"".join(sent)
+
+
+async def _forward(
+    rt: Runtime, handler, body: bytes, model: str = "large", tokens: int = 500, timeouts: Timeouts = TIMEOUTS
+):
     parsed = parse_request(body, "chat")
     attempt = Attempt.reserve(rt, rt.state.backends[model], "routed", tokens=tokens, retry_after=1)
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
@@ -137,13 +166,11 @@ async def _forward(rt: Runtime, handler, body: bytes, model: str = "large", toke
             attempt,
             extra_headers={"x-request-id": "r1"},
             out_headers={"x-tollway-model": model},
-            upstream_timeout=5.0,
+            timeouts=timeouts,
             prompt_tokens=3,
         )
-        if hasattr(response, "body_iterator"):
-            chunks = [c async for c in response.body_iterator]
-            await response._on_close()
-            return response, b"".join(chunks), attempt
+        if isinstance(response, Relay):
+            return response, await play(response), attempt
         return response, response.body, attempt
 
 
@@ -155,11 +182,16 @@ async def test_forward_settles_a_plain_answer_with_its_usage() -> None:
         seen["body"] = json.loads(request.content)
         seen["request_id"] = request.headers["x-request-id"]
         usage = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
-        return httpx.Response(200, json={"choices": [], "usage": usage}, headers={"x-upstream": "1"})
+        leaky = {"x-upstream": "1", "set-cookie": "s=1", "access-control-allow-origin": "*", "server": "v"}
+        return httpx.Response(200, json={"choices": [], "usage": usage}, headers=leaky)
 
     response, body, attempt = await _forward(rt, handler, chat())
     assert response.status_code == 200 and json.loads(body)["usage"]["total_tokens"] == 30
-    assert response.headers["x-tollway-model"] == "large" and response.headers["x-upstream"] == "1"
+    assert response.headers["x-tollway-model"] == "large"
+    # Only what an OpenAI client reads passes: no cookies, CORS grants or internal headers.
+    assert response.headers["content-type"] == "application/json"
+    leaked = {"x-upstream", "set-cookie", "access-control-allow-origin", "server"} & set(response.headers)
+    assert not leaked
     assert seen == {"body": {**json.loads(chat()), "model": "large"}, "request_id": "r1"}
     assert attempt.ended and rt.ledger.remaining("large") == 970 and rt.load.in_flight("large") == 0
 

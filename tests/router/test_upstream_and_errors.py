@@ -15,7 +15,7 @@ from router_service.proxy import openai_errors as errors
 from router_service.proxy.app import create_app
 from router_service.proxy.request import parse_priority, parse_request
 from router_service.proxy.telemetry import tracing_requested
-from router_service.proxy.upstream import SseUsage, Usage, usage_from_body, usage_from_obj
+from router_service.proxy.upstream import SseEvents, SseUsage, Usage, usage_from_body, usage_from_obj
 
 
 def chunk(content: str | None = None, usage: dict | None = None, text: str | None = None) -> bytes:
@@ -29,27 +29,41 @@ def chunk(content: str | None = None, usage: dict | None = None, text: str | Non
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
+def watch(stream: bytes, piece: int = 7) -> tuple[SseUsage, list[bytes], SseEvents]:
+    """Feed `stream` in pieces through SseEvents into SseUsage; the usage-only events it flagged."""
+    events, w = SseEvents(), SseUsage()
+    flagged = []
+    for i in range(0, len(stream), piece):  # bytes arrive in arbitrary pieces
+        for event in events.feed(stream[i : i + piece]):
+            if w.event(event):
+                flagged.append(event)
+    return w, flagged, events
+
+
+def test_sse_events_are_whole_whatever_the_pieces() -> None:
+    stream = chunk("a") + b"data: [DONE]\r\n\r\n" + b'data: {"half'
+    events = SseEvents()
+    out = [e for i in range(0, len(stream), 5) for e in events.feed(stream[i : i + 5])]
+    assert out == [chunk("a"), b"data: [DONE]\r\n\r\n"]  # \n\n and \r\n\r\n both end an event
+    assert events.pending  # the unfinished event stays behind, never relayed half
+
+
 def test_sse_counts_content_deltas_across_split_chunks() -> None:
     stream = chunk("") + chunk("Hello") + chunk(" world") + chunk(text="!") + b"data: [DONE]\n\n"
-    w = SseUsage()
-    for i in range(0, len(stream), 7):  # bytes arrive in arbitrary pieces
-        w.feed(stream[i : i + 7])
-    assert w.done and not w.errored
+    w, flagged, events = watch(stream)
+    assert w.done and not w.errored and not flagged and not events.pending
     assert w.usage(prompt_estimate=12) == Usage(12, 3, False)
 
 
-def test_sse_prefers_reported_usage() -> None:
-    w = SseUsage()
-    w.feed(chunk("a") + chunk("b"))
-    w.feed(
-        chunk(usage={"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}) + b"data: [DONE]\n\n"
-    )
+def test_sse_prefers_reported_usage_and_flags_the_usage_only_event() -> None:
+    final = chunk(usage={"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11})
+    w, flagged, _ = watch(chunk("a") + chunk("b") + final + b"data: [DONE]\n\n")
     assert w.usage(prompt_estimate=100) == Usage(9, 2, True)
+    assert flagged == [final]  # the relay leaves it out when the client did not ask for usage
 
 
 def test_sse_notices_error_events_and_missing_done() -> None:
-    w = SseUsage()
-    w.feed(chunk("a") + b'data: {"error": {"message": "boom"}}\n\n')
+    w, _, _ = watch(chunk("a") + b'data: {"error": {"message": "boom"}}\n\n')
     assert w.errored and not w.done
 
 
@@ -99,7 +113,21 @@ def test_parse_request_validates_fields_and_picks_routing_text() -> None:
     ).encode()
     p = parse_request(body, "chat")
     assert (p.model, p.routing_text, p.max_tokens, p.stream) == ("auto", "What is 2+2?", 5, False)
-    assert p.prompt_chars == len("Be brief.") + len("What is 2+2?")
+    # A bound on the prompt's tokens: template overheads plus the UTF-8 bytes of every text.
+    assert (
+        p.prompt_bound
+        == 64 + 2 * 8 + len("Be brief.") + len("What is 2+2?") + len("system") + len("user") + 4
+    )
+    assert p.sequences == 1 and not p.usage_requested
+    counted = parse_request(
+        b'{"model": "a", "prompt": ["x", "y"], "n": 3, "best_of": 4, "stream": true, '
+        b'"stream_options": {"include_usage": true}}',
+        "completions",
+    )
+    assert counted.sequences == 2 * 4 and counted.usage_requested  # best_of sequences per prompt
+    for bad in (b'"n": 0', b'"n": "2"', b'"best_of": true'):
+        with pytest.raises(errors.ApiError):
+            parse_request(b'{"model": "a", "prompt": "x", ' + bad + b"}", "completions")
     with pytest.raises(errors.ApiError) as info:
         parse_request(b'{"messages": []}', "chat")
     assert info.value.param == "model"
@@ -110,7 +138,9 @@ def test_parse_request_validates_fields_and_picks_routing_text() -> None:
         parse_request(
             b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', "chat"
         )
-    assert parse_request(b'{"model": "e", "input": ["a", "bb"]}', "embeddings").prompt_chars == 3
+    assert parse_request(b'{"model": "e", "input": ["a", "bb"]}', "embeddings").prompt_bound == (
+        1 + 1 + 2
+    ) + (2 + 1 + 2)
     assert parse_priority(None) == "standard" and parse_priority(" Critical ") == "critical"
     with pytest.raises(errors.ApiError):
         parse_priority("urgent")

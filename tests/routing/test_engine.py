@@ -133,3 +133,42 @@ def test_builtin_history_engine_ranks_fast():
     assert all(math.isfinite(c.score) and c.est_tokens > 0 for c in r.candidates)
     assert engine.history_size == 1764
     assert np.isfinite(list(engine.gamma.values())).all()
+
+
+def test_learned_entries_replay_into_another_engine_and_fill_new_backends(history_file):
+    cfg = config(history_file, history={"path": str(history_file), "learnFromTraffic": True})
+    first = RoutingEngine.from_config(cfg, background_fits=False)
+    prompt = "zebra quantum origami " * 3
+    entry = first.make_learned(prompt, "small", 0.0, tokens=50)
+    assert entry.quality["small"] == 0.0 and set(entry.quality) == {"small", "big"}
+    first.add_learned([entry] * 5)
+    # Another replica (or the next engine after a reload) adds the same entries: same estimates.
+    second = RoutingEngine.from_config(cfg, background_fits=False)
+    n = second.history_size
+    assert second.add_learned([entry] * 5) == 5 and second.history_size == n + 5
+    assert second.estimate(prompt)[0][0] == first.estimate(prompt)[0][0] == 0.0
+    assert second.estimate(prompt)[1][0] == pytest.approx(50.0)
+    # An entry written before a backend existed gets this engine's estimate for it.
+    partial = type(entry)(prompt, {"small": 0.0}, {"small": 40.0}, "uid-1")
+    assert second.add_learned([partial]) == 1
+    with pytest.raises(ValueError, match="within"):
+        first.make_learned(prompt, "small", 1.5)
+
+
+def test_adopted_prices_are_used_but_are_not_own_fits(history_file):
+    engine = RoutingEngine.from_config(config(history_file), background_fits=False)
+    engine.adopt_gamma({"big": 0.5, "small": 0.0, "gone": 9.0})
+    assert engine.gamma == {"small": 0.0, "big": 0.5}
+    assert engine.local_fits == 0 and engine.controller.adopted == 1
+    engine.adopt_gamma({"big": float("nan")})  # nonsense is ignored, not installed
+    assert engine.gamma["big"] == 0.5
+
+
+def test_a_new_replica_share_rescales_the_expected_volume_in_place(history_file):
+    cfg = config(history_file, budgets={"tokens": {"big": 1000}, "replicaShare": 0.5})
+    ledger = BudgetLedger(cfg.budgets)
+    engine = RoutingEngine.from_config(cfg, ledger, background_fits=False)
+    assert engine.controller.expected_queries == 100  # 200 x 0.5
+    engine.set_replica_share(0.25)  # the router was scaled from 2 to 4 replicas
+    assert engine.controller.expected_queries == 50
+    assert engine.controller.warmup_queries == math.ceil(0.05 * 50)

@@ -45,6 +45,19 @@ def test_settle_may_overdraw_and_blocks_further_work():
     assert ledger.reserve("big", 0) is None
 
 
+def test_an_overdraw_is_repaid_by_the_next_window_and_cleared_by_an_idle_one():
+    ledger, clock = make()
+    ledger.settle(ledger.reserve("big", 900), 1200)  # the backend used more than the worst case held
+    held = ledger.reserve("small", 100)
+    clock.t += 61
+    assert ledger.remaining("big") == 800  # the 200 overdrawn are spent budget of the new window
+    assert ledger.remaining("small") == 4900  # no debt there, its in-flight hold carried as before
+    ledger.settle(held, 100)
+    ledger.settle(ledger.reserve("big", 800), 900)  # overdrawn again by 100
+    clock.t += 121  # two windows pass: the one after the overdraw repaid it while idle
+    assert ledger.remaining("big") == 1000
+
+
 def test_replica_share_and_resize_keep_usage():
     ledger, _ = make(replica_share=0.5)
     assert ledger.budget("big") == 500

@@ -38,3 +38,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "tollway.peering" -}}
 {{- if or .Values.peering.enabled (gt (int .Values.replicas) 1) -}}true{{- end -}}
 {{- end -}}
+
+{{/* The in-chart Redis (redis.enabled): its objects' name and the labels that select its pod. */}}
+{{- define "tollway.redisName" -}}
+{{- printf "%s-redis" (include "tollway.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tollway.redisSelectorLabels" -}}
+app.kubernetes.io/name: tollway-redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}

@@ -33,9 +33,11 @@ from tollway_operator.desired.names import (
     router_endpoint,
     router_labels,
     router_selector,
+    router_selector_text,
 )
 from tollway_operator.desired.policy import (
     CHECKSUM_ANNOTATION,
+    DEFAULT_STATE_URL_ENV,
     BudgetResolution,
     PolicyReferenceError,
     RouterPlan,
@@ -47,7 +49,10 @@ from tollway_operator.desired.policy import (
     router_config_map,
     router_deployment,
     router_pdb,
+    router_replicas,
     router_service,
+    state_config,
+    vllm_flag,
 )
 from tollway_operator.desired.pool import (
     autoscaling_mode,
@@ -66,6 +71,7 @@ __all__ = [
     "CHECKSUM_ANNOTATION",
     "COMPONENT_MODEL",
     "COMPONENT_ROUTER",
+    "DEFAULT_STATE_URL_ENV",
     "LABEL_COMPONENT",
     "LABEL_MANAGED_BY",
     "LABEL_MODEL",
@@ -107,6 +113,10 @@ __all__ = [
     "router_endpoint",
     "router_labels",
     "router_pdb",
+    "router_replicas",
     "router_selector",
+    "router_selector_text",
     "router_service",
+    "state_config",
+    "vllm_flag",
 ]

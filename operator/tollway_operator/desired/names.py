@@ -103,6 +103,12 @@ def router_selector(policy: str) -> dict[str, str]:
     return {LABEL_NAME: "tollway-router", LABEL_INSTANCE: policy}
 
 
+def router_selector_text(policy: str) -> str:
+    """The router pods' selector as a label-selector string (`status.routerSelector`, which the
+    RoutingPolicy's scale subresource hands to an HPA)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(router_selector(policy).items()))
+
+
 def router_labels(policy: str, pool: str) -> dict[str, str]:
     return {
         **router_selector(policy),

@@ -3,10 +3,16 @@
 RoutingPolicy `R` over pool `P`:
 - ConfigMap `R-router` holding `router.yaml` (a `RouterConfig`);
 - Deployment `R-router` running `tollway router`, with a checksum of the config on its pod
-  template (so a change rolls the pods) — except the volatile `backends[].replicas`, which the
-  router picks up by hot reload of the mounted file;
+  template (so a change rolls the pods) — except what scaling changes: the models' ready
+  `backends[].replicas` and the router's own `budgets.replicaShare`, which the router picks up by
+  hot reload of the mounted file (scaling the router, by hand or by an HPA, restarts nothing);
 - Service `R` (port 80 -> 8080): the cluster-internal OpenAI endpoint http://R.N.svc/v1;
 - PodDisruptionBudget `R-router` (maxUnavailable 1) when replicas > 1.
+
+Shared state: with `spec.state.url`, `spec.state.urlSecret` or the operator's default Redis
+(`TOLLWAY_ROUTER_STATE_URL`, set by the chart's `redis.*` values) every router replica keeps its
+budgets, dual prices and learned history in that Redis under the key `N/R`; the URL from a Secret
+reaches the router as `$TOLLWAY_STATE_URL`, never through the ConfigMap.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from router_service.config import (
     BackendConfig,
     BudgetConfig,
     RouterConfig,
+    StateConfig,
     dump_router_config,
 )
 from router_service.routing.budgets import split_weights
@@ -49,6 +56,10 @@ STATE_DIR = "/var/lib/tollway"
 CACHE_DIR = "/var/cache/tollway"
 ROUTER_UID = 65532
 CHECKSUM_ANNOTATION = "tollway.io/config-checksum"
+STATE_URL_ENV = "TOLLWAY_STATE_URL"
+"""The router reads its Redis URL from here when the policy names a Secret (router_service.store)."""
+DEFAULT_STATE_URL_ENV = "TOLLWAY_ROUTER_STATE_URL"
+"""The operator's default Redis for every policy that names none (the chart's redis.* values)."""
 
 
 class PolicyReferenceError(Exception):
@@ -128,9 +139,46 @@ def resolve_budgets(
     return res
 
 
+def vllm_flag(args: list[str], flag: str) -> int | None:
+    """The integer value of a vLLM flag in `extraArgs` (`--flag N` or `--flag=N`), if given."""
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else None
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
 def replica_share(replicas: int) -> float:
-    """Each router replica enforces 1/replicas of every budget (0 replicas: nothing runs)."""
+    """Each router replica enforces 1/replicas of every budget (0 replicas: nothing runs). With a
+    shared store the router ignores it, except while it has never reached the store."""
     return 1.0 / replicas if replicas > 1 else 1.0
+
+
+def router_replicas(spec: RoutingPolicySpec, live_replicas: int | None) -> int:
+    """How many router replicas there are meant to be: `spec.router.replicas`, or with
+    `replicasOwner: external` whatever the live Deployment says (spec until it exists)."""
+    if spec.router.replicas_owner == "external" and live_replicas is not None:
+        return live_replicas
+    return spec.router.replicas
+
+
+def state_config(
+    owner_namespace: str, policy: str, spec: RoutingPolicySpec, default_url: str | None
+) -> StateConfig:
+    """The router's shared-state settings: the policy's own, else the operator's default Redis."""
+    settings = spec.state
+    url = default_url
+    if settings is not None and settings.url_secret is not None:
+        url = None  # the router reads it from $TOLLWAY_STATE_URL
+    elif settings is not None and settings.url is not None:
+        url = settings.url
+    base = settings.model_dump(exclude={"url", "url_secret"}) if settings is not None else {}
+    return StateConfig(url=url, key=f"{owner_namespace}/{policy}", **base)
 
 
 def router_config(
@@ -141,11 +189,16 @@ def router_config(
     pool_spec: ModelPoolSpec,
     ready_replicas: Mapping[str, int],
     quality: Mapping[str, float] | None = None,
+    *,
+    live_router_replicas: int | None = None,
+    default_state_url: str | None = None,
 ) -> tuple[RouterConfig, BudgetResolution]:
     """The RouterConfig for a policy over its pool.
 
     `ready_replicas`: model name -> ready replicas of its Deployment (0: the router treats the
     model as unavailable and degrades). External endpoints count as one replica.
+    `live_router_replicas`: the router Deployment's replicas now (None: not created yet).
+    `default_state_url`: the operator's default Redis for policies that name none.
     """
     backends = []
     for model in pool_spec.models:
@@ -161,6 +214,10 @@ def router_config(
                 if external is not None and external.api_key_secret
                 else None,
                 upstream_model=external.upstream_model if external is not None else None,
+                # What the router needs to know of the vLLM server: its concurrency (to see a burst
+                # queue up between metric scrapes) and its context window (to bound a request).
+                max_num_seqs=vllm_flag(model.extra_args, "--max-num-seqs") if external is None else None,
+                max_model_len=model.max_model_len if external is None else None,
             )
         )
     if spec.served_model_name in {m.name for m in pool_spec.models}:
@@ -181,9 +238,10 @@ def router_config(
         budgets=BudgetConfig(
             window_seconds=spec.budgets.window_seconds if spec.budgets else 3600,
             tokens=budgets.tokens,
-            replica_share=replica_share(spec.router.replicas),
+            replica_share=replica_share(router_replicas(spec, live_router_replicas)),
             state_file=f"{STATE_DIR}/ledger.json",
         ),
+        state=state_config(namespace, policy, spec, default_state_url),
         degradation=spec.degradation,
         auth=AuthConfig(bearer_tokens_file=f"{AUTH_DIR}/{AUTH_FILE}" if spec.router.auth_secret else None),
     )
@@ -191,11 +249,13 @@ def router_config(
 
 
 def config_checksum(config: RouterConfig) -> str:
-    """sha256 of the config without the volatile ready-replica counts (those reach the router by
-    hot reload; everything else rolls the router pods)."""
+    """sha256 of the config without what scaling changes: the models' ready-replica counts and
+    the router's own share of the budgets (both reach the router by hot reload; everything else
+    rolls the router pods)."""
     wire = config.to_wire()
     for backend in wire.get("backends", []):
         backend.pop("replicas", None)
+    wire.get("budgets", {}).pop("replicaShare", None)
     return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()
 
 
@@ -209,7 +269,12 @@ def router_config_map(owner: Owner, pool: str, config: RouterConfig) -> dict[str
 
 
 def router_deployment(
-    owner: Owner, spec: RoutingPolicySpec, pool: str, pool_spec: ModelPoolSpec, config: RouterConfig
+    owner: Owner,
+    spec: RoutingPolicySpec,
+    pool: str,
+    pool_spec: ModelPoolSpec,
+    config: RouterConfig,
+    live_replicas: int | None = None,
 ) -> dict[str, Any]:
     policy = owner.name
     labels = router_labels(policy, pool)
@@ -235,7 +300,12 @@ def router_deployment(
     env: list[dict[str, Any]] = [
         {"name": "TOLLWAY_CACHE_DIR", "value": CACHE_DIR},
         {"name": "HOME", "value": "/tmp"},
+        # The replica's name in the shared store (heartbeats, reservation ids).
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
+    if spec.state is not None and spec.state.url_secret is not None:
+        ref = spec.state.url_secret
+        env.append({"name": STATE_URL_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     if router.auth_secret is not None:
         mounts.append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
         volumes.append(
@@ -329,7 +399,7 @@ def router_deployment(
         "kind": "Deployment",
         "metadata": child_metadata(router_child_name(policy), owner, labels),
         "spec": {
-            "replicas": router.replicas,
+            "replicas": router_replicas(spec, live_replicas),
             "selector": {"matchLabels": router_selector(policy)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "revisionHistoryLimit": 3,
@@ -363,8 +433,8 @@ def router_service(owner: Owner, pool: str) -> dict[str, Any]:
     }
 
 
-def router_pdb(owner: Owner, spec: RoutingPolicySpec, pool: str) -> dict[str, Any] | None:
-    if spec.router.replicas <= 1:
+def router_pdb(owner: Owner, replicas: int, pool: str) -> dict[str, Any] | None:
+    if replicas <= 1:
         return None
     return {
         "apiVersion": "policy/v1",
@@ -388,18 +458,33 @@ def policy_children(
     pool_spec: ModelPoolSpec,
     ready_replicas: Mapping[str, int],
     quality: Mapping[str, float] | None = None,
+    *,
+    live_router_replicas: int | None = None,
+    default_state_url: str | None = None,
 ) -> RouterPlan:
-    """Everything a RoutingPolicy should own: ConfigMap, Deployment, Service, PDB (replicas > 1)."""
+    """Everything a RoutingPolicy should own: ConfigMap, Deployment, Service, PDB (replicas > 1).
+
+    `live_router_replicas`: the router Deployment's spec.replicas now (None: not created yet),
+    kept when `spec.router.replicasOwner` is external. `default_state_url`: the operator's
+    default Redis (`TOLLWAY_ROUTER_STATE_URL`)."""
     check_policy_names(owner.name)
     config, budgets = router_config(
-        owner.name, spec, pool, owner.namespace, pool_spec, ready_replicas, quality
+        owner.name,
+        spec,
+        pool,
+        owner.namespace,
+        pool_spec,
+        ready_replicas,
+        quality,
+        live_router_replicas=live_router_replicas,
+        default_state_url=default_state_url,
     )
     children = [
         router_config_map(owner, pool, config),
-        router_deployment(owner, spec, pool, pool_spec, config),
+        router_deployment(owner, spec, pool, pool_spec, config, live_router_replicas),
         router_service(owner, pool),
     ]
-    pdb = router_pdb(owner, spec, pool)
+    pdb = router_pdb(owner, router_replicas(spec, live_router_replicas), pool)
     if pdb is not None:
         children.append(pdb)
     return RouterPlan(config=config, budgets=budgets, children=children)

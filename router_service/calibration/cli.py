@@ -1,0 +1,308 @@
+"""`tollway calibrate`: score the pool's own models on a calibration set and write a routing history.
+
+    tollway calibrate --dataset builtin --backend small=http://127.0.0.1:8001 \\
+        --backend large=http://127.0.0.1:8003 --out history.jsonl [--concurrency 8] \\
+        [--judge judge=https://api.example.com/v1] [--price large=0.9,0.9] [--json summary.json]
+
+Every line of the set goes to every backend (OpenAI chat completions, one user message,
+``x-tollway-priority: sheddable``), the answer is graded, and ``--out`` becomes a history the
+router (``history.path``) and ``tollway eval`` load. ``--out.answers.jsonl`` journals every graded
+answer: rerunning with the same ``--out`` skips what is done (per model and ``--revision``) and
+retries what failed. Exit status: 0 all graded; 1 some pairs failed or were not sent (the history
+holds the complete lines; rerun to retry); 2 bad arguments or calibration set (nothing sent).
+
+API keys: ``--api-key-env NAME=VAR`` reads backend (or judge) NAME's key from $VAR; otherwise
+$OPENAI_API_KEY, otherwise none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from router_service.calibration.client import ChatClient, Endpoint, Judge, normalise_base_url
+from router_service.calibration.dataset import BUILTIN_SETS, Dataset, DatasetError, load_dataset
+from router_service.calibration.graders import JUDGE_PROMPT_PATH, load_judge_template
+from router_service.calibration.journal import Journal, JournalError, journal_path
+from router_service.calibration.report import (
+    Price,
+    assemble_history,
+    render_table,
+    summarise,
+    write_history_atomically,
+)
+from router_service.calibration.runner import Backend, RunReport, RunSettings, count_pending, run_calibration
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    """``NAME=VALUE`` strings -> dict, rejecting malformed and repeated names."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, rest = value.partition("=")
+        if not sep or not name.strip() or not rest.strip():
+            raise UsageError(f"{flag} {value!r}: expected NAME=VALUE")
+        if name in out:
+            raise UsageError(f"{flag}: {name!r} given twice")
+        out[name.strip()] = rest.strip()
+    return out
+
+
+def _price(text: str, name: str) -> Price:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or any(p < 0 for p in parts):
+        raise UsageError(f"--price {name}={text!r}: expected INPUT[,OUTPUT] USD per million tokens, >= 0")
+    return Price(parts[0], parts[-1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tollway calibrate",
+        description="Score the pool's models on a calibration set; write a routing history.",
+        epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        required=True,
+        metavar="FILE.jsonl",
+        help=f"calibration set (JSONL or .jsonl.gz; repeatable), or a built-in one: {', '.join(BUILTIN_SETS)}",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        required=True,
+        metavar="NAME=BASE_URL",
+        help="a model to calibrate: its name (the history column, sent as `model`) and its OpenAI base URL",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="HISTORY.jsonl", help="the history to write (.jsonl[.gz])"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight per backend (default 8)"
+    )
+    parser.add_argument("--judge", metavar="NAME=BASE_URL", help="the model grading 'judge' lines")
+    parser.add_argument("--judge-prompt", default=str(JUDGE_PROMPT_PATH), help="the judge's rubric template")
+    parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the summary as JSON")
+    parser.add_argument(
+        "--price",
+        action="append",
+        metavar="NAME=IN[,OUT]",
+        help="USD per million prompt (and completion) tokens, for the history's costs (default 1,1)",
+    )
+    parser.add_argument(
+        "--revision",
+        action="append",
+        metavar="NAME=TEXT",
+        help="what NAME serves (e.g. its weights); answers journaled under another revision are redone",
+    )
+    parser.add_argument(
+        "--upstream-model", action="append", metavar="NAME=MODEL", help="send `model: MODEL` for NAME"
+    )
+    parser.add_argument(
+        "--api-key-env", action="append", metavar="NAME=VAR", help="NAME's API key is in $VAR"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=512, help="answer length cap (default 512; 0: none)"
+    )
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    parser.add_argument(
+        "--retries", type=int, default=3, help="retries per request, with backoff (default 3)"
+    )
+    parser.add_argument(
+        "--give-up-after",
+        type=int,
+        default=5,
+        help="declare a backend down after this many failed requests in a row (default 5)",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _endpoints(args: argparse.Namespace) -> tuple[list[Endpoint], Endpoint | None]:
+    backends = _pairs(args.backend, "--backend")
+    judge = _pairs([args.judge] if args.judge else [], "--judge")
+    upstream = _pairs(args.upstream_model, "--upstream-model")
+    key_env = _pairs(args.api_key_env, "--api-key-env")
+    known = set(backends) | set(judge)
+    for flag, names in [("--upstream-model", upstream), ("--api-key-env", key_env)]:
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise UsageError(f"{flag} names {unknown}, which is no --backend or --judge")
+
+    def endpoint(name: str, url: str) -> Endpoint:
+        try:
+            base_url = normalise_base_url(url)
+        except ValueError as exc:
+            raise UsageError(f"{name}: {exc}") from None
+        key = os.environ.get(key_env[name], "") if name in key_env else os.environ.get("OPENAI_API_KEY", "")
+        return Endpoint(name, base_url, upstream.get(name, name), key or "EMPTY")
+
+    eps = [endpoint(name, url) for name, url in backends.items()]
+    judge_ep = endpoint(*next(iter(judge.items()))) if judge else None
+    return eps, judge_ep
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.retries < 0 or args.give_up_after < 1 or args.max_tokens < 0:
+        parser.error("--concurrency and --give-up-after must be >= 1, --retries and --max-tokens >= 0")
+    try:
+        endpoints, judge_endpoint = _endpoints(args)
+        names = {e.name for e in endpoints}
+        prices = {name: _price(text, name) for name, text in _pairs(args.price, "--price").items()}
+        revisions = _pairs(args.revision, "--revision")
+        for flag, given in [("--price", prices), ("--revision", revisions)]:
+            if set(given) - names:
+                raise UsageError(f"{flag} names {sorted(set(given) - names)}, which is no --backend")
+        dataset = load_dataset(args.dataset)
+        needs_judge = any(item.grader == "judge" for item in dataset.items)
+        if needs_judge and judge_endpoint is None:
+            count = sum(item.grader == "judge" for item in dataset.items)
+            raise UsageError(f"{count} line(s) are graded by 'judge': give --judge NAME=BASE_URL")
+        template = load_judge_template(args.judge_prompt) if needs_judge else ""
+        out = Path(args.out)
+        if out.exists() and not journal_path(out).exists():
+            raise UsageError(
+                f"{out} exists but has no journal {journal_path(out).name} next to it, so it was not written "
+                "by `tollway calibrate`; choose another --out or remove it"
+            )
+        journal = Journal.open(journal_path(out))
+    except (UsageError, DatasetError, JournalError, OSError) as exc:
+        print(f"tollway calibrate: {exc}", file=sys.stderr)
+        return 2
+
+    settings = RunSettings(
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens or None,
+        temperature=args.temperature,
+        give_up_after=args.give_up_after,
+    )
+    models = [(e.name, revisions.get(e.name, "")) for e in endpoints]
+    with journal:
+        if journal.dropped_torn_line:
+            print(
+                f"tollway calibrate: {journal.path}: dropped a line cut short by an earlier crash",
+                file=sys.stderr,
+            )
+        try:
+            report = asyncio.run(
+                _run(dataset, endpoints, judge_endpoint, template, revisions, journal, settings, args)
+            )
+        except KeyboardInterrupt:
+            print(
+                f"\ntollway calibrate: interrupted; every graded answer is in {journal.path}: "
+                "rerun the same command to continue",
+                file=sys.stderr,
+            )
+            return 130
+        assembly = assemble_history(dataset, models, journal, prices)
+        summary = summarise(dataset, models, journal, report)
+    return _finish(args, assembly, summary, report)
+
+
+async def _run(
+    dataset: Dataset,
+    endpoints: list[Endpoint],
+    judge_endpoint: Endpoint | None,
+    template: str,
+    revisions: dict[str, str],
+    journal: Journal,
+    settings: RunSettings,
+    args: argparse.Namespace,
+) -> RunReport:
+    from tqdm import tqdm
+
+    clients = [ChatClient(e, timeout=args.timeout, max_retries=args.retries) for e in endpoints]
+    judge_client = (
+        ChatClient(judge_endpoint, timeout=args.timeout, max_retries=args.retries) if judge_endpoint else None
+    )
+    backends = [Backend(c, revisions.get(c.endpoint.name, "")) for c in clients]
+    judge = Judge(judge_client, template) if judge_client else None
+    pending = count_pending(dataset, backends, journal)
+    try:
+        with tqdm(
+            total=pending, desc="calibrating", unit="answer", disable=args.no_progress, file=sys.stderr
+        ) as bar:
+            return await run_calibration(
+                dataset,
+                backends,
+                journal,
+                judge=judge,
+                settings=settings,
+                on_pair=lambda: bar.update(),
+                say=lambda message: tqdm.write(f"tollway calibrate: {message}", file=sys.stderr),
+            )
+    finally:
+        for client in [*clients, *([judge_client] if judge_client else [])]:
+            await client.aclose()
+
+
+def _finish(args: argparse.Namespace, assembly: Any, summary: dict[str, Any], report: RunReport) -> int:
+    from rich.console import Console
+
+    console = Console(width=140)
+    console.print(render_table(summary))
+    run = summary["run"]
+    console.print(
+        f"{run['pairs_answered']} answers graded in {run['seconds']:.1f}s "
+        f"({run['pairs_already_done']} already done); model tokens {summary['totals']['model_tokens']:,}, "
+        f"judge tokens {summary['totals']['judge_tokens']:,}",
+        highlight=False,
+    )
+    if assembly.history is not None:
+        write_history_atomically(assembly.history, args.out)
+        summary["history"] = {
+            "path": str(args.out),
+            "lines": len(assembly.history),
+            "models": assembly.history.models,
+            "lines_left_out": assembly.lines_left_out,
+            "models_left_out": assembly.models_left_out,
+        }
+        console.print(
+            f"wrote {args.out}: {len(assembly.history)} lines x {len(assembly.history.models)} models",
+            highlight=False,
+        )
+    else:
+        summary["history"] = None
+        print("tollway calibrate: no line was graded for every model; no history written", file=sys.stderr)
+    if assembly.models_left_out:
+        print(
+            f"tollway calibrate: left out of the history (no graded answer): {', '.join(assembly.models_left_out)}",
+            file=sys.stderr,
+        )
+    if assembly.lines_left_out and assembly.history is not None:
+        print(
+            f"tollway calibrate: {assembly.lines_left_out} line(s) lack a graded answer from some model and are "
+            "not in the history yet",
+            file=sys.stderr,
+        )
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(summary, indent=2))
+    if not report.complete:
+        print(
+            f"tollway calibrate: {len(report.failures)} failed, {sum(report.not_sent.values())} not sent; "
+            "rerun the same command to retry them (graded answers are kept)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
