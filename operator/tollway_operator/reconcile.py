@@ -146,10 +146,18 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
     applied = await apply_children(body, children, live)
     await prune_children(body, live, applied)
     deployments = {n: obj for (kind, n), obj in applied.items() if kind == "Deployment"}
+    problems = {}
+    if not all(status.DeploymentView.from_object(obj).available for obj in deployments.values()):
+        # Why a model has no ready replica, as the scheduler says it on its pods (one LIST, only then).
+        pods = await kube_client().list(k.POD, namespace, d.pool_children_selector(name))
+        problems = status.pod_problems(pods)
     new = status.pool_status(
-        name, namespace, spec, deployments, previous.get("autoscaling"), previous, generation, now
+        name, namespace, spec, deployments, previous.get("autoscaling"), previous, generation, now, problems
     )
     new["calibration"] = await _reconcile_calibration(body, spec, deployments, now)
+    if problems:  # a model that cannot start, e.g. too many GPUs: a Warning once, not every resync
+        ready = status.find_condition(new["conditions"], status.READY) or {}
+        warn_on_change(body, previous, new, str(ready.get("reason")), str(ready.get("message")))
     await write_status(k.MODELPOOL, body, previous, new)
     return Outcome()
 

@@ -6,8 +6,9 @@ only when a condition's status changes.
 
 ModelPool conditions
 - Ready: every model is available (a deployed model has >= 1 ready replica or is scaled to zero
-  on purpose; external endpoints always count). Reasons: AllModelsAvailable, ModelsUnavailable,
-  InvalidSpec, ReconcileFailed.
+  on purpose; external endpoints always count). Reasons: AllModelsAvailable, ModelsUnavailable
+  (the message names each unavailable model and, when its pods cannot be scheduled, the
+  scheduler's reason), InvalidSpec, ReconcileFailed.
 - Progressing: some Deployment has not reached its desired replicas or has not observed its latest
   spec yet. Reasons: RollingOut, Stable (InvalidSpec when nothing can progress).
 - Degraded: the pool serves, but not fully: some models are unavailable while others are
@@ -28,12 +29,13 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tollway_operator.api import ModelPoolSpec
 from tollway_operator.desired import (
+    LABEL_MODEL,
     CalibrationPlan,
     ModelCalibration,
     deployed_models,
@@ -147,6 +149,23 @@ def _names(items: Sequence[str]) -> str:
     return ", ".join(items)
 
 
+def pod_problems(pods: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Why models' pods cannot start, by model (the pods' `tollway.io/model` label), as the
+    scheduler says it on them: `PodScheduled=False` with its reason and message, e.g.
+    "Unschedulable: 0/3 nodes are available: 2 Insufficient nvidia.com/gpu, ...". One per model."""
+    out: dict[str, str] = {}
+    for pod in pods:
+        model = (pod.get("metadata", {}).get("labels") or {}).get(LABEL_MODEL)
+        if not model or model in out or pod.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        scheduled = find_condition((pod.get("status") or {}).get("conditions"), "PodScheduled") or {}
+        if scheduled.get("status") == "False":
+            reason = str(scheduled.get("reason") or "NotScheduled")
+            message = str(scheduled.get("message") or "").strip()
+            out[model] = f"{reason}: {message}" if message else reason
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # ModelPool
 # ---------------------------------------------------------------------------------------------
@@ -161,11 +180,14 @@ def pool_status(
     previous: Mapping[str, Any] | None,
     generation: int | None,
     now: str,
+    problems: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ModelPool status patch (without `autoscaling`, which only the autoscaler writes).
 
-    `deployments`: live Deployment objects by name (`<pool>-<model>`).
+    `deployments`: live Deployment objects by name (`<pool>-<model>`); `problems`: why a model's
+    pods cannot start, by model name (`pod_problems`), named in the Ready condition.
     """
+    problems = problems or {}
     previous = previous or {}
     models: list[dict[str, Any]] = []
     unavailable: list[str] = []
@@ -199,7 +221,8 @@ def pool_status(
     available = total - len(unavailable)
     conds: list[Cond] = []
     if unavailable:
-        detail = f"not available: {_names(unavailable)}" + (
+        named = [f"{m} ({problems[m]})" if m in problems else m for m in unavailable]
+        detail = f"not available: {_names(named)}" + (
             f" (no Deployment yet: {_names(missing)})" if missing else ""
         )
         conds.append(
