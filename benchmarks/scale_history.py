@@ -7,9 +7,9 @@ For each size N the history is the shipped RouterBench history (2,205 prompts) g
 entries: entry i copies the scores and tokens of source row i mod 2,205 and gets that row's
 embedding plus Gaussian noise (re-normalised), so the entries form clusters around real prompts
 as a large real history does. Embeddings are the router's default kind (hashed word n-grams,
-IDF fitted on the shipped prompts) at --dim dimensions (default 256; the router default is
-1,024, whose 1M x 1,024 float32 vectors alone take 4 GiB and whose HNSW build would take most of
-an hour on 2 cores). The HNSW build parameters default to M=16, efConstruction=64 (the router's
+IDF fitted on the shipped prompts) at --dim dimensions (default 256, the router's default; at
+1,024 dimensions 1M float32 vectors alone take 4 GiB and the HNSW build would take most of an
+hour on 2 cores). The HNSW build parameters default to M=16, efConstruction=64 (the router's
 defaults, M=32 and efConstruction=200, build several times slower; pass --hnsw-m 32
 --ef-construction 200 to measure them).
 

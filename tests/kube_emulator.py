@@ -12,7 +12,9 @@ FIX 1  create stamps `uid`, `resourceVersion`, `creationTimestamp`, `generation`
 FIX 2  a failed JSON-patch `test` op answers 422 (kmock: 500, which kopf retries forever); a merge
        patch carrying a stale `metadata.resourceVersion` answers 409.
 FIX 3  lists carry `kind`, `apiVersion` and a real `metadata.resourceVersion` (kubectl needs them), and
-       honour `labelSelector` and `fieldSelector` (metadata.name / metadata.namespace).
+       honour `labelSelector` and `fieldSelector` (metadata.name / metadata.namespace). As on a real
+       API server, the items of a built-in kind's list carry no `kind`/`apiVersion` (custom
+       resources' items do).
 FIX 4  a watch subscribes to the event bus *before* replaying, replays only events newer than the
        requested `resourceVersion` (from an event log, so DELETED events are replayed too; too old
        answers 410 Gone), honours selectors and `timeoutSeconds`.
@@ -214,6 +216,7 @@ class TollwayKubeEmulator(kmock.KubernetesEmulator):
         )
         self._results: dict[int, dict[str, Any]] = {}
         self.change_listeners: list[asyncio.Queue[tuple[kmock.resource, str, dict[str, Any]]]] = []
+        self.custom_resources: set[kmock.resource] = set()
         self.resources.load_bundled()
 
     # --- registration ------------------------------------------------------------------------
@@ -224,6 +227,7 @@ class TollwayKubeEmulator(kmock.KubernetesEmulator):
         names = spec["names"]
         for version in spec.get("versions", []):
             subresources = set((version.get("subresources") or {}).keys())
+            self.custom_resources.add(kmock.resource(spec["group"], version["name"], names["plural"]))
             self.resources[kmock.resource(spec["group"], version["name"], names["plural"])] = (
                 kmock.ResourceInfo(
                     namespaced=spec.get("scope", "Namespaced") == "Namespaced",
@@ -676,6 +680,10 @@ class TollwayKubeEmulator(kmock.KubernetesEmulator):
         async with self._lock:
             items = copy.deepcopy(self._matching(request))
             rv = str(self.resource_version)
+        if request.resource not in self.custom_resources:
+            for item in items:  # a real API server lists built-in kinds' items without them
+                item.pop("kind", None)
+                item.pop("apiVersion", None)
         info = self._info(request.resource)
         kind = (info.kind if info and info.kind else request.resource.plural.capitalize()) + "List"
         api_version = (

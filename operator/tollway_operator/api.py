@@ -17,6 +17,7 @@ from router_service.config import (
     CamelModel,
     DegradationSettings,
     EmbeddingSettings,
+    EstimatorSettings,
     HistorySettings,
     LearningSettings,
     ModelName,
@@ -245,6 +246,140 @@ class AutoscalingSpec(CamelModel):
         return self
 
 
+BUILTIN_CALIBRATION_SETS = ("builtin", "builtin:code")
+
+
+class ConfigMapKeyRef(CamelModel):
+    name: str = Field(min_length=1, max_length=253, description="ConfigMap name, in the pool's namespace.")
+    key: str = Field(min_length=1, max_length=253, description="Key holding the JSONL calibration set.")
+
+
+class CalibrationSetSource(CamelModel):
+    """Where the calibration lines come from: exactly one of builtin, configMap, url."""
+
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "(has(self.builtin) ? 1 : 0) + (has(self.configMap) ? 1 : 0) + (has(self.url) ? 1 : 0) == 1",
+                    "set exactly one of builtin, configMap or url",
+                )
+            ]
+        }
+    }
+
+    builtin: Literal["builtin", "builtin:code"] | None = Field(
+        None,
+        description=(
+            "A set shipped with tollway: builtin (1,892 RouterBench multiple-choice lines, graded by `choice`; "
+            "its prompts are the built-in history's) or builtin:code (MBPP, graded by `judge`: needs judge)."
+        ),
+    )
+    config_map: ConfigMapKeyRef | None = Field(
+        None,
+        description="A JSONL set in a ConfigMap key (its content is part of the revision: editing it recalibrates).",
+    )
+    url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="A JSONL (or .jsonl.gz) set downloaded by the Job (identified by the URL text: version the URL).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationSetSource:
+        count = sum(x is not None for x in (self.builtin, self.config_map, self.url))
+        if count != 1:
+            raise ValueError(f"set exactly one of builtin, configMap or url (got {count})")
+        return self
+
+    def identity(self) -> str:
+        if self.builtin is not None:
+            return self.builtin
+        if self.config_map is not None:
+            return f"configMap:{self.config_map.name}/{self.config_map.key}"
+        return f"url:{self.url}"
+
+
+class CalibrationJudge(CamelModel):
+    """The LLM that grades lines whose grader is `judge`: a model of this pool, or an external endpoint."""
+
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("has(self.model) != has(self.url)", "set model (a pool model) or url, not both"),
+                cel("!has(self.url) || has(self.upstreamModel)", "url needs upstreamModel"),
+            ]
+        }
+    }
+
+    model: str | None = Field(None, min_length=1, description="A model of this pool (by name).")
+    url: str | None = Field(
+        None, pattern=r"^https?://", description="An external OpenAI-compatible base URL, without /v1."
+    )
+    upstream_model: str | None = Field(None, description="The model name to ask for at url.")
+    api_key_secret: SecretKeyRef | None = Field(None, description="Secret holding url's bearer key.")
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> CalibrationJudge:
+        if (self.model is None) == (self.url is None):
+            raise ValueError("set model (a model of this pool) or url (an external endpoint), not both")
+        if self.url is not None and not self.upstream_model:
+            raise ValueError("url needs upstreamModel (the model name to ask for there)")
+        return self
+
+
+class CalibrationSpec(CamelModel):
+    """Scoring the pool's own models on a labelled set (a Kubernetes Job per model and revision) so
+    that the router routes each model by its measured quality and true token counts instead of the
+    borrowed `profile` columns (which remain the prior until the model is calibrated)."""
+
+    enabled: bool = Field(
+        True,
+        description=(
+            "On by default: a model is calibrated once it has a ready replica, again when its `model` (or "
+            "the set, judge, maxTokens, revision) changes. false: no Jobs (results pushed before stay in use)."
+        ),
+    )
+    dataset: CalibrationSetSource = Field(
+        default_factory=lambda: CalibrationSetSource(builtin="builtin"),
+        description="The calibration set (JSONL lines {prompt, reference, grader, task}); default: builtin.",
+    )
+    judge: CalibrationJudge | None = Field(
+        None,
+        description="Grades the set's `judge` lines (each line names its grader); required by such sets.",
+    )
+    concurrency: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description=(
+            "Calibration requests in flight per model. Production traffic wins: calibration never holds more "
+            "than this many of a vLLM server's batch slots, and waits in its queue like any request."
+        ),
+    )
+    max_tokens: int = Field(512, ge=1, le=32768, description="Answer length cap for calibration requests.")
+    include_external: bool = Field(
+        False,
+        description="Also calibrate `endpoint` models (off by default: an external endpoint bills per token).",
+    )
+    priority_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description="PriorityClass of the calibration pods (a low one lets the scheduler evict them first).",
+    )
+    image: str | None = Field(
+        None, description="The tollway image the Job runs; default: the operator's default."
+    )
+    resources: dict[str, Any] | None = Field(
+        None, description="Container resources of the calibration pod (default: 100m CPU, 256Mi-1Gi memory)."
+    )
+    revision: str = Field(
+        "",
+        max_length=63,
+        description="Free text folded into every model's calibration revision: change it to calibrate again.",
+    )
+
+
 class ModelPoolSpec(CamelModel):
     """ModelPool: a set of models served by vLLM (or external endpoints) that tollway routes across."""
 
@@ -255,7 +390,12 @@ class ModelPoolSpec(CamelModel):
                     "self.models.all(m, self.models.exists_one(n, n.name == m.name))",
                     "model names must be unique",
                     ".models",
-                )
+                ),
+                cel(
+                    "!has(self.calibration) || !has(self.calibration.judge) || !has(self.calibration.judge.model)"
+                    " || self.models.exists(m, m.name == self.calibration.judge.model)",
+                    "calibration.judge.model must name a model of this pool",
+                ),
             ]
         }
     }
@@ -263,6 +403,20 @@ class ModelPoolSpec(CamelModel):
     image: str = Field(DEFAULT_VLLM_IMAGE, description="Default vLLM OpenAI server image for the pool.")
     models: list[ModelSpec] = Field(min_length=1, max_length=MAX_MODELS)
     autoscaling: AutoscalingSpec | None = None
+    calibration: CalibrationSpec = Field(
+        default_factory=CalibrationSpec,
+        description="Calibrating the pool's models (on by default for the models tollway deploys).",
+    )
+
+    @model_validator(mode="after")
+    def _judge_in_pool(self) -> ModelPoolSpec:
+        judge = self.calibration.judge
+        if judge is not None and judge.model is not None and self.model(judge.model) is None:
+            names = [m.name for m in self.models]
+            raise ValueError(
+                f"calibration.judge.model {judge.model!r} is not a model of this pool; it has {names}"
+            )
+        return self
 
     @field_validator("models")
     @classmethod
@@ -294,6 +448,35 @@ class ModelStatus(CamelModel):
     endpoint: str | None = None
 
 
+class CalibrationTaskStatus(CamelModel):
+    queries: int = Field(description="Lines of this task graded.")
+    mean_score: float | None = None
+
+
+class ModelCalibrationStatus(CamelModel):
+    name: str
+    state: Literal["Pending", "Running", "Done", "Failed"]
+    revision: str = Field(description="Hash of what is calibrated: the model, the set, the judge, maxTokens.")
+    job: str | None = Field(None, description="The calibration Job of this revision.")
+    reason: str = ""
+    message: str = ""
+    queries: int | None = Field(None, description="Lines graded.")
+    lines: int | None = Field(None, description="Lines in the set.")
+    failed: int | None = Field(None, description="Lines that failed in the last attempt.")
+    mean_score: float | None = None
+    tokens: int | None = Field(None, description="Prompt + completion tokens the calibration cost.")
+    tasks: dict[str, CalibrationTaskStatus] = Field(default_factory=dict, description="Per task.")
+    routers: list[str] = Field(
+        default_factory=list, description="RoutingPolicies whose router took the results."
+    )
+    last_transition_time: str | None = None
+
+
+class CalibrationStatus(CamelModel):
+    summary: str = Field("", description="e.g. '2/3 calibrated'.")
+    models: list[ModelCalibrationStatus] = Field(default_factory=list)
+
+
 class AutoscalingStatus(CamelModel):
     """Written by the autoscaler only; the pool's Degraded condition is derived from `healthy`."""
 
@@ -312,6 +495,7 @@ class ModelPoolStatus(CamelModel):
     models: list[ModelStatus] = Field(default_factory=list)
     autoscaling: AutoscalingStatus | None = None
     summary: str | None = Field(None, description="Ready models, e.g. '2/3 ready'.")
+    calibration: CalibrationStatus | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +605,7 @@ class RoutingPolicySpec(CamelModel):
     history: HistorySettings = Field(default_factory=lambda: HistorySettings(builtin=True))
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     ann: AnnSettings = Field(default_factory=AnnSettings)
+    estimator: EstimatorSettings = Field(default_factory=EstimatorSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
     degradation: DegradationSettings = Field(default_factory=DegradationSettings)
     state: SharedStateSpec | None = Field(

@@ -1,4 +1,4 @@
-"""The autoscaler: a kopf daemon per ModelPool with `autoscaling` in operator mode.
+"""The autoscaler: one task per ModelPool with `autoscaling` in operator mode.
 
 Every `intervalSeconds` it reads each deployed model's Deployment (`<pool>-<model>`), asks
 Prometheus for the model's load (and, where zero is involved, its activity and the router's
@@ -22,7 +22,8 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -410,31 +411,6 @@ class KubeStatusWriter:
         await self._kube.patch_status(k.MODELPOOL, namespace, pool, {"autoscaling": autoscaling})
 
 
-class _SharedKube:
-    """One API client for every pool's daemon, connected on first use, closed at cleanup."""
-
-    def __init__(self) -> None:
-        self._kube: k.Kube | None = None
-        self._lock: asyncio.Lock | None = None
-
-    async def get(self) -> k.Kube:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._kube is None:
-                self._kube = k.Kube(await k.connect())
-            return self._kube
-
-    async def close(self) -> None:
-        if self._kube is not None:
-            kube, self._kube = self._kube, None
-            await kube.close()
-        self._lock = None
-
-
-SHARED_KUBE = _SharedKube()
-
-
 # ---------------------------------------------------------------------------------------------
 # kopf wiring
 # ---------------------------------------------------------------------------------------------
@@ -449,11 +425,11 @@ def _operator_mode(spec: Any) -> bool:
     )
 
 
-def _live_spec(spec: Any, logger: Any) -> ModelPoolSpec | None:
+def _live_spec(spec: Any) -> ModelPoolSpec | None:
     try:
         parsed = parse_model_pool(dict(spec))
     except SpecError as e:
-        logger.warning("autoscaler skips an invalid ModelPool spec: %s", e)
+        log.warning("autoscaler skips an invalid ModelPool spec: %s", e)
         return None
     a = parsed.autoscaling
     if a is None or not a.enabled or a.mode != "operator":
@@ -461,32 +437,129 @@ def _live_spec(spec: Any, logger: Any) -> ModelPoolSpec | None:
     return parsed
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, when=lambda spec, **_: _operator_mode(spec), cancellation_timeout=10.0)
-async def autoscale_pool(
-    name: str, namespace: str, spec: Any, status: Any, body: Any, stopped: Any, logger: Any, **_: Any
-) -> None:
-    """One daemon per ModelPool in operator mode; kopf stops it when the pool or the mode goes."""
-    kube = await SHARED_KUBE.get()
-    autoscaler = PoolAutoscaler(pool=name, namespace=namespace, scaler=KubeReplicaScaler(kube))
+@dataclass
+class _RunningPool:
+    """One pool's autoscaler task and the pool as last seen in the watch stream."""
 
-    def post(kind: str, reason: str, message: str) -> None:
-        (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message[:1000])
+    body: dict[str, Any]
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
 
-    try:
-        await run_pool(
-            autoscaler,
-            read_spec=lambda: _live_spec(spec, logger),  # `spec` is a live view in kopf daemons
-            status_writer=KubeStatusWriter(kube),
-            post_event=post,
-            stopped=lambda: bool(stopped),
-            wait=stopped.wait,
-            previous_status=lambda: dict(status.get("autoscaling") or {}),
+
+class PoolAutoscalers:
+    """One autoscaler task per ModelPool in operator mode, started, fed and stopped from the pools'
+    watch events.
+
+    Not a `kopf.daemon`: kopf puts a finalizer on every object a daemon runs for, and a pool with
+    a finalizer cannot be deleted (nor its namespace) once the operator is gone, e.g. after
+    `helm uninstall`. Nothing here needs to run at deletion: the Deployments go with their pool.
+    """
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, str], _RunningPool] = {}
+        self._kube: k.Kube | None = None
+        self._connecting = asyncio.Lock()
+
+    async def kube(self) -> k.Kube:
+        """The API client every pool's task shares, connected on first use."""
+        async with self._connecting:
+            if self._kube is None:
+                self._kube = k.Kube(await k.connect())
+            return self._kube
+
+    def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
+        """Take one watch event of a pool: start, update or stop its autoscaler."""
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        wanted = (
+            event_type != "DELETED" and not meta.get("deletionTimestamp") and _operator_mode(body.get("spec"))
         )
-    finally:
-        with contextlib.suppress(Exception):
-            await autoscaler.aclose()
+        running = self._pools.get(key)
+        if not wanted:
+            if running is not None:
+                self._stop(key)
+            return
+        if running is not None and running.task is not None and not running.task.done():
+            running.body = body  # the task reads the spec and status from here
+            return
+        running = _RunningPool(body)
+        running.task = asyncio.get_running_loop().create_task(self._run(key, running))
+        self._pools[key] = running
+
+    def _stop(self, key: tuple[str, str]) -> None:
+        running = self._pools.pop(key, None)
+        if running is not None:
+            running.stop.set()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop every task (bounded), then close the client."""
+        tasks = [p.task for p in self._pools.values() if p.task is not None]
+        for key in list(self._pools):
+            self._stop(key)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._kube is not None:
+            kube, self._kube = self._kube, None
+            await kube.close()
+
+    async def _run(self, key: tuple[str, str], running: _RunningPool) -> None:
+        namespace, name = key
+        kube = await self.kube()
+        autoscaler = PoolAutoscaler(pool=name, namespace=namespace, scaler=KubeReplicaScaler(kube))
+
+        def post(kind: str, reason: str, message: str) -> None:
+            with contextlib.suppress(LookupError):  # no kopf event queue (outside the operator)
+                (kopf.warn if kind == "Warning" else kopf.info)(
+                    running.body, reason=reason, message=message[:1000]
+                )
+
+        async def wait(seconds: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(running.stop.wait(), seconds)
+
+        try:
+            await run_pool(
+                autoscaler,
+                read_spec=lambda: _live_spec(running.body.get("spec") or {}),
+                status_writer=KubeStatusWriter(kube),
+                post_event=post,
+                stopped=running.stop.is_set,
+                wait=wait,
+                previous_status=lambda: dict((running.body.get("status") or {}).get("autoscaling") or {}),
+            )
+        except Exception:  # run_pool keeps going on errors; anything else ends this pool's loop
+            log.exception("the autoscaler of %s/%s stopped", namespace, name)
+        finally:
+            with contextlib.suppress(Exception):
+                await autoscaler.aclose()
+            if self._pools.get(key) is running:
+                self._pools.pop(key, None)
+
+
+_BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PoolAutoscalers] = weakref.WeakKeyDictionary()
+"""One registry per operator, i.e. per event loop (tests run several operators in one process)."""
+
+
+def autoscalers() -> PoolAutoscalers:
+    loop = asyncio.get_running_loop()
+    if loop not in _BY_LOOP:
+        _BY_LOOP[loop] = PoolAutoscalers()
+    return _BY_LOOP[loop]
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def autoscaler_pool_event(event: Mapping[str, Any], **_: Any) -> None:
+    """Every watch event of a pool (the initial listing included) feeds its autoscaler."""
+    body = event.get("object")
+    if isinstance(body, Mapping):
+        autoscalers().observe(event.get("type"), dict(body))
 
 
 @kopf.on.cleanup()
-async def close_autoscaler_client(**_: Any) -> None:
-    await SHARED_KUBE.close()
+async def stop_autoscalers(**_: Any) -> None:
+    registry = _BY_LOOP.pop(asyncio.get_running_loop(), None)
+    if registry is not None:
+        await registry.close()

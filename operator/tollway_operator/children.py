@@ -66,7 +66,9 @@ async def list_children(body: Mapping[str, Any], kinds: tuple[k.Kind, ...], sele
         try:
             items = await kube.list(kind, meta["namespace"], selector)
         except k.ApiError as e:
-            if e.status == 404 and kind == k.SCALED_OBJECT:
+            # KEDA not installed (404), or installed but not granted to us (403: the chart's
+            # keda.enabled is off): no ScaledObject of ours can exist; look again in 5 minutes.
+            if e.status in (403, 404) and kind == k.SCALED_OBJECT:
                 STATE.keda_absent_until = time.monotonic() + 300
                 continue
             raise
@@ -90,6 +92,13 @@ async def apply_children(body: Mapping[str, Any], children: list[dict[str, Any]]
                     404,
                     "KedaNotInstalled",
                     "autoscaling.mode is keda but the KEDA ScaledObject API is not installed",
+                ) from None
+            if k.kind_of(child) == k.SCALED_OBJECT and e.status == 403:
+                raise k.ApiError(
+                    403,
+                    "KedaNotAllowed",
+                    "autoscaling.mode is keda but the operator may not manage KEDA ScaledObjects "
+                    "(install the chart with keda.enabled=true)",
                 ) from None
             raise
         out[key] = obj

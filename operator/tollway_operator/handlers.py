@@ -30,10 +30,20 @@ from tollway_operator import kube as k
 from tollway_operator import metrics
 from tollway_operator.api import GROUP, VERSION
 from tollway_operator.reconcile import reconcile_policy, reconcile_pool, refresh_policies
-from tollway_operator.resync import forget, owner_of_child, remember_indexes, resync_loop, schedule
+from tollway_operator.resync import forget, owner_of_child, remember_indexes, schedule
 from tollway_operator.state import MANAGED_CHILD, POLICIES, POOLS, RETRY_SECONDS, STATE, Outcome
 
 log = logging.getLogger("tollway.operator")
+
+CHILD_WATCHES = (
+    ("apps", "v1", "deployments"),
+    ("v1", "services"),
+    ("v1", "configmaps"),
+    ("policy", "v1", "poddisruptionbudgets"),
+    ("batch", "v1", "jobs"),
+)
+"""The children whose events re-reconcile their owner (cache claims are left to the resync)."""
+MANAGED_CHILD_SELECTOR = ",".join(f"{key}={value}" for key, value in MANAGED_CHILD.items())
 
 
 @kopf.on.login()
@@ -63,16 +73,18 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # One-time API discovery instead of watching CRDs and Namespaces: the chart's least-privilege
     # RBAC grants neither (namespaces are named explicitly or all are watched; the CRDs come first).
     settings.scanning.disabled = True
+    # Stream only our children: the API server filters these watches by label (the handlers'
+    # `labels=` filters alone would make kopf receive every such object in the cluster).
+    for resource in CHILD_WATCHES:
+        settings.watching.label_selectors[resource] = MANAGED_CHILD_SELECTOR
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     STATE.stopping = False
+    STATE.resync_task = None  # started by the first resource handler (resync.remember_indexes)
     STATE.kube = k.Kube(await k.connect())
     if settings.peering.mandatory and not settings.peering.standalone:
         namespaces = [n for n in os.environ.get("TOLLWAY_OPERATOR_NAMESPACES", "").split(",") if n]
         await ensure_peering(STATE.kube, settings.peering.name, settings.peering.clusterwide, namespaces)
-    STATE.resync_task = asyncio.get_running_loop().create_task(resync_loop())
-    STATE.tasks.add(STATE.resync_task)
-    STATE.resync_task.add_done_callback(STATE.tasks.discard)
     port = os.environ.get("TOLLWAY_OPERATOR_METRICS_PORT", "")
     if port:
         metrics.serve(int(port), os.environ.get("TOLLWAY_OPERATOR_METRICS_HOST", "0.0.0.0"))
@@ -207,10 +219,11 @@ async def policy_changed(
     _raise_for(await reconcile_policy(namespace, name, str(reason)))
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_CHILD)
-@kopf.on.event("v1", "services", labels=MANAGED_CHILD)
-@kopf.on.event("v1", "configmaps", labels=MANAGED_CHILD)
-@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED_CHILD)
+@kopf.on.event(*CHILD_WATCHES[0], labels=MANAGED_CHILD)
+@kopf.on.event(*CHILD_WATCHES[1], labels=MANAGED_CHILD)
+@kopf.on.event(*CHILD_WATCHES[2], labels=MANAGED_CHILD)
+@kopf.on.event(*CHILD_WATCHES[3], labels=MANAGED_CHILD)
+@kopf.on.event(*CHILD_WATCHES[4], labels=MANAGED_CHILD)
 async def child_event(event: Mapping[str, Any], labels: Mapping[str, str], namespace: str, **_: Any) -> None:
     owner = owner_of_child(labels)
     if owner is not None and event.get("type") in ("ADDED", "MODIFIED", "DELETED", None):

@@ -3,7 +3,7 @@
 `Kube.apply(obj)` makes one object look like the desired manifest: create it when absent, else
 send a JSON merge patch with the desired fields (and `null` for fields that an earlier apply set
 and the desired state no longer has — remembered in the `tollway.io/last-applied` annotation,
-like kubectl's last-applied-configuration). Nothing is sent when the live object already contains
+like kubectl's last-applied-configuration; `spec.replicas` is never removed, see SHARED_FIELDS). Nothing is sent when the live object already contains
 the desired state, so drift repair costs one GET per child. `list_children`/`delete` find and
 remove children that the desired state no longer has.
 
@@ -23,6 +23,7 @@ from urllib.parse import quote, urlencode
 
 from kubernetes.aio import client as aio_client
 from kubernetes.aio import config as aio_config
+from kubernetes.utils.quantity import parse_quantity
 
 log = logging.getLogger("tollway.kube")
 
@@ -60,6 +61,9 @@ SERVICE = Kind("", "v1", "services", "Service")
 CONFIGMAP = Kind("", "v1", "configmaps", "ConfigMap")
 PVC = Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 PDB = Kind("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
+JOB = Kind("batch", "v1", "jobs", "Job")
+POD = Kind("", "v1", "pods", "Pod")
+"""Only listed (the scheduler's reasons; calibration pods' termination messages), never applied."""
 SCALED_OBJECT = Kind("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
 MODELPOOL = Kind("tollway.io", "v1alpha1", "modelpools", "ModelPool")
 ROUTINGPOLICY = Kind("tollway.io", "v1alpha1", "routingpolicies", "RoutingPolicy")
@@ -77,6 +81,7 @@ KINDS = {
         CONFIGMAP,
         PVC,
         PDB,
+        JOB,
         SCALED_OBJECT,
         SERVICE_ACCOUNT,
         ROLE,
@@ -87,7 +92,7 @@ KINDS = {
         CLUSTER_KOPF_PEERING,
     )
 }
-CREATE_ONLY = {PVC}
+CREATE_ONLY = {PVC, JOB}
 """Kinds whose spec is immutable after creation: created, never patched."""
 
 
@@ -111,12 +116,31 @@ class ApiError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def contains(live: Any, desired: Any) -> bool:
+QUANTITY_MAPS = frozenset({"limits", "requests"})
+"""Maps whose values are Kubernetes quantities (a container's resources)."""
+QUANTITY_FIELDS = frozenset({"sizeLimit"})
+"""Fields that are quantities themselves (an emptyDir's size limit)."""
+
+
+def same_quantity(live: Any, desired: Any) -> bool:
+    """Whether two quantities are equal in value: the API server stores them normalised (`cpu: 1`
+    as "1", `1024Mi` as "1Gi", `0.5` as "500m")."""
+    if isinstance(live, bool) or isinstance(desired, bool):
+        return False
+    try:
+        return bool(parse_quantity(str(live)) == parse_quantity(str(desired)))
+    except ValueError:
+        return False
+
+
+def contains(live: Any, desired: Any, quantity: bool = False) -> bool:
     """Whether `live` already has every field of `desired` (the server may add defaults: extra
-    keys in dicts are fine; lists must have the same length, item by item)."""
+    keys in dicts are fine; lists must have the same length, item by item; quantities compare by
+    value)."""
     if isinstance(desired, Mapping):
         return isinstance(live, Mapping) and all(
-            k in live and contains(live[k], v) for k, v in desired.items()
+            k in live and contains(live[k], v, quantity or k in QUANTITY_MAPS or k in QUANTITY_FIELDS)
+            for k, v in desired.items()
         )
     if isinstance(desired, list):
         return (
@@ -124,6 +148,8 @@ def contains(live: Any, desired: Any) -> bool:
             and len(live) == len(desired)
             and all(contains(a, b) for a, b in zip(live, desired, strict=True))
         )
+    if quantity and live != desired:
+        return same_quantity(live, desired)
     if isinstance(desired, bool) or isinstance(live, bool):
         return live is desired
     if isinstance(desired, int | float) and isinstance(live, int | float):
@@ -156,11 +182,28 @@ def deep_merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]
     return base
 
 
+SHARED_FIELDS = (("spec", "replicas"),)
+"""Fields that others own once they are set (the autoscaler, KEDA's HPA, `kubectl scale`): tollway
+sets them when it has a value for them, and never records or removes them. Removing one would send
+`null`, which the API server replaces with its default (`replicas: 1` wakes a model at zero)."""
+
+
+def _record(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What the last-applied annotation keeps of an object: everything but status and the shared
+    fields (also applied to records that older versions wrote)."""
+    record = {k: json.loads(json.dumps(v)) for k, v in obj.items() if k != "status"}
+    for path in SHARED_FIELDS:
+        parent: Any = record
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return record
+
+
 def with_last_applied(desired: Mapping[str, Any]) -> dict[str, Any]:
     obj = json.loads(json.dumps(desired))
-    record = json.dumps(
-        {k: v for k, v in obj.items() if k != "status"}, sort_keys=True, separators=(",", ":")
-    )
+    record = json.dumps(_record(obj), sort_keys=True, separators=(",", ":"))
     obj.setdefault("metadata", {}).setdefault("annotations", {})[LAST_APPLIED] = record
     return obj
 
@@ -170,8 +213,8 @@ def apply_patch(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str
     annotated = with_last_applied(desired)
     raw_previous = (live.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED)
     try:
-        previous = json.loads(raw_previous) if raw_previous else None
-    except ValueError:
+        previous = _record(json.loads(raw_previous)) if raw_previous else None
+    except (ValueError, AttributeError):
         previous = None
     removed = removals(previous, annotated) if previous else None
     # The record itself may be stale (e.g. replicas the autoscaler changed): not a reason to patch.
@@ -250,13 +293,17 @@ class Kube:
     async def list(
         self, kind: Kind, namespace: str | None, label_selector: str | None = None
     ) -> list[dict[str, Any]]:
+        """The objects of one kind, each with its `apiVersion` and `kind` (an API server leaves them
+        out of a built-in kind's list items; without them no listed object would match its
+        desired manifest)."""
         query = {"labelSelector": label_selector} if label_selector else None
         try:
-            return list((await self.request("GET", kind.path(namespace), query=query)).get("items") or [])
+            items = (await self.request("GET", kind.path(namespace), query=query)).get("items") or []
         except ApiError as e:
             if e.status == 404 and kind in (SCALED_OBJECT, PDB):
                 return []  # the API (KEDA, policy/v1) is not installed
             raise
+        return [{**item, "apiVersion": kind.api_version, "kind": kind.kind} for item in items]
 
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         kind = kind_of(obj)

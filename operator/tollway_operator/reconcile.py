@@ -1,6 +1,11 @@
 """One reconcile of a ModelPool or a RoutingPolicy: read it, compute the desired children with the
 pure functions in `desired/`, apply them, prune the rest, write `status`.
 
+A pool's calibration Jobs (`desired/calibration.py`) are reconciled with it: the Jobs are listed
+and pruned apart from the model children (their own label selector), their pods' termination
+messages become `status.calibration`, and a policy's router learns each model's expected
+calibration revision from that status.
+
 Each reconcile runs under the object's lock, fetches the object fresh, retries on write conflicts
 and reports API failures in the object's status. A ModelPool change re-reconciles the policies that
 reference it, so a policy created before its pool recovers as soon as the pool appears.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -25,6 +31,7 @@ from tollway_operator.api import ModelPoolSpec, SpecError, parse_model_pool, par
 from tollway_operator.children import (
     apply_children,
     list_children,
+    post_event,
     prune_children,
     warn_on_change,
     write_status,
@@ -139,11 +146,94 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
     applied = await apply_children(body, children, live)
     await prune_children(body, live, applied)
     deployments = {n: obj for (kind, n), obj in applied.items() if kind == "Deployment"}
+    problems = {}
+    if not all(status.DeploymentView.from_object(obj).available for obj in deployments.values()):
+        # Why a model has no ready replica, as the scheduler says it on its pods (one LIST, only then).
+        pods = await kube_client().list(k.POD, namespace, d.pool_children_selector(name))
+        problems = status.pod_problems(pods)
     new = status.pool_status(
-        name, namespace, spec, deployments, previous.get("autoscaling"), previous, generation, now
+        name, namespace, spec, deployments, previous.get("autoscaling"), previous, generation, now, problems
     )
+    new["calibration"] = await _reconcile_calibration(body, spec, deployments, now)
+    if problems:  # a model that cannot start, e.g. too many GPUs: a Warning once, not every resync
+        ready = status.find_condition(new["conditions"], status.READY) or {}
+        warn_on_change(body, previous, new, str(ready.get("reason")), str(ready.get("message")))
     await write_status(k.MODELPOOL, body, previous, new)
     return Outcome()
+
+
+async def _calibration_set(namespace: str, spec: ModelPoolSpec) -> tuple[str | None, str | None]:
+    """(content digest, why it is missing) of a ConfigMap calibration set; (None, None) otherwise."""
+    ref = spec.calibration.dataset.config_map
+    if ref is None or not spec.calibration.enabled:
+        return None, None
+    cm = await kube_client().get(k.CONFIGMAP, namespace, ref.name)
+    if cm is None:
+        return None, f"calibration set ConfigMap {ref.name!r} (spec.calibration.dataset.configMap) not found"
+    text = (cm.get("data") or {}).get(ref.key) or (cm.get("binaryData") or {}).get(ref.key)
+    if text is None:
+        return None, f"calibration set ConfigMap {ref.name!r} has no key {ref.key!r}"
+    return hashlib.sha256(str(text).encode()).hexdigest()[:16], None
+
+
+async def _router_targets(namespace: str, pool: str) -> list[d.RouterTarget]:
+    """The routers of the (valid) RoutingPolicies over a pool, where calibrations are pushed."""
+    targets = []
+    for obj in await kube_client().list(k.ROUTINGPOLICY, namespace):
+        meta = obj.get("metadata", {})
+        if (obj.get("spec", {}).get("poolRef") or {}).get("name") != pool or meta.get("deletionTimestamp"):
+            continue
+        try:
+            policy = parse_routing_policy(obj.get("spec") or {})
+        except SpecError:
+            continue
+        targets.append(d.RouterTarget.for_policy(meta["name"], namespace, policy.router.auth_secret))
+    return targets
+
+
+async def _reconcile_calibration(
+    body: dict[str, Any], spec: ModelPoolSpec, deployments: dict[str, dict[str, Any]], now: str
+) -> dict[str, Any]:
+    """Create the calibration Jobs that are due, prune stale ones, and return `status.calibration`."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    previous = (body.get("status") or {}).get("calibration") or {}
+    live = await list_children(body, (k.JOB,), d.calibration_selector(name))
+    live_names = {n for (_kind, n) in live}
+    ready = {
+        m.name: status.DeploymentView.from_object(obj).ready
+        for m in d.deployed_models(spec)
+        if (obj := deployments.get(d.model_child_name(name, m.name))) is not None
+    }
+    done = {
+        m.get("name"): m.get("revision") for m in previous.get("models") or [] if m.get("state") == "Done"
+    }
+    digest, missing = await _calibration_set(namespace, spec)
+    owner = d.Owner.from_body(body)
+
+    def plan_with(targets: list[d.RouterTarget]) -> d.CalibrationPlan:
+        return d.calibration_plan(
+            owner,
+            spec,
+            ready_replicas=ready,
+            done=done,
+            live_jobs=live_names,
+            targets=targets,
+            dataset_digest=digest,
+            set_missing=missing,
+        )
+
+    plan = plan_with([])
+    if any(job["metadata"]["name"] not in live_names for job in plan.jobs):
+        plan = plan_with(await _router_targets(namespace, name))  # only new Jobs carry the targets
+    applied = await apply_children(body, plan.jobs, live)
+    await prune_children(body, live, applied)
+    jobs = {n: obj for (_kind, n), obj in applied.items()}
+    pods = await kube_client().list(k.POD, namespace, d.calibration_selector(name)) if jobs else []
+    new = status.calibration_status(plan, jobs, pods, previous, now)
+    for type_, reason, message in status.calibration_events(previous, new):
+        post_event(body, type_, reason, message)
+    return new
 
 
 async def refresh_policies(namespace: str, pool: str) -> None:
@@ -216,6 +306,11 @@ async def _reconcile_policy(body: dict[str, Any]) -> Outcome:
     scaled_to_zero = {
         m.name for m in d.deployed_models(pool_spec) if d.model_child_name(pool_name, m.name) in zero_by_name
     }
+    calibration_revisions = {
+        str(m["name"]): str(m["revision"])
+        for m in ((pool.get("status") or {}).get("calibration") or {}).get("models") or []
+        if m.get("name") and m.get("revision")
+    }
     quality = None
     if spec.budgets is not None and spec.budgets.total_tokens is not None and spec.history.builtin:
         quality = builtin_profile_quality()
@@ -233,6 +328,7 @@ async def _reconcile_policy(body: dict[str, Any]) -> Outcome:
             quality,
             live_router_replicas=live_replicas,
             default_state_url=os.environ.get(d.DEFAULT_STATE_URL_ENV) or None,
+            calibration_revisions=calibration_revisions,
         )
     except d.PolicyReferenceError as e:
         return await wait(e.reason, e.message)

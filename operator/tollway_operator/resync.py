@@ -33,9 +33,17 @@ def forget(kind: str, namespace: str, name: str) -> None:
 
 
 def remember_indexes(policies: Any, pools: Any) -> None:
-    """kopf hands indexes to resource handlers only; keep them for the resync loop."""
+    """kopf hands indexes to resource handlers only; keep them for the resync loop, and start that
+    loop from here (the first resource handler) rather than from the startup handler: a task
+    inherits its creator's context, and only a resource handler's holds kopf's Event queue. From
+    the startup handler the resync's Events (a child recreated, updated, deleted) went nowhere."""
     STATE.policies_index = policies
     STATE.pools_index = pools
+    if STATE.stopping or (STATE.resync_task is not None and not STATE.resync_task.done()):
+        return
+    STATE.resync_task = asyncio.get_running_loop().create_task(resync_loop())
+    STATE.tasks.add(STATE.resync_task)
+    STATE.resync_task.add_done_callback(STATE.tasks.discard)
 
 
 async def resync_once() -> None:
@@ -70,7 +78,9 @@ def owner_of_child(labels: Mapping[str, str]) -> tuple[str, str] | None:
         return None
     if labels.get(d.LABEL_COMPONENT) == d.COMPONENT_ROUTER and labels.get(d.LABEL_POLICY):
         return "policy", labels[d.LABEL_POLICY]
-    if labels.get(d.LABEL_COMPONENT) == d.COMPONENT_MODEL and labels.get(d.LABEL_POOL):
+    if labels.get(d.LABEL_COMPONENT) in (d.COMPONENT_MODEL, d.COMPONENT_CALIBRATION) and labels.get(
+        d.LABEL_POOL
+    ):
         return "pool", labels[d.LABEL_POOL]
     return None
 

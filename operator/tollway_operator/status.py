@@ -6,8 +6,9 @@ only when a condition's status changes.
 
 ModelPool conditions
 - Ready: every model is available (a deployed model has >= 1 ready replica or is scaled to zero
-  on purpose; external endpoints always count). Reasons: AllModelsAvailable, ModelsUnavailable,
-  InvalidSpec, ReconcileFailed.
+  on purpose; external endpoints always count). Reasons: AllModelsAvailable, ModelsUnavailable
+  (the message names each unavailable model and, when its pods cannot be scheduled, the
+  scheduler's reason), InvalidSpec, ReconcileFailed.
 - Progressing: some Deployment has not reached its desired replicas or has not observed its latest
   spec yet. Reasons: RollingOut, Stable (InvalidSpec when nothing can progress).
 - Degraded: the pool serves, but not fully: some models are unavailable while others are
@@ -27,12 +28,16 @@ RoutingPolicy conditions
 from __future__ import annotations
 
 import datetime
-from collections.abc import Collection, Mapping, Sequence
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tollway_operator.api import ModelPoolSpec
 from tollway_operator.desired import (
+    LABEL_MODEL,
+    CalibrationPlan,
+    ModelCalibration,
     deployed_models,
     model_child_name,
     model_endpoint,
@@ -144,6 +149,23 @@ def _names(items: Sequence[str]) -> str:
     return ", ".join(items)
 
 
+def pod_problems(pods: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Why models' pods cannot start, by model (the pods' `tollway.io/model` label), as the
+    scheduler says it on them: `PodScheduled=False` with its reason and message, e.g.
+    "Unschedulable: 0/3 nodes are available: 2 Insufficient nvidia.com/gpu, ...". One per model."""
+    out: dict[str, str] = {}
+    for pod in pods:
+        model = (pod.get("metadata", {}).get("labels") or {}).get(LABEL_MODEL)
+        if not model or model in out or pod.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        scheduled = find_condition((pod.get("status") or {}).get("conditions"), "PodScheduled") or {}
+        if scheduled.get("status") == "False":
+            reason = str(scheduled.get("reason") or "NotScheduled")
+            message = str(scheduled.get("message") or "").strip()
+            out[model] = f"{reason}: {message}" if message else reason
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # ModelPool
 # ---------------------------------------------------------------------------------------------
@@ -158,11 +180,14 @@ def pool_status(
     previous: Mapping[str, Any] | None,
     generation: int | None,
     now: str,
+    problems: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ModelPool status patch (without `autoscaling`, which only the autoscaler writes).
 
-    `deployments`: live Deployment objects by name (`<pool>-<model>`).
+    `deployments`: live Deployment objects by name (`<pool>-<model>`); `problems`: why a model's
+    pods cannot start, by model name (`pod_problems`), named in the Ready condition.
     """
+    problems = problems or {}
     previous = previous or {}
     models: list[dict[str, Any]] = []
     unavailable: list[str] = []
@@ -196,7 +221,8 @@ def pool_status(
     available = total - len(unavailable)
     conds: list[Cond] = []
     if unavailable:
-        detail = f"not available: {_names(unavailable)}" + (
+        named = [f"{m} ({problems[m]})" if m in problems else m for m in unavailable]
+        detail = f"not available: {_names(named)}" + (
             f" (no Deployment yet: {_names(missing)})" if missing else ""
         )
         conds.append(
@@ -370,3 +396,184 @@ def waiting_policy_status(
         "observedGeneration": generation,
         "conditions": merge_conditions(previous.get("conditions"), conds, now, generation),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelPool calibration (status.calibration)
+# ---------------------------------------------------------------------------------------------
+
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+
+
+def _job_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def termination_message(pods: Sequence[Mapping[str, Any]], job: str) -> str | None:
+    """The newest termination message of a Job's pods: the last finished container, or the
+    previous attempt of a container that was restarted."""
+    mine = [
+        p
+        for p in pods
+        if any((p.get("metadata", {}).get("labels") or {}).get(k) == job for k in JOB_NAME_LABELS)
+    ]
+    mine.sort(key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "", reverse=True)
+    for pod in mine:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            for key in ("state", "lastState"):
+                message = ((container.get(key) or {}).get("terminated") or {}).get("message")
+                if message:
+                    return str(message)
+    return None
+
+
+def parse_summary(message: str | None, model: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the model's entry of a `tollway calibrate --summary-file`, the run's error or pushes) from a
+    termination message; a message that is not such JSON (the log tail) comes back as the error."""
+    if not message:
+        return None, None
+    try:
+        doc = json.loads(message)
+    except ValueError:
+        return None, message.strip()[-500:]
+    if not isinstance(doc, dict):
+        return None, message.strip()[-500:]
+    entry = (doc.get("models") or {}).get(model)
+    if isinstance(entry, dict):
+        entry = {**entry, "pushes": [p for p in doc.get("pushes") or [] if p.get("model") == model]}
+    return entry, doc.get("error")
+
+
+def _summary_fields(entry: Mapping[str, Any]) -> dict[str, Any]:
+    tasks = {
+        str(task): {"queries": int(t.get("graded") or 0), "meanScore": t.get("meanScore")}
+        for task, t in (entry.get("tasks") or {}).items()
+    }
+    return {
+        "queries": entry.get("graded"),
+        "lines": entry.get("lines"),
+        "failed": entry.get("failed"),
+        "meanScore": entry.get("meanScore"),
+        "tokens": entry.get("tokens"),
+        "tasks": tasks,
+        "routers": sorted({str(p["router"]) for p in entry.get("pushes") or [] if p.get("ok")}),
+    }
+
+
+def _failed_pushes(entry: Mapping[str, Any]) -> str:
+    bad = [f"{p.get('router')}: {p.get('detail', '')}" for p in entry.get("pushes") or [] if not p.get("ok")]
+    return "; ".join(bad)
+
+
+def model_calibration_status(
+    calibration: ModelCalibration,
+    job: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    previous: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """One model's calibration state (without lastTransitionTime). `calibration`: its
+    `desired.calibration.ModelCalibration`; `job`: its Job (None: none exists); `previous`: its
+    entry in the status before."""
+    base: dict[str, Any] = {
+        "name": calibration.model,
+        "revision": calibration.revision,
+        "job": calibration.job,
+    }
+    same = previous is not None and previous.get("revision") == calibration.revision
+    if job is None:
+        if calibration.done and same:
+            return {**dict(previous), **base, "job": previous.get("job") if previous else None}
+        if calibration.waiting:
+            return {
+                **base,
+                "job": None,
+                "state": "Pending",
+                "reason": calibration.waiting_reason or "Waiting",
+                "message": calibration.waiting,
+            }
+        return {
+            **base,
+            "state": "Pending",
+            "reason": "JobCreating",
+            "message": "the calibration Job is being created",
+        }
+    entry, error = parse_summary(termination_message(pods, calibration.job), calibration.model)
+    fields = _summary_fields(entry) if entry is not None else {}
+    complete = _job_condition(job, "Complete")
+    failed = _job_condition(job, "Failed")
+    active = int((job.get("status") or {}).get("active") or 0)
+    if complete is not None:
+        score = fields.get("meanScore")
+        message = f"{fields.get('queries', '?')}/{fields.get('lines', '?')} lines graded" + (
+            f", mean score {score:.3f}" if isinstance(score, int | float) else ""
+        )
+        routers = fields.get("routers") or []
+        message += f"; in the router of {', '.join(routers)}" if routers else "; pushed to no router"
+        return {**base, **fields, "state": "Done", "reason": "Calibrated", "message": message}
+    if failed is not None:
+        detail = error or (_failed_pushes(entry) if entry else "") or str(failed.get("message") or "")
+        reason = str(failed.get("reason") or "JobFailed")
+        message = f"the calibration Job failed ({reason})" + (f": {detail}" if detail else "")
+        message += f"; delete Job {calibration.job} to try again"
+        return {**base, **fields, "state": "Failed", "reason": "JobFailed", "message": message[:1000]}
+    if active > 0:
+        message = "calibrating"
+        if entry is not None or error:  # a container attempt ended; the Job restarts it
+            detail = error or _failed_pushes(entry or {}) or f"{fields.get('failed', 0)} line(s) failed"
+            message = f"calibrating; the last attempt ended unfinished ({detail}), retrying from its journal"
+        return {**base, **fields, "state": "Running", "reason": "JobRunning", "message": message[:1000]}
+    return {
+        **base,
+        "state": "Pending",
+        "reason": "JobPending",
+        "message": "the calibration Job's pod has not started",
+    }
+
+
+def calibration_status(
+    plan: CalibrationPlan,
+    jobs: Mapping[str, Mapping[str, Any]],
+    pods: Sequence[Mapping[str, Any]],
+    previous: Mapping[str, Any] | None,
+    now: str,
+) -> dict[str, Any]:
+    """`status.calibration` of a pool: one entry per calibrated model (its state, revision, Job,
+    lines graded, mean score overall and per task, tokens, routers that took it) and a summary.
+    `plan`: the `desired.calibration.CalibrationPlan`; `jobs`: live Jobs by name; `pods`: the pool's
+    calibration pods; `previous`: `status.calibration` before."""
+    before = {m.get("name"): m for m in (previous or {}).get("models") or []}
+    models = []
+    for calibration in plan.models:
+        old = before.get(calibration.model)
+        entry = model_calibration_status(calibration, jobs.get(calibration.job), pods, old)
+        unchanged = (
+            old is not None
+            and old.get("state") == entry["state"]
+            and old.get("revision") == entry["revision"]
+        )
+        entry["lastTransitionTime"] = old.get("lastTransitionTime") if unchanged and old else now
+        models.append(entry)
+    done = sum(m["state"] == "Done" for m in models)
+    return {"summary": f"{done}/{len(models)} calibrated" if models else "disabled", "models": models}
+
+
+def calibration_events(
+    previous: Mapping[str, Any] | None, new: Mapping[str, Any]
+) -> list[tuple[str, str, str]]:
+    """(type, reason, message) Events for models whose calibration became Done or Failed."""
+    before = {m.get("name"): m for m in (previous or {}).get("models") or []}
+    out = []
+    for m in new.get("models") or []:
+        old = before.get(m["name"]) or {}
+        if old.get("state") == m["state"] and old.get("revision") == m["revision"]:
+            continue
+        if m["state"] == "Done":
+            out.append(("Normal", "Calibrated", f"{m['name']} (revision {m['revision']}): {m['message']}"))
+        elif m["state"] == "Failed":
+            out.append(
+                ("Warning", "CalibrationFailed", f"{m['name']} (revision {m['revision']}): {m['message']}")
+            )
+    return out

@@ -8,8 +8,11 @@ Every line of the set goes to every backend (OpenAI chat completions, one user m
 ``x-tollway-priority: sheddable``), the answer is graded, and ``--out`` becomes a history the
 router (``history.path``) and ``tollway eval`` load. ``--out.answers.jsonl`` journals every graded
 answer: rerunning with the same ``--out`` skips what is done (per model and ``--revision``) and
-retries what failed. Exit status: 0 all graded; 1 some pairs failed or were not sent (the history
-holds the complete lines; rerun to retry); 2 bad arguments or calibration set (nothing sent).
+retries what failed. ``--push NAME=ROUTER_URL`` hands each model's calibration to a running tollway
+router (``POST /v1/tollway/calibration``), which routes with it at once. ``--summary-file`` writes
+a compact JSON summary of at most 4 KiB (a Kubernetes termination message). Exit status: 0 all
+graded (and pushed); 1 some pairs failed or were not sent, or a push failed (the history holds the
+complete lines; rerun to retry); 2 bad arguments or calibration set (nothing sent).
 
 API keys: ``--api-key-env NAME=VAR`` reads backend (or judge) NAME's key from $VAR; otherwise
 $OPENAI_API_KEY, otherwise none.
@@ -29,12 +32,15 @@ from router_service.calibration.client import ChatClient, Endpoint, Judge, norma
 from router_service.calibration.dataset import BUILTIN_SETS, Dataset, DatasetError, load_dataset
 from router_service.calibration.graders import JUDGE_PROMPT_PATH, load_judge_template
 from router_service.calibration.journal import Journal, JournalError, journal_path
+from router_service.calibration.push import PushResult, PushTarget, calibration_payload, push, read_token
 from router_service.calibration.report import (
     Price,
     assemble_history,
+    compact_summary,
     render_table,
     summarise,
     write_history_atomically,
+    write_summary_file,
 )
 from router_service.calibration.runner import Backend, RunReport, RunSettings, count_pending, run_calibration
 
@@ -128,6 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="declare a backend down after this many failed requests in a row (default 5)",
     )
+    parser.add_argument(
+        "--push",
+        action="append",
+        metavar="NAME=ROUTER_URL",
+        help="after the run, hand each model's calibration to this tollway router (repeatable)",
+    )
+    parser.add_argument(
+        "--push-token-file",
+        action="append",
+        metavar="NAME=FILE",
+        help="router NAME's bearer token: the first token in FILE (the router's tokens file format)",
+    )
+    parser.add_argument(
+        "--summary-file",
+        metavar="FILE",
+        help="write a compact JSON summary (<= 4 KiB), e.g. /dev/termination-log in a Kubernetes Job",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -156,12 +179,31 @@ def _endpoints(args: argparse.Namespace) -> tuple[list[Endpoint], Endpoint | Non
     return eps, judge_ep
 
 
+def _push_targets(args: argparse.Namespace) -> list[PushTarget]:
+    routers = _pairs(args.push, "--push")
+    token_files = _pairs(args.push_token_file, "--push-token-file")
+    unknown = sorted(set(token_files) - set(routers))
+    if unknown:
+        raise UsageError(f"--push-token-file names {unknown}, which is no --push")
+    targets = []
+    for name, url in routers.items():
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"--push {name}={url!r}: expected an http(s) URL")
+        try:
+            token = read_token(token_files[name]) if name in token_files else None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        targets.append(PushTarget(name, url, token))
+    return targets
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.retries < 0 or args.give_up_after < 1 or args.max_tokens < 0:
         parser.error("--concurrency and --give-up-after must be >= 1, --retries and --max-tokens >= 0")
     try:
+        targets = _push_targets(args)
         endpoints, judge_endpoint = _endpoints(args)
         names = {e.name for e in endpoints}
         prices = {name: _price(text, name) for name, text in _pairs(args.price, "--price").items()}
@@ -184,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         journal = Journal.open(journal_path(out))
     except (UsageError, DatasetError, JournalError, OSError) as exc:
         print(f"tollway calibrate: {exc}", file=sys.stderr)
+        if args.summary_file:
+            write_summary_file(args.summary_file, {"exit": 2, "error": str(exc)})
         return 2
 
     settings = RunSettings(
@@ -212,7 +256,46 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         assembly = assemble_history(dataset, models, journal, prices)
         summary = summarise(dataset, models, journal, report)
-    return _finish(args, assembly, summary, report)
+        pushes = _push_all(targets, dataset, models, journal, report, ",".join(args.dataset))
+    status = _finish(args, assembly, summary, report, pushes)
+    if args.summary_file:
+        write_summary_file(args.summary_file, compact_summary(summary, pushes, status))
+    return status
+
+
+def _push_all(
+    targets: list[PushTarget],
+    dataset: Dataset,
+    models: list[tuple[str, str]],
+    journal: Journal,
+    report: RunReport,
+    label: str,
+) -> list[PushResult]:
+    """Every model with graded lines (and not declared down in this run) to every router."""
+    if not targets:
+        return []
+    import httpx
+
+    results = []
+    with httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
+        for name, revision in models:
+            if name in report.down:
+                results += [
+                    PushResult(t.name, name, False, detail="not pushed: the model is down") for t in targets
+                ]
+                continue
+            payload = calibration_payload(dataset, name, revision, journal, label)
+            if payload is None:
+                continue
+            for target in targets:
+                result = push(target, payload, client=client)
+                results.append(result)
+                what = "in use" if result.in_use else (result.detail or "stored, not in use yet")
+                message = f"pushed {name} ({len(payload['rows'])} lines) to {target.name}: " + (
+                    what if result.ok else f"FAILED: {result.detail}"
+                )
+                print(f"tollway calibrate: {message}", file=sys.stderr)
+    return results
 
 
 async def _run(
@@ -252,7 +335,13 @@ async def _run(
             await client.aclose()
 
 
-def _finish(args: argparse.Namespace, assembly: Any, summary: dict[str, Any], report: RunReport) -> int:
+def _finish(
+    args: argparse.Namespace,
+    assembly: Any,
+    summary: dict[str, Any],
+    report: RunReport,
+    pushes: list[PushResult],
+) -> int:
     from rich.console import Console
 
     console = Console(width=140)
@@ -291,9 +380,21 @@ def _finish(args: argparse.Namespace, assembly: Any, summary: dict[str, Any], re
             "not in the history yet",
             file=sys.stderr,
         )
+    summary["pushes"] = [
+        {"router": p.target, "model": p.model, "ok": p.ok, "inUse": p.in_use, "detail": p.detail}
+        for p in pushes
+    ]
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(summary, indent=2))
+    failed_pushes = [p for p in pushes if not p.ok]
+    if failed_pushes:
+        print(
+            f"tollway calibrate: {len(failed_pushes)} push(es) failed; rerun the same command to push again "
+            "(nothing is sent to the models twice)",
+            file=sys.stderr,
+        )
+        return 1
     if not report.complete:
         print(
             f"tollway calibrate: {len(report.failures)} failed, {sum(report.not_sent.values())} not sent; "

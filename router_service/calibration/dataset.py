@@ -11,7 +11,8 @@ compares the answer with; ``task`` labels the line in summaries and becomes the 
 
 `load_dataset` reads whole files before anything is sent or written: a bad line is an error that
 names the file and line (up to `MAX_REPORTED_ERRORS` of them at once). ``builtin`` and
-``builtin:code`` name the sets shipped in ``router_service/data`` (see `builtin`).
+``builtin:code`` name the sets shipped in ``router_service/data`` (see `builtin`); an
+``http(s)://`` URL is downloaded once into the cache (``$TOLLWAY_CACHE_DIR/calibration-sets``).
 """
 
 from __future__ import annotations
@@ -97,12 +98,42 @@ class Dataset:
 
 
 def resolve(name: str) -> Path:
-    """A path, or the file of a built-in set (``builtin``, ``builtin:code``)."""
+    """A path, the file of a built-in set (``builtin``, ``builtin:code``), or a URL's download."""
     if name in BUILTIN_SETS:
         return BUILTIN_SETS[name]
     if name.startswith("builtin"):
         raise DatasetError(f"unknown built-in calibration set {name!r}; known: {', '.join(BUILTIN_SETS)}")
+    if name.startswith(("http://", "https://")):
+        return download(name)
     return Path(name)
+
+
+def download(url: str) -> Path:
+    """The set at `url`, downloaded once (keyed by the URL) into the cache directory."""
+    import httpx
+
+    from router_service.routing.embedding import cache_dir
+
+    filename = (
+        re.sub(r"[^A-Za-z0-9._-]", "_", url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]) or "set.jsonl"
+    )
+    if not filename.endswith((".jsonl", ".jsonl.gz", ".gz")):
+        filename += ".jsonl"
+    target = cache_dir() / "calibration-sets" / hashlib.sha256(url.encode()).hexdigest()[:16] / filename
+    if target.exists():
+        return target
+    try:
+        with httpx.Client(timeout=120, follow_redirects=True) as client:
+            resp = client.get(url)
+    except httpx.HTTPError as exc:
+        raise DatasetError(f"calibration set {url!r}: cannot download it: {exc}") from None
+    if resp.status_code != 200:
+        raise DatasetError(f"calibration set {url!r}: HTTP {resp.status_code}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    partial.write_bytes(resp.content)
+    partial.replace(target)
+    return target
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -132,12 +163,15 @@ def load_dataset(names: str | Sequence[str]) -> Dataset:
     items: list[CalibrationItem] = []
     errors: list[str] = []
     seen: dict[str, str] = {}
+    sources = []
     for name in names:
         path = resolve(name)
+        source = name if name.startswith(("http://", "https://")) else str(path)
+        sources.append(source)
         for lineno, line in enumerate(_read_lines(path), start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
+            where = f"{source}:{lineno}"
             try:
                 raw = json.loads(line)
                 if not isinstance(raw, dict):
@@ -167,4 +201,6 @@ def load_dataset(names: str | Sequence[str]) -> Dataset:
         )
     if not items:
         raise DatasetError(f"the calibration set {', '.join(names)} has no lines")
-    return Dataset(items, [str(resolve(n)) for n in names], seen)
+    return Dataset(
+        items, [n if n.startswith(("http://", "https://")) else str(resolve(n)) for n in names], seen
+    )

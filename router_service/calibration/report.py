@@ -14,6 +14,7 @@ keeps everything else for the next run.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -205,3 +206,81 @@ def render_table(summary: dict[str, Any]) -> Any:
             )
         table.add_section()
     return table
+
+
+# -- compact summary (a Kubernetes termination message) -------------------------------------------
+
+SUMMARY_LIMIT_BYTES = 4096
+"""What the kubelet keeps of a container's termination message."""
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def compact_summary(summary: dict[str, Any], pushes: list[Any], exit_status: int) -> dict[str, Any]:
+    """The summary in at most `SUMMARY_LIMIT_BYTES` of JSON: per model the lines graded and mean
+    score (overall and per task), tokens, failures, and where it was pushed. When it does not fit,
+    tasks are dropped (the largest kept; `tasksOmitted` counts the rest), then push details."""
+    models: dict[str, Any] = {}
+    for name, m in summary["models"].items():
+        tasks = {
+            task: {"graded": t["graded"], "meanScore": _round(t["mean_score"])}
+            for task, t in sorted(m["tasks"].items(), key=lambda kv: -kv[1]["lines"])
+        }
+        models[name] = {
+            "revision": m["revision"],
+            "lines": sum(t["lines"] for t in m["tasks"].values()),
+            "graded": m["graded"],
+            "failed": sum(t["failed_this_run"] for t in m["tasks"].values()),
+            "meanScore": _round(m["mean_score"]),
+            "tokens": m["prompt_tokens"] + m["completion_tokens"],
+            "judgeTokens": m["judge_tokens"],
+            "tasks": tasks,
+        }
+        if m.get("down"):
+            models[name]["down"] = str(m["down"])[:300]
+    out: dict[str, Any] = {
+        "exit": exit_status,
+        "seconds": summary["run"]["seconds"],
+        "models": models,
+        "pushes": [
+            {"router": p.target, "model": p.model, "ok": p.ok, "inUse": p.in_use, "detail": p.detail[:200]}
+            for p in pushes
+        ],
+    }
+    return fit_summary(out)
+
+
+def _size(doc: dict[str, Any]) -> int:
+    return len(json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def fit_summary(doc: dict[str, Any], limit: int = SUMMARY_LIMIT_BYTES) -> dict[str, Any]:
+    """Drop detail from a compact summary until its JSON fits in `limit` bytes."""
+    keep = max((len(m.get("tasks", {})) for m in doc.get("models", {}).values()), default=0)
+    while _size(doc) > limit and keep > 0:
+        keep //= 2
+        for m in doc["models"].values():
+            tasks = m.get("tasks", {})
+            if len(tasks) > keep:
+                m["tasksOmitted"] = m.get("tasksOmitted", 0) + len(tasks) - keep
+                m["tasks"] = dict(list(tasks.items())[:keep])
+    if _size(doc) > limit:
+        for p in doc.get("pushes", []):
+            p["detail"] = p["detail"][:40]
+    if _size(doc) > limit:
+        doc["pushes"] = [
+            {"router": p["router"], "model": p["model"], "ok": p["ok"]} for p in doc.get("pushes", [])
+        ]
+    if _size(doc) > limit and "error" in doc:
+        doc["error"] = str(doc["error"])[:1000]
+    return doc
+
+
+def write_summary_file(path: str | Path, doc: dict[str, Any]) -> None:
+    """Write a compact summary (cut to the limit: a termination message longer than it is lost)."""
+    text = json.dumps(fit_summary(doc), separators=(",", ":"), ensure_ascii=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode()[:SUMMARY_LIMIT_BYTES])

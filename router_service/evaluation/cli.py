@@ -2,13 +2,20 @@
 
     tollway eval --history FILE [FILE ...] --stream FILE [FILE ...] [--budget 1.0]
                  [--split weighted] [--algorithms port,tollway,...] [--orders 20]
-                 [--embedder NAME] [--seed 0] [--json OUT] [--plot OUT.png]
+                 [--embedder NAME] [--k K] [--weighting uniform|similarity] [--temperature T]
+                 [--shrinkage L] [--prior neighbourhood|global] [--prior-k K] [--choose-k]
+                 [--seed 0] [--json OUT] [--plot OUT.png]
 
 Files are RouterBench CSVs or tollway JSONL. A file carrying split labels (the shipped
 ``routerbench_history.jsonl.gz``) contributes its "history" rows to --history and its "stream"
 rows to --stream. When --history and --stream name the same unlabelled files (e.g. the RouterBench
 train CSVs), they are split 80/20 per task with the same seeded split as the shipped file.
-Without --history/--stream the shipped data is used.
+Without --history/--stream the shipped data is used. The embedder and estimator default to the
+router's own defaults (`router_service.config`).
+
+Next to each algorithm's performance it reports the share of Approx-Optimum (the LP on the same
+estimates: how well the policy uses them) and of Optimum (the LP on true values, the oracle: the
+quality served per budget), and the estimates' own accuracy (`evaluation.accuracy`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from router_service.config import AnnSettings, EmbeddingSettings, EstimatorSettings
+from router_service.evaluation.accuracy import EstimateAccuracy, estimate_accuracy
 from router_service.evaluation.algorithms import ALGORITHMS, DEFAULT_ALGORITHMS, TollwayOptions
 from router_service.evaluation.runner import AlgorithmSummary, evaluate, make_orders
 from router_service.evaluation.scenario import build_scenario
@@ -27,22 +36,38 @@ from router_service.routing.embedding import (
     Embedder,
     EmbeddingCache,
     HashedNgramEmbedder,
+    HybridEmbedder,
+    MiniLMEmbedder,
     SentenceTransformerEmbedder,
 )
 from router_service.routing.history import BUILTIN_PATH, History, assign_split, load_histories
 
+EMBEDDER_CHOICES = "hashed | hashed:DIM | minilm | sentence-transformers | st:PATH | hybrid | hybrid:W"
+
 
 def make_eval_embedder(name: str) -> Embedder:
-    """hashed | hashed:DIM | minilm | st:PATH (a local sentence-transformers model)."""
+    """An embedder by name: hashed (the router's default dimension), hashed:DIM, minilm (numpy, no
+    torch), sentence-transformers (the same model through torch), st:PATH (a local
+    sentence-transformers model), hybrid[:W] (hashed, default dimension, + minilm; W = the hashed
+    part's weight, default 0.5)."""
     if name == "hashed":
-        return HashedNgramEmbedder(1024)
+        return HashedNgramEmbedder(EmbeddingSettings().dimensions)
     if name.startswith("hashed:"):
         return HashedNgramEmbedder(int(name.split(":", 1)[1]))
-    if name in {"minilm", "sentence-transformers", "all-MiniLM-L6-v2"}:
+    if name in {"minilm", "all-MiniLM-L6-v2"}:
+        return MiniLMEmbedder(None)
+    if name == "sentence-transformers":
         return SentenceTransformerEmbedder(None)
     if name.startswith("st:"):
         return SentenceTransformerEmbedder(name[3:])
-    raise ValueError(f"--embedder {name!r}: use hashed, hashed:DIM, minilm or st:PATH")
+    if name == "hybrid" or name.startswith("hybrid:"):
+        w = float(name.split(":", 1)[1]) if ":" in name else 0.5
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"--embedder {name!r}: the hashed part's weight must be within [0, 1]")
+        return HybridEmbedder(
+            [HashedNgramEmbedder(EmbeddingSettings().dimensions), MiniLMEmbedder(None)], [w, 1 - w]
+        )
+    raise ValueError(f"--embedder {name!r}: use {EMBEDDER_CHOICES}")
 
 
 def load_inputs(history_files: list[str], stream_files: list[str], seed: int = 0) -> tuple[History, History]:
@@ -60,15 +85,37 @@ def load_inputs(history_files: list[str], stream_files: list[str], seed: int = 0
 
 def format_table(results: dict[str, AlgorithmSummary]) -> str:
     head = (
-        f"{'algorithm':<16}{'performance':>12}{'cost ($)':>11}{'perf/cost':>11}{'served':>9}{'relative':>10}"
+        f"{'algorithm':<16}{'performance':>12}{'cost ($)':>11}{'perf/cost':>11}{'served':>9}"
+        f"{'relative':>10}{'of optimum':>12}"
     )
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         rel = "-" if r.relative_performance is None else f"{100 * r.relative_performance:.1f}%"
+        opt = "-" if r.of_optimum is None else f"{100 * r.of_optimum:.1f}%"
         lines.append(
-            f"{name:<16}{r.performance:>12.2f}{r.cost:>11.4f}{r.performance_per_cost:>11.1f}{r.served:>9.1f}{rel:>10}"
+            f"{name:<16}{r.performance:>12.2f}{r.cost:>11.4f}{r.performance_per_cost:>11.1f}{r.served:>9.1f}"
+            f"{rel:>10}{opt:>12}"
         )
     return "\n".join(lines)
+
+
+def describe_estimator(s: EstimatorSettings) -> str:
+    text = s.weighting + (f" T={s.temperature:g}" if s.weighting == "similarity" else "")
+    if s.shrinkage > 0:
+        text += f", shrinkage {s.shrinkage:g} toward the {s.prior} mean" + (
+            f" ({s.prior_k} entries)" if s.prior == "neighbourhood" else ""
+        )
+    return text + (", k by leave-one-out" if s.choose_k else "")
+
+
+def format_accuracy(acc: EstimateAccuracy) -> str:
+    per_model = ", ".join(f"{m} {e:.3f}" for m, e in acc.mae_per_model.items())
+    return (
+        f"estimates on the stream: quality MAE {acc.mae:.3f}, squared error {acc.brier:.4f}, "
+        f"best model agrees with the truth on {100 * acc.top1_agreement:.1f}% of queries, "
+        f"rank correlation {acc.rank_correlation:.3f}, cost error {100 * acc.cost_error:.1f}%\n"
+        f"quality MAE per model: {per_model}"
+    )
 
 
 def plot_bars(results: dict[str, AlgorithmSummary], path: str, title: str) -> None:
@@ -102,9 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="weighted", choices=SPLIT_STRATEGIES)
     parser.add_argument("--algorithms", default=",".join(DEFAULT_ALGORITHMS))
     parser.add_argument("--orders", type=int, default=20)
-    parser.add_argument("--embedder", default="hashed", help="hashed | hashed:DIM | minilm | st:PATH")
+    defaults = EstimatorSettings()
+    parser.add_argument("--embedder", default="hashed", help=EMBEDDER_CHOICES)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--k", type=int, default=5, help="neighbours per query")
+    parser.add_argument("--k", type=int, default=AnnSettings().k, help="neighbours per query")
+    parser.add_argument("--weighting", default=defaults.weighting, choices=["uniform", "similarity"])
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="similarity kernel")
+    parser.add_argument("--shrinkage", type=float, default=defaults.shrinkage, help="prior pseudo-neighbours")
+    parser.add_argument("--prior", default=defaults.prior, choices=["neighbourhood", "global"])
+    parser.add_argument("--prior-k", type=int, default=defaults.prior_k)
+    parser.add_argument("--choose-k", action="store_true", help="k by leave-one-out (up to --k)")
     parser.add_argument("--alpha", type=float, default=1e-4, help="quality weight (costs in USD)")
     parser.add_argument("--eps", type=float, default=0.025, help="learning fraction (PORT and tollway)")
     parser.add_argument("--refit-every", type=int, default=50, help="tollway: re-fit gamma every N queries")
@@ -125,15 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         history, stream = load_inputs(args.history, args.stream, args.seed)
         embedder = make_eval_embedder(args.embedder)
+        estimator = EstimatorSettings(
+            weighting=args.weighting, temperature=args.temperature, shrinkage=args.shrinkage,
+            prior=args.prior, prior_k=args.prior_k, choose_k=args.choose_k,
+        )  # fmt: skip
+        if not 1 <= args.k <= 256:
+            raise ValueError(f"--k must be within 1..256, got {args.k}")
     except (OSError, ValueError, KeyError) as exc:
         print(f"tollway eval: {exc}", file=sys.stderr)
         return 2
 
     t0 = time.perf_counter()
     scn = build_scenario(
-        history, stream, embedder, k=args.k, multiplier=args.budget, split=args.split,
+        history, stream, embedder, k=args.k, estimator=estimator, multiplier=args.budget, split=args.split,
         alpha=args.alpha, cache=EmbeddingCache(), seed=args.seed,
     )  # fmt: skip
+    accuracy = estimate_accuracy(scn.models, scn.est_quality, scn.true_quality, scn.est_cost, scn.true_cost)
     orders = make_orders(scn.n, args.orders, args.seed)
     options = TollwayOptions(
         refit_every=args.refit_every, reject_below=args.reject_below, warmup_fraction=args.eps
@@ -153,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         f"history {len(history)} queries, stream {scn.n} queries, {len(scn.models)} models, "
         f"rows skipped for missing cells (per input file set): {skipped}; budget {args.budget} x cheapest = "
         f"${scn.budgets.sum():.4f} ({args.split} split); {args.orders} orders; embedder {embedder.name}; "
-        f"{elapsed:.1f}s"
+        f"estimator k={scn.k} {describe_estimator(estimator)}; {elapsed:.1f}s"
     )
     print(format_table(results))
+    print(format_accuracy(accuracy))
     if args.json_out:
         doc = {
             "n": scn.n,
@@ -168,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             "orders": args.orders,
             "seed": args.seed,
             "embedder": embedder.name,
+            "k": scn.k,
+            "estimator": estimator.to_wire(),
             "skipped": skipped,
             "results": {name: r.to_json() for name, r in results.items()},
+            "estimates": accuracy.to_json(),
         }
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(doc, indent=2))

@@ -19,7 +19,10 @@ class AlgorithmSummary:
     dropped: float
     performance_per_cost: float
     relative_performance: float | None
+    """Performance / Approx-Optimum's (the LP on the same estimates): how well the policy uses them."""
     performance_std: float
+    of_optimum: float | None = None
+    """Performance / Optimum's (the LP on true values, the oracle): the quality served per budget."""
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -63,6 +66,7 @@ def summarise(results: dict[str, list[OrderResult]]) -> dict[str, AlgorithmSumma
             "dropped": float(np.mean([r.dropped for r in rs])),
         }
     ref = means.get("approx-optimum", {}).get("performance")
+    oracle = means.get("optimum", {}).get("performance")
     out = {}
     for name, mm in means.items():
         out[name] = AlgorithmSummary(
@@ -73,5 +77,6 @@ def summarise(results: dict[str, list[OrderResult]]) -> dict[str, AlgorithmSumma
             performance_per_cost=mm["performance"] / mm["cost"] if mm["cost"] > 0 else 0.0,
             relative_performance=(mm["performance"] / ref) if ref else None,
             performance_std=mm["performance_std"],
+            of_optimum=(mm["performance"] / oracle) if oracle else None,
         )
     return out

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from router_service.config import AnnSettings
+from router_service.config import AnnSettings, EstimatorSettings
 from router_service.routing.ann import NeighbourIndex
 from router_service.routing.budgets import SplitStrategy, split_budget, total_budget
-from router_service.routing.embedding import Embedder, EmbeddingCache, HashedNgramEmbedder
-from router_service.routing.estimator import NeighbourEstimator
+from router_service.routing.embedding import Embedder, EmbeddingCache, fit_to_history
+from router_service.routing.estimator import NeighbourEstimator, choose_k_by_leave_one_out
 from router_service.routing.history import History
 
 PRIOR_SAMPLE = 2000
@@ -30,7 +30,7 @@ class Scenario:
     est_quality: np.ndarray
     est_cost: np.ndarray
     neighbour_ids: np.ndarray
-    """[n, k] each stream query's history neighbours."""
+    """[n, k] each stream query's k nearest history entries."""
     history_quality: np.ndarray
     history_cost: np.ndarray
     prior_quality: np.ndarray
@@ -39,6 +39,8 @@ class Scenario:
     mean_perf: np.ndarray
     mean_cost: np.ndarray
     alpha: float = 1e-4
+    k: int = 5
+    """Neighbours per estimate (chosen by leave-one-out when the estimator settings say so)."""
     multiplier: float = 1.0
     split: SplitStrategy = "weighted"
     budgets: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -60,7 +62,8 @@ def build_scenario(
     stream: History,
     embedder: Embedder,
     *,
-    k: int = 5,
+    k: int | None = None,
+    estimator: EstimatorSettings | None = None,
     multiplier: float = 1.0,
     split: SplitStrategy = "weighted",
     alpha: float = 1e-4,
@@ -72,24 +75,27 @@ def build_scenario(
     if len(history) == 0 or len(stream) == 0:
         raise ValueError(f"need a non-empty history and stream (got {len(history)} and {len(stream)} rows)")
     cache = cache or EmbeddingCache()
-    if isinstance(embedder, HashedNgramEmbedder):
-        embedder = embedder.fit_idf(history.prompts)
+    embedder = fit_to_history(embedder, history.prompts)
     hv = cache.embed(embedder, history.prompts)
     sv = cache.embed(embedder, stream.prompts)
+    k = AnnSettings().k if k is None else k
+    settings = estimator or EstimatorSettings()
     index = NeighbourIndex.build(hv, AnnSettings(k=k))
-    estimator = NeighbourEstimator(index, history.scores, history.costs, k=k)
-    ids = estimator.neighbours(sv)
-    d_hat, g_hat = estimator.estimate_ids(ids)
+    est = NeighbourEstimator(index, history.scores, history.costs, k, settings)
+    if settings.choose_k:
+        est.k, _ = choose_k_by_leave_one_out(est, hv, seed=seed)
+    ids, sims = est.neighbours(sv)
+    d_hat, g_hat = est.estimate_ids(ids, sims)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.permutation(len(history))[: min(len(history), PRIOR_SAMPLE)])
-    prior_d, prior_g = estimator.estimate_ids(estimator.neighbours(hv[rows], exclude_self=True))
+    prior_d, prior_g = est.estimate_ids(*est.neighbours(hv[rows], exclude=rows))
     base = Scenario(
         models=list(history.models),
         true_quality=stream.scores,
         true_cost=stream.costs,
         est_quality=d_hat,
         est_cost=g_hat,
-        neighbour_ids=ids,
+        neighbour_ids=ids[:, : est.k],
         history_quality=history.scores,
         history_cost=history.costs,
         prior_quality=prior_d,
@@ -97,5 +103,6 @@ def build_scenario(
         mean_perf=history.scores.mean(axis=0),
         mean_cost=history.costs.mean(axis=0),
         alpha=alpha,
+        k=est.k,
     )
     return base.with_budget(multiplier, split)

@@ -7,6 +7,8 @@
   Streams pass through chunk by chunk.
 - `GET /v1/models` (and `/v1/models/{id}`): the served name and every backend.
 - `POST /v1/feedback`: the observed quality of a served answer, for the routing history.
+- `POST /v1/tollway/calibration`: a model's calibration (`tollway calibrate --push`), routed with
+  instead of its profile's columns; `GET` lists the calibrations held (`proxy/calibration.py`).
 - `GET /healthz` (alive), `/readyz` (serving; 503 while draining; its `state` detail says whether
   the shared state store answers: a router on its local budget share is still ready),
   `/metrics` (Prometheus), `GET /v1/tollway/status` (budgets, load, circuit breakers, dual prices,
@@ -35,6 +37,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from router_service.config import RouterConfig, load_router_config
+from router_service.proxy import calibration as calibration_push
 from router_service.proxy import openai_errors as errors
 from router_service.proxy.discovery import KubeAccess
 from router_service.proxy.pipeline import Proxy
@@ -43,7 +46,7 @@ from router_service.proxy.request import PATHS, parse_json_object, read_body
 from router_service.proxy.state import Engine, EngineFactory, Runtime, build_state, default_engine_factory
 from router_service.proxy.telemetry import configure_tracing, get_tracer
 from router_service.routing.ledger import BudgetLedger
-from router_service.store.base import open_store
+from router_service.store.base import StoreUnavailable, open_store
 
 log = logging.getLogger("tollway.router")
 
@@ -133,6 +136,7 @@ def create_app(
         clock=clock,
         kube=KubeAccess.in_cluster() if kube == "in-cluster" else kube,
         state_url_override=state_url,
+        engine_factory=factory,
     )
     tracing = tracer_provider is not None or configure_tracing()
     proxy = Proxy(runtime, get_tracer(tracer_provider), tracing)
@@ -220,6 +224,36 @@ def create_app(
         entry = make_learned(prompt, model, float(score), None if tokens is None else float(tokens))
         await runtime.learn(entry)  # in this replica's history now, in the others' within the sync bound
         return Response(json.dumps({"accepted": True}), media_type="application/json")
+
+    @app.post("/v1/tollway/calibration")
+    async def calibration(request: Request) -> Response:
+        """A model's calibration: stored, and routed with before the answer when the config has it."""
+        state = runtime.state
+        proxy.authorize(request, state)
+        body = await read_body(
+            request, calibration_push.MAX_BODY_BYTES, state.config.server.request_body_timeout_seconds
+        )
+        pushed = calibration_push.parse_calibration(body)
+        try:
+            in_use = await runtime.ingest_calibration(pushed)
+        except StoreUnavailable as exc:
+            retry = state.config.degradation.retry_after_seconds
+            raise errors.unavailable(f"The calibration could not be stored: {exc}", retry) from exc
+        held = runtime.calibrations().get(pushed.model, {})
+        answer = {
+            "accepted": True,
+            "model": pushed.model,
+            "revision": pushed.revision,
+            "lines": len(pushed.rows),
+            "inUse": in_use,
+            "detail": held.get("detail", ""),
+        }
+        return Response(json.dumps(answer), media_type="application/json")
+
+    @app.get("/v1/tollway/calibration")
+    async def calibrations(request: Request) -> Response:
+        proxy.authorize(request, runtime.state)
+        return Response(json.dumps({"calibrations": runtime.calibrations()}), media_type="application/json")
 
     @app.get("/v1/tollway/status")
     async def status(request: Request) -> Response:

@@ -69,16 +69,19 @@ async def reload_from(runtime: Runtime, path: Path, engine_factory: EngineFactor
         log.error("config reload: %s is invalid, keeping the running config: %s", path, exc)
         runtime.metrics.reloads.labels("invalid").inc()
         return "invalid"
-    try:
-        state = await asyncio.to_thread(build_state, config, engine_factory, runtime.ledger, runtime.state)
-    except Exception as exc:
-        log.exception("config reload: building the new router state failed, keeping the running config")
-        runtime.metrics.reloads.labels("failed").inc()
-        if isinstance(exc, ValueError):
-            return "invalid"
-        return "failed"
-    await runtime.prepare(state)  # a new engine gets the shared prices and learned entries first
-    runtime.apply(state)
+    async with runtime.rebuild_lock:  # a calibration rebuild in flight finishes first
+        try:
+            state = await asyncio.to_thread(
+                build_state, config, engine_factory, runtime.ledger, runtime.state
+            )
+        except Exception as exc:
+            log.exception("config reload: building the new router state failed, keeping the running config")
+            runtime.metrics.reloads.labels("failed").inc()
+            if isinstance(exc, ValueError):
+                return "invalid"
+            return "failed"
+        await runtime.prepare(state)  # a new engine gets the shared prices and learned entries first
+        runtime.apply(state)
     runtime.metrics.reloads.labels("applied").inc()
     log.info("config reloaded from %s (generation %d)", path, state.generation)
     return "applied"

@@ -10,6 +10,11 @@ that keeps the engine in step with the store (dual prices, learned entries), the
 (every model's endpoints and their load), the EndpointSlice discovery, the circuit breakers (one
 per endpoint), the connection pools (one per endpoint), the metrics and the open streams. `drain`
 is the graceful part of a shutdown.
+
+Calibrations live in the store too. A new one (pushed to this replica, or seen by the sync) that
+changes what the engine's backends are routed with builds a new generation, as a config change
+of the history would: off the event loop, then swapped in (`rebuild_for_calibrations`). Config
+reloads and these rebuilds take turns (`rebuild_lock`), so neither undoes the other.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ from router_service.proxy.discovery import Discovery, KubeAccess
 from router_service.proxy.load import LoadTracker
 from router_service.proxy.telemetry import LiveState, RouterMetrics
 from router_service.proxy.upstream import Backend
+from router_service.routing.calibrated import fingerprint as calibration_fingerprint
 from router_service.routing.ledger import BudgetLedger
-from router_service.store.base import LearnedEntry, state_url
+from router_service.store.base import Calibration, LearnedEntry, state_url
 from router_service.store.sync import EngineSync
 
 log = logging.getLogger("tollway.router")
@@ -58,19 +64,25 @@ EngineFactory = Callable[[RouterConfig, BudgetLedger], Engine]
 # engine (and what it learned) as it is. Budget sizes and this replica's share are not among
 # them: the engine reads budgets from the ledger, which a reload resizes, and takes a new share
 # in place (scaling the router must not rebuild every engine).
-_ENGINE_FIELDS = ("objective", "history", "embedding", "ann", "learning")
+_ENGINE_FIELDS = ("objective", "history", "embedding", "ann", "estimator", "learning")
 
 
 def default_engine_factory(config: RouterConfig, ledger: BudgetLedger) -> Engine:
     from router_service.routing.engine import RoutingEngine
 
-    return RoutingEngine.from_config(config, ledger)
+    return RoutingEngine.from_config(config, ledger, calibrations=ledger.store.calibrations())
 
 
-def engine_inputs(config: RouterConfig) -> str:
-    """A stable fingerprint of what the engine depends on (reuse it when unchanged)."""
+def engine_inputs(config: RouterConfig, calibrations: str = "") -> str:
+    """A stable fingerprint of what the engine depends on (reuse it when unchanged);
+    `calibrations`: the fingerprint of the calibrations its backends are routed with."""
     parts: dict[str, Any] = {f: getattr(config, f).model_dump(mode="json") for f in _ENGINE_FIELDS}
-    parts["backends"] = [(b.name, b.profile, b.price.model_dump(mode="json")) for b in config.backends]
+    # The expected calibration revision is an input too: the engine checks new calibrations against
+    # its own config's revisions, so it must be rebuilt when they change.
+    parts["backends"] = [
+        (b.name, b.profile, b.price.model_dump(mode="json"), b.calibration_revision) for b in config.backends
+    ]
+    parts["calibrations"] = calibrations
     return json.dumps(parts, sort_keys=True)
 
 
@@ -154,7 +166,7 @@ def build_state(
     """A complete state for `config` (may take seconds: runs the engine build)."""
     backends = {b.name: Backend.from_config(b) for b in config.backends}
     tokens = read_tokens(config.auth.bearer_tokens_file)
-    key = engine_inputs(config)
+    key = engine_inputs(config, calibration_fingerprint(ledger.store.calibrations(), config.backends))
     if engine is None:
         engine = (
             previous.engine
@@ -188,13 +200,19 @@ class Runtime:
         clock: Callable[[], float] = time.monotonic,
         kube: KubeAccess | None = None,
         state_url_override: str | None = None,
+        engine_factory: EngineFactory = default_engine_factory,
     ) -> None:
         config = state.config
         self.state = state
+        self.engine_factory = engine_factory
+        self.rebuild_lock = asyncio.Lock()
+        """Held while a new generation is built and swapped in (config reloads, calibrations)."""
+        self._rebuild_task: asyncio.Task[None] | None = None
         self.clock = clock
         self.ledger = ledger
         self.store = ledger.store
         self.sync = EngineSync(self.store, config.state.sync_interval_seconds)
+        self.sync.on_calibrations_outdated = self.schedule_calibration_rebuild
         self._state_url_override = state_url_override
         self._store_url = state_url(config, state_url_override)
         self._sync_task: asyncio.Task[None] | None = None
@@ -232,10 +250,11 @@ class Runtime:
     async def stop(self) -> None:
         self.ready = False
         await self.discovery.stop()
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
+        for task in (self._sync_task, self._rebuild_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.load.stop()
         if self._sweeping is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -338,6 +357,50 @@ class Runtime:
         self.store.append_learned(entry)
         await self.sync.step(self.state.engine)
 
+    # --- calibrations ---------------------------------------------------------------------------
+
+    async def ingest_calibration(self, calibration: Calibration) -> bool:
+        """A pushed calibration: into the store (durably; raises StoreUnavailable when it cannot
+        be written), then in use by this replica before returning (the others: within the sync
+        bound plus their own rebuild). Returns whether the current engine routes with it."""
+        await asyncio.to_thread(self.store.put_calibration, calibration)
+        await self.rebuild_for_calibrations()
+        return calibration.model in (getattr(self.state.engine, "calibrated", None) or {})
+
+    def schedule_calibration_rebuild(self) -> None:
+        """The sync saw calibrations the engine does not route with: rebuild, once at a time."""
+        if self._rebuild_task is not None and not self._rebuild_task.done():
+            return
+        self._rebuild_task = asyncio.get_running_loop().create_task(
+            self.rebuild_for_calibrations(), name="tollway-calibration-rebuild"
+        )
+
+    async def rebuild_for_calibrations(self) -> None:
+        """Build a new generation when the store's calibrations would route the backends
+        differently from the current engine; never raises (a failed build keeps the old one)."""
+        async with self.rebuild_lock:
+            state = self.state
+            outdated = getattr(state.engine, "calibration_outdated", None)
+            if outdated is None or not outdated(self.store.calibrations()):
+                return
+            try:
+                new = await asyncio.to_thread(
+                    build_state, state.config, self.engine_factory, self.ledger, state
+                )
+            except Exception:
+                log.exception(
+                    "building the routing engine with the new calibrations failed; keeping the old one"
+                )
+                return
+            await self.prepare(new)
+            self.apply(new)
+            calibrated = sorted(getattr(new.engine, "calibrated", None) or {})
+            log.info(
+                "routing engine rebuilt with calibrations (generation %d): calibrated %s",
+                new.generation,
+                ", ".join(calibrated) or "none",
+            )
+
     # --- routing decision off the loop for slow embedders ---------------------------------------
 
     async def rank(self, state: RouterState, prompt: str, priority: str) -> Any:
@@ -401,4 +464,27 @@ class Runtime:
             "discovery": self.discovery.status(),
             "endpoint_picker": state.config.endpoint_picker.strategy,
             "open_streams": len(self.streams),
+            "calibrations": self.calibrations(),
         }
+
+    def calibrations(self) -> dict[str, dict[str, Any]]:
+        """Per model: the calibration the store holds, and whether the engine routes with it."""
+        used = getattr(self.state.engine, "calibrated", None) or {}
+        expected = {b.name: b.calibration_revision for b in self.state.config.backends}
+        out: dict[str, dict[str, Any]] = {}
+        for model, c in sorted(self.store.calibrations().items()):
+            if model in used:
+                why = "in use"
+            elif model not in expected:
+                why = "no backend of that name in this router's config"
+            else:
+                why = f"the backend expects calibration revision {expected[model]!r}"
+            out[model] = {
+                "revision": c.revision,
+                "dataset": c.dataset,
+                "lines": len(c.rows),
+                "digest": c.digest,
+                "inUse": model in used,
+                "detail": why,
+            }
+        return out

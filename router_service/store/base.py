@@ -1,10 +1,13 @@
 """The router's state store: what the replicas of one policy share, behind one small interface.
 
-Three kinds of state:
+Four kinds of state:
 - budget usage per model per window: reservations taken at admission, settled with the true usage
   (`BudgetLedger` in `router_service.routing.ledger` is the facade the request path uses);
 - the dual prices gamma: the latest fit published by any replica, with a version;
-- learned history entries (`/v1/feedback`): every replica adds every entry to its neighbour index.
+- learned history entries (`/v1/feedback`): every replica adds every entry to its neighbour index;
+- calibrations (`POST /v1/tollway/calibration`, pushed by `tollway calibrate`): per model, its
+  measured score and true token counts on a calibration set; the latest one per model is kept and
+  every replica routes that model with it instead of its borrowed `profile` columns.
 
 Two implementations: `LocalStateStore` (in-process, the default: one replica, or each replica on
 its static share; persisted to `budgets.stateFile`) and `RedisStateStore` (shared by every replica,
@@ -13,6 +16,9 @@ atomic Lua scripts, a local conservative share while Redis is unreachable). `ope
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 import os
 import re
@@ -87,6 +93,81 @@ class LearnedEntry:
             completion={str(k): float(v) for k, v in data["completion"].items()},
             uid=str(data["uid"]),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CalibratedRow:
+    """One calibration line as a model answered it."""
+
+    prompt: str
+    score: float
+    """The grade in [0, 1]."""
+    prompt_tokens: float
+    """True prompt tokens (the server's `usage`)."""
+    completion_tokens: float
+    """True completion tokens (the server's `usage`)."""
+    task: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "task": self.task,
+            "score": self.score,
+            "promptTokens": self.prompt_tokens,
+            "completionTokens": self.completion_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CalibratedRow:
+        return cls(
+            prompt=str(data["prompt"]),
+            score=float(data["score"]),
+            prompt_tokens=float(data.get("promptTokens", 0.0)),
+            completion_tokens=float(data["completionTokens"]),
+            task=str(data.get("task", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One model's calibration: what `tollway calibrate` measured for it on a calibration set."""
+
+    model: str
+    """The backend's name (its column)."""
+    revision: str
+    """What was calibrated (the operator's hash of model id, set and judge; free text otherwise)."""
+    rows: tuple[CalibratedRow, ...]
+    dataset: str = ""
+    """Where the lines came from (informational)."""
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Identifies the content (revision and rows): equal digests, equal calibrations."""
+        h = hashlib.sha256(self.revision.encode() + b"\0")
+        for row in self.rows:
+            h.update(json.dumps(row.to_json(), sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        return h.hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "revision": self.revision,
+            "dataset": self.dataset,
+            "rows": [row.to_json() for row in self.rows],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Calibration:
+        return cls(
+            model=str(data["model"]),
+            revision=str(data.get("revision", "")),
+            rows=tuple(CalibratedRow.from_json(r) for r in data["rows"]),
+            dataset=str(data.get("dataset", "")),
+        )
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot take a write now (Redis unreachable); the caller should retry later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +249,17 @@ class StateStore(Protocol):
         """Entries from position `start` on (positions are stable for this process's lifetime)."""
         ...
 
+    # -- calibrations ---------------------------------------------------------------------------
+    def put_calibration(self, calibration: Calibration) -> None:
+        """Keep `calibration` as its model's (replacing the model's earlier one), durably: in the
+        shared store for every replica, else in the state file. Raises StoreUnavailable when it
+        cannot be written now (nothing is queued: the pusher retries)."""
+        ...
+
+    def calibrations(self) -> Mapping[str, Calibration]:
+        """The latest calibration per model name."""
+        ...
+
     # -- traffic volume -------------------------------------------------------------------------
     def note_queries(self, count: int) -> None: ...
     def window_queries(self) -> int | None:
@@ -176,7 +268,7 @@ class StateStore(Protocol):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def on_change(self, callback: Callable[[], None]) -> None:
-        """Call `callback` (from any thread) when new gamma or learned entries arrive."""
+        """Call `callback` (from any thread) when new gamma, learned entries or calibrations arrive."""
         ...
 
     def health(self) -> StoreHealth: ...

@@ -14,7 +14,8 @@ Persistence, with ``state_file`` set: usage, the window's wall-clock start and t
 dual prices are written there (atomically, at most once per ``save_interval_seconds`` from
 `settle`, and on `save()`) and read back at construction, so a restart or reload within the same
 window does not hand out the budget a second time. Learned entries are appended to a JSON-lines
-file next to it (``<state_file>.learned.jsonl``) and read back at construction.
+file next to it (``<state_file>.learned.jsonl``) and read back at construction; calibrations (the
+latest per model) are rewritten atomically to ``<state_file>.calibrations.json`` at every push.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from router_service.store.base import (
+    Calibration,
     LearnedEntry,
     ModelUsage,
     Reservation,
@@ -45,6 +47,10 @@ STATE_VERSION = 1
 
 def learned_path(state_file: Path) -> Path:
     return state_file.with_name(state_file.name + ".learned.jsonl")
+
+
+def calibrations_path(state_file: Path) -> Path:
+    return state_file.with_name(state_file.name + ".calibrations.json")
 
 
 class LocalStateStore:
@@ -78,6 +84,7 @@ class LocalStateStore:
         self._last_save = -math.inf
         self._gamma: SharedGamma | None = None
         self._learned: list[LearnedEntry] = []
+        self._calibrations: dict[str, Calibration] = {}
         self._queries = 0
         self._state_file = Path(state_file) if state_file else None
         if self._state_file is not None:
@@ -195,6 +202,19 @@ class LocalStateStore:
         with self._lock:
             return self._learned[start:]
 
+    def put_calibration(self, calibration: Calibration) -> None:
+        with self._lock:
+            updated = {**self._calibrations, calibration.model: calibration}
+            path = calibrations_path(self._state_file) if self._state_file is not None else None
+        if path is not None:  # written before it is in use: a restart never loses one that was used
+            write_atomically(path, json.dumps({m: c.to_json() for m, c in updated.items()}))
+        with self._lock:
+            self._calibrations = updated
+
+    def calibrations(self) -> Mapping[str, Calibration]:
+        with self._lock:
+            return dict(self._calibrations)
+
     def note_queries(self, count: int) -> None:
         self._queries += count
 
@@ -257,6 +277,7 @@ class LocalStateStore:
                 gamma = {str(m): float(v) for m, v in state["gamma"].items()}
                 self._gamma = SharedGamma(1, gamma, "state-file")
         self._learned = read_learned(learned_path(self._state_file))
+        self._calibrations = read_calibrations(calibrations_path(self._state_file))
 
 
 def read_learned(path: Path) -> list[LearnedEntry]:
@@ -269,6 +290,21 @@ def read_learned(path: Path) -> list[LearnedEntry]:
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
     return out
+
+
+def read_calibrations(path: Path) -> dict[str, Calibration]:
+    """The calibrations file (absent: none). Unreadable content is an error: it was written
+    atomically, so it is not a torn write but something to look at."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"calibrations file {str(path)!r} is unreadable: {exc}") from exc
+    try:
+        return {str(model): Calibration.from_json(raw) for model, raw in data.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"calibrations file {str(path)!r}: bad content ({exc})") from exc
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -26,6 +26,11 @@ before writing its queue (run Redis with its append-only file, as the chart does
 Shared learning: published dual prices carry a version (every replica adopts the highest); learned
 entries go to a Redis stream that every replica reads from the start (so a new or restarted
 replica gets all of them). Both are read by the sync; `EngineSync` hands them to the engine.
+
+Calibrations: a hash (model -> zlib-compressed JSON, the latest calibration per model) and a
+version counter bumped with every push. A push is written at once (not queued: a multi-megabyte
+write does not belong in the outage journal; while Redis is unreachable the push fails and the
+pusher retries). The sync reads the counter every interval and the hash only when it changed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import logging
 import math
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -50,11 +56,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from router_service.store.base import (
+    Calibration,
     LearnedEntry,
     ModelUsage,
     Reservation,
     SharedGamma,
     StoreHealth,
+    StoreUnavailable,
     Window,
     replica_identity,
 )
@@ -71,6 +79,8 @@ FLUSH_DELAY_SECONDS = 0.01
 """Writes are coalesced for this long before a flush: one pipelined round trip for all the
 settlements of a busy moment, and the store's thread wakes at most ~100 times a second."""
 SAVE_INTERVAL_SECONDS = 1.0
+CALIBRATION_TIMEOUT_SECONDS = 10.0
+"""Socket timeout for calibration reads and writes (megabytes, rare, never on the request path)."""
 
 
 def local_share(remaining: float, live_replicas: int) -> float:
@@ -161,6 +171,13 @@ class RedisStateStore:
     ) -> None:
         self.replica_id = replica_id or replica_identity()
         self.url = redacted(url)
+        self._calibration_redis = redis.Redis.from_url(
+            url,
+            socket_timeout=max(CALIBRATION_TIMEOUT_SECONDS, timeout_seconds),
+            socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+        )
         self._redis = redis.Redis.from_url(
             url,
             socket_timeout=timeout_seconds,
@@ -195,6 +212,8 @@ class RedisStateStore:
         self._learned: list[LearnedEntry] = []
         self._seen_uids: set[str] = set()
         self._stream_cursor = "-"
+        self._calibrations: dict[str, Calibration] = {}
+        self._calibration_version: int | None = None
         self._queries_unsent = 0
         self._window_queries: tuple[int, int] | None = None
         self._listeners: list[Callable[[], None]] = []
@@ -247,6 +266,14 @@ class RedisStateStore:
     @property
     def _learned_key(self) -> str:
         return f"{self._prefix}:learned"
+
+    @property
+    def _calibrations_key(self) -> str:
+        return f"{self._prefix}:calibrations"
+
+    @property
+    def _calibrations_version_key(self) -> str:
+        return f"{self._prefix}:calibrations:version"
 
     @property
     def _replicas_key(self) -> str:
@@ -432,6 +459,44 @@ class RedisStateStore:
     def learned(self, start: int) -> Sequence[LearnedEntry]:
         with self._lock:
             return self._learned[start:]
+
+    def put_calibration(self, calibration: Calibration) -> None:
+        payload = zlib.compress(json.dumps(calibration.to_json(), ensure_ascii=False).encode())
+        pipe = self._calibration_redis.pipeline(transaction=True)
+        pipe.hset(self._calibrations_key, calibration.model, payload)
+        pipe.incr(self._calibrations_version_key)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"Redis {self.url}: {type(exc).__name__}: {exc}") from exc
+        with self._lock:
+            self._calibrations = {**self._calibrations, calibration.model: calibration}
+
+    def calibrations(self) -> Mapping[str, Calibration]:
+        with self._lock:
+            return dict(self._calibrations)
+
+    def _read_calibrations(self) -> bool:
+        """Re-read the calibrations when their version counter moved; True when something changed."""
+        raw_version = self._redis.get(self._calibrations_version_key)
+        version = int(raw_version or 0)
+        if version == self._calibration_version:
+            return False
+        raw = self._calibration_redis.hgetall(self._calibrations_key)
+        found: dict[str, Calibration] = {}
+        for field_name, payload in raw.items():
+            model = field_name.decode(errors="replace")
+            try:
+                found[model] = Calibration.from_json(json.loads(zlib.decompress(payload)))
+            except (zlib.error, ValueError, KeyError, TypeError, AttributeError):
+                log.warning("state store: skipping a malformed calibration of %s", model)
+        with self._lock:
+            changed = {m: c.digest for m, c in found.items()} != {
+                m: c.digest for m, c in self._calibrations.items()
+            }
+            self._calibrations = found
+            self._calibration_version = version
+        return changed
 
     def note_queries(self, count: int) -> None:
         with self._lock:
@@ -643,6 +708,7 @@ class RedisStateStore:
                     self._gamma = SharedGamma(int(values[0]), gamma, values[2] or "")
                 changed = True
         changed |= self._read_learned()
+        changed |= self._read_calibrations()
         if changed:
             self._notify()
 
@@ -741,6 +807,7 @@ class RedisStateStore:
         with contextlib.suppress(OSError):
             self.save()
         self._redis.close()
+        self._calibration_redis.close()
 
     # -- persistence ----------------------------------------------------------------------------
 

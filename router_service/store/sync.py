@@ -8,6 +8,10 @@ entries and the routed-query count that the router replicas share.
   engine's neighbour index once; a new engine (a config reload) gets all of them before it serves.
 - Volume: the engine's routed-query count goes to the store, the fleet's count comes back (the
   re-fits spread the remaining budget over the remaining queries of the whole fleet).
+- Calibrations: when the store holds calibrations the engine does not route with (pushed to
+  another replica, or while this one was building), `on_calibrations_outdated` is called; the
+  runtime then builds a new engine with them (an engine is built with its calibrations, not
+  patched).
 
 `EngineSync.run` steps every `state.syncIntervalSeconds` and at once when the store reports news.
 With the store's own sync at the same interval, a re-fit or feedback on one replica is in use on
@@ -48,6 +52,7 @@ class EngineSync:
     def __init__(self, store: StateStore, interval_seconds: float) -> None:
         self.store = store
         self.interval = interval_seconds
+        self.on_calibrations_outdated: Callable[[], None] | None = None
         self._progress: weakref.WeakKeyDictionary[Any, _Progress] = weakref.WeakKeyDictionary()
         self._lock = asyncio.Lock()
         self._news: asyncio.Event | None = None
@@ -67,6 +72,14 @@ class EngineSync:
             self._adopt_gamma(engine, progress)
             await self._add_learned(engine, progress)
             self._trade_counts(engine, progress)
+            self._check_calibrations(engine)
+
+    def _check_calibrations(self, engine: Any) -> None:
+        outdated = getattr(engine, "calibration_outdated", None)
+        if outdated is None or self.on_calibrations_outdated is None:
+            return
+        if outdated(self.store.calibrations()):
+            self.on_calibrations_outdated()
 
     def _publish_fits(self, engine: Any, progress: _Progress) -> None:
         fits = getattr(engine, "local_fits", None)

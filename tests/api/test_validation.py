@@ -44,6 +44,13 @@ MINIMAL: dict[type[BaseModel], dict[str, Any]] = {
     api.ModelSpec: MODEL,
     api.AutoscalingSpec: {"prometheusUrl": "http://prometheus:9090"},
     api.ModelPoolSpec: {"models": [MODEL]},
+    api.ConfigMapKeyRef: {"name": "my-set", "key": "set.jsonl"},
+    api.CalibrationSetSource: {"builtin": "builtin"},
+    api.CalibrationJudge: {"model": "small"},
+    api.CalibrationSpec: {},
+    api.CalibrationTaskStatus: {"queries": 10},
+    api.ModelCalibrationStatus: {"name": "small", "state": "Done", "revision": "abc12345"},
+    api.CalibrationStatus: {},
     api.ScaleDecisionStatus: {
         "time": "2026-01-01T00:00:00Z",
         "fromReplicas": 1,
@@ -62,6 +69,7 @@ MINIMAL: dict[type[BaseModel], dict[str, Any]] = {
     config.Price: {},
     config.EmbeddingSettings: {},
     config.AnnSettings: {},
+    config.EstimatorSettings: {},
     config.LearningSettings: {},
     config.ObjectiveSettings: {},
     config.DegradationSettings: {},
@@ -85,6 +93,8 @@ CONTEXT: dict[tuple[type[BaseModel], str], dict[str, Any]] = {
     (api.AutoscalingSpec, "metric"): {"query": "sum(rate(x[1m]))"},
     (config.EmbeddingSettings, "kind"): {"url": "http://embedder:8000", "model": "e5"},
     (config.BackendConfig, "urls"): {"url": None},
+    (api.CalibrationSetSource, "url"): {"builtin": None},
+    (api.CalibrationJudge, "url"): {"model": None, "upstreamModel": "judge-model"},
 }
 
 # Pattern -> (values that match, values that don't).
@@ -457,6 +467,38 @@ MODEL_RULES: list[tuple[str, type[BaseModel], str, dict[str, Any], dict[str, Any
         {"backends": [BACKEND], "budgets": {"tokens": {"large": 10}}},
         "RouterConfig: budgets.tokens names unknown backend(s) ['large']; backends are ['small']",
     ),
+    (
+        "calibration-set-one-source",
+        api.CalibrationSetSource,
+        "_one_source",
+        {"url": "https://example.com/set.jsonl"},
+        {"builtin": "builtin", "url": "https://example.com/set.jsonl"},
+        "CalibrationSetSource: set exactly one of builtin, configMap or url (got 2)",
+    ),
+    (
+        "calibration-judge-one",
+        api.CalibrationJudge,
+        "_one_judge",
+        {"url": "https://judge.example.com", "upstreamModel": "gpt-4o"},
+        {"model": "small", "url": "https://judge.example.com", "upstreamModel": "gpt-4o"},
+        "CalibrationJudge: set model (a model of this pool) or url (an external endpoint), not both",
+    ),
+    (
+        "calibration-judge-url-names-model",
+        api.CalibrationJudge,
+        "_one_judge",
+        {"model": "small"},
+        {"url": "https://judge.example.com"},
+        "CalibrationJudge: url needs upstreamModel",
+    ),
+    (
+        "calibration-judge-in-pool",
+        api.ModelPoolSpec,
+        "_judge_in_pool",
+        {"models": [MODEL], "calibration": {"judge": {"model": MODEL["name"]}}},
+        {"models": [MODEL], "calibration": {"judge": {"model": "nobody"}}},
+        "ModelPoolSpec: calibration.judge.model 'nobody' is not a model of this pool",
+    ),
 ]
 
 
@@ -636,6 +678,34 @@ CEL_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         policy(totalTokens=1000),
         policy(totalTokens=1000, perModel={"small": 10}),
         "spec.budgets",
+    ),
+    (
+        "calibration.judge.model must name a model of this pool",
+        "spec",
+        pool(calibration={"judge": {"model": MODEL["name"]}}),
+        pool(calibration={"judge": {"model": "nobody"}}),
+        "spec",
+    ),
+    (
+        "set exactly one of builtin, configMap or url",
+        "spec.calibration.dataset",
+        pool(calibration={"dataset": {"configMap": {"name": "set", "key": "set.jsonl"}}}),
+        pool(calibration={"dataset": {"builtin": "builtin", "url": "https://x/set.jsonl"}}),
+        "spec.calibration.dataset",
+    ),
+    (
+        "set model (a pool model) or url, not both",
+        "spec.calibration.judge",
+        pool(calibration={"judge": {"url": "https://j", "upstreamModel": "gpt-4o"}}),
+        pool(calibration={"judge": {"model": MODEL["name"], "url": "https://j", "upstreamModel": "g"}}),
+        "spec.calibration.judge",
+    ),
+    (
+        "url needs upstreamModel",
+        "spec.calibration.judge",
+        pool(calibration={"judge": {"url": "https://j", "upstreamModel": "gpt-4o"}}),
+        pool(calibration={"judge": {"url": "https://j"}}),
+        "spec.calibration.judge",
     ),
 ]
 PARSE = {"ModelPool": parse_model_pool, "RoutingPolicy": parse_routing_policy}

@@ -114,3 +114,38 @@ def test_the_shipped_sets_are_the_shipped_history_s_prompts() -> None:
     # A reference comes from the responses that scored 1, so no line has a reference nobody reached.
     assert all(history.scores[row[i.prompt]].max() == 1.0 for i in [*default.items, *code.items])
     assert len(default) > 0.95 * sum(t in {"arc-challenge", "winogrande"} for t in history.eval_names)
+
+
+def test_a_set_from_a_url_is_downloaded_once_and_errors_name_the_url(tmp_path: Path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    write_lines(served / "set.jsonl", [GOOD, {**GOOD, "prompt": "3+3?", "reference": "6"}])
+    write_lines(served / "bad.jsonl", [GOOD, {**GOOD, "grader": "vibes"}])
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(served))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        first = load_dataset(f"{base}/set.jsonl")
+        assert [i.prompt for i in first.items] == ["2+2?", "3+3?"] and first.sources == [f"{base}/set.jsonl"]
+        again = load_dataset(f"{base}/set.jsonl")
+        assert again.items == first.items and requests.count("/set.jsonl") == 1  # cached by URL
+        with pytest.raises(DatasetError, match=rf"{base}/bad.jsonl:2: grader"):
+            load_dataset(f"{base}/bad.jsonl")
+        with pytest.raises(DatasetError, match="HTTP 404"):
+            load_dataset(f"{base}/missing.jsonl")
+    finally:
+        server.shutdown()
+        server.server_close()

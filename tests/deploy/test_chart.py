@@ -298,13 +298,17 @@ OPERATOR_RULES = {
     ("tollway.io", "routingpolicies"): {"get", "list", "watch", "patch", "update"},
     ("tollway.io", "modelpools/status"): {"get", "patch", "update"},
     ("tollway.io", "routingpolicies/status"): {"get", "patch", "update"},
+    ("tollway.io", "modelpools/finalizers"): {"update"},
+    ("tollway.io", "routingpolicies/finalizers"): {"update"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("apps", "deployments/scale"): {"get", "patch", "update"},
     ("", "services"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "update", "patch", "delete"},
-    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "update", "patch"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("", "pods"): {"list"},
     ("", "events"): {"create", "patch"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
     # The router's ServiceAccount, Role and RoleBinding (EndpointSlices read access), which the
     # operator may only grant because it holds that access itself.
     ("", "serviceaccounts"): {"get", "list", "watch", "create", "update", "patch", "delete"},

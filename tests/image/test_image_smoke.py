@@ -347,7 +347,7 @@ def test_entrypoint_help(container) -> None:
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["operator", "router", "simulate", "eval", "demo", "crds"])
+@pytest.mark.parametrize("command", ["operator", "router", "simulate", "eval", "demo", "crds", "calibrate"])
 def test_every_subcommand_starts(container, command) -> None:
     assert "usage" in container.run([command, "--help"]).lower()
 

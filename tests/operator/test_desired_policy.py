@@ -98,6 +98,7 @@ def test_settings_are_carried_into_the_config() -> None:
         history={"url": "https://example.com/h.jsonl"},
         embedding={"kind": "hashed", "dimensions": 256},
         ann={"k": 7, "efSearch": 99},
+        estimator={"weighting": "uniform", "shrinkage": 5, "prior": "global", "chooseK": True},
         learning={"warmupFraction": 0.05, "expectedQueries": 500, "refitEvery": 100},
         degradation={
             "mode": "shed",
@@ -111,6 +112,8 @@ def test_settings_are_carried_into_the_config() -> None:
     assert (cfg.objective.alpha, cfg.objective.algorithm, cfg.objective.reject_below) == (2.0, "port", -1)
     assert cfg.history.url == "https://example.com/h.jsonl"
     assert cfg.embedding.dimensions == 256 and cfg.ann.k == 7 and cfg.ann.ef_search == 99
+    assert (cfg.estimator.weighting, cfg.estimator.shrinkage, cfg.estimator.prior) == ("uniform", 5, "global")
+    assert cfg.estimator.choose_k
     assert (cfg.learning.warmup_fraction, cfg.learning.expected_queries, cfg.learning.refit_every) == (
         0.05,
         500,

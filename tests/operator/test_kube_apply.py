@@ -37,6 +37,22 @@ def test_contains_tolerates_server_defaults() -> None:
     assert k.contains({"a": 1.0}, {"a": 1})
 
 
+def test_quantities_compare_by_value_as_the_api_server_normalises_them() -> None:
+    """The API server stores `cpu: 1` as "1", `1024Mi` as "1Gi", `0.5` as "500m"."""
+    written = {"resources": {"requests": {"cpu": 1, "memory": "1024Mi"}, "limits": {"cpu": 0.5}}}
+    stored = {"resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "500m"}}}
+    assert k.contains(stored, written)
+    assert k.contains({"emptyDir": {"sizeLimit": "512Mi"}}, {"emptyDir": {"sizeLimit": "0.5Gi"}})
+    assert not k.contains(stored, {"resources": {"requests": {"cpu": 2}}})
+    assert not k.contains({"requests": {"cpu": "bogus"}}, {"requests": {"cpu": 1}})
+    assert not k.contains({"args": ["1"]}, {"args": [1]})  # elsewhere types still matter
+    obj = desired()
+    obj["spec"]["template"]["spec"]["containers"][0]["resources"] = written
+    live = live_from(obj)
+    live["spec"]["template"]["spec"]["containers"][0]["resources"] = stored
+    assert k.apply_patch(live, obj) is None
+
+
 def test_no_patch_when_live_matches() -> None:
     obj = desired()
     assert k.apply_patch(live_from(obj, progressDeadlineSeconds=600), obj) is None
@@ -66,6 +82,21 @@ def test_removed_fields_are_nulled() -> None:
     # ... and the record is updated so the next apply is quiet
     record = json.loads(patch["metadata"]["annotations"][k.LAST_APPLIED])
     assert "nodeSelector" not in record["spec"]["template"]["spec"]
+
+
+def test_replicas_left_out_of_the_desired_state_are_never_nulled() -> None:
+    """KEDA mode: the operator sets spec.replicas on creation and then leaves it to KEDA. A merge
+    patch with `replicas: null` would make the API server default it to 1 (waking a scaled-to-zero
+    model), so replicas is never a removal, also from records written before this rule."""
+    created = desired(replicas=0)
+    live = live_from(created)  # its record still has spec.replicas, as older versions wrote it
+    later = desired()
+    del later["spec"]["replicas"]
+    assert k.apply_patch(live, later) is None
+    later["spec"]["template"]["spec"]["containers"][0]["image"] = "i:2"
+    patch = k.apply_patch(live, later)
+    assert patch is not None and "replicas" not in patch["spec"]
+    assert "replicas" not in json.loads(patch["metadata"]["annotations"][k.LAST_APPLIED])["spec"]
 
 
 def test_fields_set_by_others_are_left_alone() -> None:

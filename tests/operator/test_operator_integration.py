@@ -274,6 +274,27 @@ def test_children_deleted_or_edited_by_hand_are_restored(cl: Cluster) -> None:
     wait_for(lambda: cl.deployment("chat-auto-router") is not None, what="router Deployment recreated")
 
 
+def test_drift_repaired_by_the_resync_is_reported_in_an_event(cl: Cluster) -> None:
+    """Cache claims are not watched: only the periodic resync sees one deleted by hand. Its repair
+    is posted as an Event like any other (the resync loop runs where kopf's Event queue is)."""
+    apply_examples(cl)
+    uid = cl.raw(f"/api/v1/namespaces/{cl.ns}/persistentvolumeclaims/chat-medium-cache")["metadata"]["uid"]  # type: ignore[index]
+    cl.core.delete_namespaced_persistent_volume_claim("chat-medium-cache", cl.ns)
+    wait_for(
+        lambda: (
+            (c := cl.raw(f"/api/v1/namespaces/{cl.ns}/persistentvolumeclaims/chat-medium-cache"))
+            and c["metadata"]["uid"] != uid
+        ),
+        what="the claim recreated by the resync",
+    )
+    wait_for(
+        lambda: [
+            e for e in cl.events("chat") if e["message"] == "Created PersistentVolumeClaim chat-medium-cache"
+        ][1:],
+        what="a second Created event for the claim",
+    )
+
+
 def test_removing_a_model_removes_its_children_and_backend(cl: Cluster) -> None:
     apply_examples(cl)
     models = [m for m in example("modelpool")["spec"]["models"] if m["name"] != "medium"]
@@ -420,6 +441,30 @@ def test_autoscaled_replicas_are_kept_within_bounds(cl: Cluster) -> None:
     assert cl.deployment("chat-small")["spec"]["replicas"] == 3  # type: ignore[index]
     cl.apps.patch_namespaced_deployment("chat-small", cl.ns, {"spec": {"replicas": 9}})  # beyond max 4
     wait_for(lambda: cl.deployment("chat-small")["spec"]["replicas"] == 4, what="clamped to max")  # type: ignore[index]
+
+
+def test_children_are_watched_with_a_server_side_label_selector(cluster: Any, cl: Cluster) -> None:
+    """The operator streams only its own children: the API server filters the watches of
+    Deployments, Services, ConfigMaps and PodDisruptionBudgets by the managed-by label, rather
+    than kopf dropping everyone else's objects after receiving them."""
+    apply_examples(cl)
+    watches = [
+        r
+        for r in list(cluster.emulator)
+        if r.params.get("watch") in ("true", "1")
+        and r.resource is not None
+        and r.resource.plural in {"deployments", "services", "configmaps", "poddisruptionbudgets"}
+    ]
+    assert {r.resource.plural for r in watches} == {
+        "deployments",
+        "services",
+        "configmaps",
+        "poddisruptionbudgets",
+    }
+    for request in watches:
+        assert request.params.get("labelSelector") == "app.kubernetes.io/managed-by=tollway-operator", (
+            f"{request.resource.plural} watched with {request.params}"
+        )
 
 
 def test_operator_metrics_are_served(operator: Any, metrics_port: int, cl: Cluster) -> None:

@@ -236,3 +236,42 @@ def test_failed_status_keeps_ready_as_observed() -> None:
     assert cond(st, "Ready")["status"] == "True" and cond(st, "Ready")["lastTransitionTime"] == T0
     assert (cond(st, "Degraded")["status"], cond(st, "Degraded")["reason"]) == ("True", "ReconcileFailed")
     assert cond(s.failed_status(None, "ReconcileFailed", "x", 1, T0), "Ready")["status"] == "Unknown"
+
+
+def pod(model: str, scheduled: dict[str, Any] | None) -> dict[str, Any]:
+    conditions = [{"type": "PodScheduled", **scheduled}] if scheduled else []
+    return {
+        "metadata": {"name": f"chat-{model}-x", "labels": {"tollway.io/model": model}},
+        "status": {"conditions": conditions},
+    }
+
+
+def test_pods_the_scheduler_cannot_place_are_named_in_ready() -> None:
+    unschedulable = {
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 2 Insufficient nvidia.com/gpu, 1 node(s) had untolerated taint.",
+    }
+    problems = s.pod_problems(
+        [
+            pod("large", unschedulable),
+            pod("large", unschedulable),
+            pod("small", {"status": "True"}),
+            pod("x", None),
+        ]
+    )
+    assert problems == {"large": f"Unschedulable: {unschedulable['message']}"}
+    st = s.pool_status(
+        "chat",
+        "ml",
+        SPEC,
+        {"chat-small": dep("chat-small", 1, 1), "chat-large": dep("chat-large", 1, 0)},
+        None,
+        None,
+        3,
+        T0,
+        problems,
+    )
+    ready = cond(st, "Ready")
+    assert ready["reason"] == "ModelsUnavailable"
+    assert f"not available: large (Unschedulable: {unschedulable['message']})" in ready["message"]

@@ -77,7 +77,7 @@ def test_estimator_means_over_neighbours_and_grows():
     db, gb = est.estimate(np.stack([q, vecs[3]]))
     np.testing.assert_allclose(gb[0], g)
     np.testing.assert_allclose(db[0], d)
-    loo = est.neighbours(vecs, exclude_self=True)
+    loo, _ = est.neighbours(vecs, exclude=np.arange(4))
     assert all(i not in row for i, row in enumerate(loo))
     est.add(q[None, :] / np.linalg.norm(q), np.array([[0.2, 0.2]]), np.array([[9.0, 9.0]]))
     assert len(est) == 5
@@ -96,3 +96,61 @@ def test_sentence_transformer_embedder_loads_the_bundled_model():
     assert v.shape == (3, 384) == (3, e.dim)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+
+
+def test_minilm_on_numpy_embeds_without_torch_and_batches_like_single_texts():
+    pytest.importorskip("tokenizers")  # part of the 'minilm' extra
+    from router_service.config import EmbeddingSettings
+    from router_service.routing.embedding import MiniLMEmbedder, make_embedder
+
+    e = make_embedder(EmbeddingSettings(kind="minilm"))
+    assert isinstance(e, MiniLMEmbedder) and e.dim == 384
+    texts = [
+        "sort a list in python",
+        "order the elements of a python list",
+        "the capital of france",
+        "",
+        "x " * 600,
+    ]
+    v = e.embed(texts)
+    assert v.shape == (5, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+    # Padding inside a batch changes nothing: each text alone gives the same vector.
+    for i, t in enumerate(texts):
+        np.testing.assert_allclose(e.embed([t])[0], v[i], atol=1e-5)
+    with pytest.raises(ValueError, match="no such local directory"):
+        MiniLMEmbedder("/nonexistent/model")
+
+
+def test_minilm_on_numpy_equals_sentence_transformers():
+    pytest.importorskip("sentence_transformers")  # torch: the dev environment, not the product image
+    from router_service.routing.embedding import MiniLMEmbedder, SentenceTransformerEmbedder
+    from router_service.routing.history import load_builtin_history
+
+    texts = [
+        "What is the capital of France?",
+        "",
+        "word " * 400,
+        *load_builtin_history("stream").prompts[:13],
+    ]
+    ours = MiniLMEmbedder().embed(texts)
+    reference = SentenceTransformerEmbedder().embed(texts)
+    cosine = (ours * reference).sum(axis=1)
+    assert cosine.min() > 1 - 1e-4
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+
+
+def test_hybrid_cosine_is_the_weighted_mean_of_the_parts():
+    from router_service.routing.embedding import HybridEmbedder, fit_to_history
+
+    a, b = HashedNgramEmbedder(64), HashedNgramEmbedder(512)
+    hybrid = HybridEmbedder([a, b], [3.0, 1.0])
+    texts = ["sort a list in python", "sort the python list", "capital of france"]
+    h, va, vb = hybrid.embed(texts), a.embed(texts), b.embed(texts)
+    assert h.shape == (3, 576) == (3, hybrid.dim)
+    np.testing.assert_allclose(h @ h.T, 0.75 * (va @ va.T) + 0.25 * (vb @ vb.T), atol=1e-5)
+    fitted = fit_to_history(hybrid, texts)
+    assert isinstance(fitted, HybridEmbedder) and fitted.name != hybrid.name  # the hashed parts got IDF
+    with pytest.raises(ValueError):
+        HybridEmbedder([a, b], [1.0])

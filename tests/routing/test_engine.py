@@ -172,3 +172,24 @@ def test_a_new_replica_share_rescales_the_expected_volume_in_place(history_file)
     engine.set_replica_share(0.25)  # the router was scaled from 2 to 4 replicas
     assert engine.controller.expected_queries == 50
     assert engine.controller.warmup_queries == math.ceil(0.05 * 50)
+
+
+def test_estimator_settings_shape_the_engines_estimates(history_file):
+    uniform = RoutingEngine.from_config(
+        config(history_file, ann={"k": 100}, estimator={"weighting": "uniform"}), background_fits=False
+    )
+    kernel = RoutingEngine.from_config(
+        config(history_file, ann={"k": 100}, estimator={"weighting": "similarity", "temperature": 0.05}),
+        background_fits=False,
+    )
+    prompt = "python code to sort a list quickly"
+    d_u, _, _ = uniform.estimate(prompt)
+    d_k, _, _ = kernel.estimate(prompt)
+    # 100 neighbours reach past the 60 code entries into trivia (small scores 1 there); the kernel
+    # discounts those far neighbours.
+    assert d_u[0] > d_k[0] and d_k[0] < 0.2
+    chosen = RoutingEngine.from_config(
+        config(history_file, ann={"k": 100}, estimator={"chooseK": True}), background_fits=False
+    )
+    assert chosen.estimator.k in {5, 10, 20, 50, 100} and set(chosen.k_errors) == {5, 10, 20, 50, 100}
+    assert chosen.status()["k"] == chosen.estimator.k

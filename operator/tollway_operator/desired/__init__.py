@@ -6,9 +6,22 @@ replicas), call the functions below and hand the manifests to `kube.apply`.
 
 - `names`: child names, labels, selectors, owner references (shared by both kinds);
 - `pool`: a ModelPool's vLLM Deployments, Services and cache claims;
-- `policy`: a RoutingPolicy's router config, ConfigMap, Deployment, Service and PDB.
+- `policy`: a RoutingPolicy's router config, ConfigMap, Deployment, Service and PDB;
+- `calibration`: a ModelPool's calibration Jobs (which models, which revision).
 """
 
+from tollway_operator.desired.calibration import (
+    COMPONENT_CALIBRATION,
+    CalibrationPlan,
+    ModelCalibration,
+    RouterTarget,
+    calibrated_models,
+    calibration_job,
+    calibration_job_name,
+    calibration_plan,
+    calibration_revision,
+    calibration_selector,
+)
 from tollway_operator.desired.names import (
     COMPONENT_MODEL,
     COMPONENT_ROUTER,
@@ -69,6 +82,7 @@ from tollway_operator.desired.pool import (
 
 __all__ = [
     "CHECKSUM_ANNOTATION",
+    "COMPONENT_CALIBRATION",
     "COMPONENT_MODEL",
     "COMPONENT_ROUTER",
     "DEFAULT_STATE_URL_ENV",
@@ -79,12 +93,21 @@ __all__ = [
     "LABEL_POOL",
     "MANAGED_BY",
     "BudgetResolution",
+    "CalibrationPlan",
+    "ModelCalibration",
     "Owner",
     "PolicyReferenceError",
     "RouterPlan",
+    "RouterTarget",
     "autoscaling_mode",
     "backend_api_key_env",
     "cache_claim_name",
+    "calibrated_models",
+    "calibration_job",
+    "calibration_job_name",
+    "calibration_plan",
+    "calibration_revision",
+    "calibration_selector",
     "check_policy_names",
     "check_pool_names",
     "common_labels",

@@ -5,7 +5,10 @@ RoutingPolicy `R` over pool `P`:
 - Deployment `R-router` running `tollway router`, with a checksum of the config on its pod
   template (so a change rolls the pods) — except what scaling changes: the models' ready
   `backends[].replicas` and the router's own `budgets.replicaShare`, which the router picks up by
-  hot reload of the mounted file (scaling the router, by hand or by an HPA, restarts nothing);
+  hot reload of the mounted file (scaling the router, by hand or by an HPA, restarts nothing),
+  and each model's expected calibration revision (`backends[].calibrationRevision`, from the
+  pool's status: a model whose weights change is routed by its profile again until it is
+  calibrated anew), also hot-reloaded;
 - Service `R` (port 80 -> 8080): the cluster-internal OpenAI endpoint http://R.N.svc/v1;
 - PodDisruptionBudget `R-router` (maxUnavailable 1) when replicas > 1;
 - ServiceAccount, Role and RoleBinding `R-router`: the router pods' identity, allowed to get, list
@@ -197,6 +200,7 @@ def router_config(
     *,
     live_router_replicas: int | None = None,
     default_state_url: str | None = None,
+    calibration_revisions: Mapping[str, str] | None = None,
 ) -> tuple[RouterConfig, BudgetResolution]:
     """The RouterConfig for a policy over its pool.
 
@@ -204,7 +208,10 @@ def router_config(
     model as unavailable and degrades). External endpoints count as one replica.
     `live_router_replicas`: the router Deployment's replicas now (None: not created yet).
     `default_state_url`: the operator's default Redis for policies that name none.
+    `calibration_revisions`: model -> the calibration revision it is routed by once calibrated
+    (the pool's `status.calibration`); a model without one takes any calibration pushed for it.
     """
+    calibration_revisions = calibration_revisions or {}
     backends = []
     for model in pool_spec.models:
         external = model.endpoint
@@ -224,6 +231,7 @@ def router_config(
                 max_num_seqs=vllm_flag(model.extra_args, "--max-num-seqs") if external is None else None,
                 max_model_len=model.max_model_len if external is None else None,
                 endpoint_slices=model_endpoint_slices(pool, namespace, model),
+                calibration_revision=calibration_revisions.get(model.name),
             )
         )
     if spec.served_model_name in {m.name for m in pool_spec.models}:
@@ -240,6 +248,7 @@ def router_config(
         history=history,
         embedding=spec.embedding,
         ann=spec.ann,
+        estimator=spec.estimator,
         learning=spec.learning,
         budgets=BudgetConfig(
             window_seconds=spec.budgets.window_seconds if spec.budgets else 3600,
@@ -255,12 +264,13 @@ def router_config(
 
 
 def config_checksum(config: RouterConfig) -> str:
-    """sha256 of the config without what scaling changes: the models' ready-replica counts and
-    the router's own share of the budgets (both reach the router by hot reload; everything else
-    rolls the router pods)."""
+    """sha256 of the config without what scaling and calibration change: the models' ready-replica
+    counts, the router's own share of the budgets and the expected calibration revisions (they
+    reach the router by hot reload; everything else rolls the router pods)."""
     wire = config.to_wire()
     for backend in wire.get("backends", []):
         backend.pop("replicas", None)
+        backend.pop("calibrationRevision", None)
     wire.get("budgets", {}).pop("replicaShare", None)
     return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()
 
@@ -469,6 +479,7 @@ def policy_children(
     *,
     live_router_replicas: int | None = None,
     default_state_url: str | None = None,
+    calibration_revisions: Mapping[str, str] | None = None,
 ) -> RouterPlan:
     """Everything a RoutingPolicy should own: the router's ServiceAccount, Role and RoleBinding,
     ConfigMap, Deployment, Service, PDB (replicas > 1).
@@ -487,6 +498,7 @@ def policy_children(
         quality,
         live_router_replicas=live_router_replicas,
         default_state_url=default_state_url,
+        calibration_revisions=calibration_revisions,
     )
     children = [
         *router_access(owner, pool),  # first: the Deployment's pods run as this ServiceAccount

@@ -1,10 +1,11 @@
-"""The autoscaler's kopf daemon end to end: kopf + the Kubernetes emulator + a real Prometheus.
+"""The autoscaler under kopf end to end: kopf + the Kubernetes emulator + a real Prometheus.
 
 kopf runs `tollway_operator.autoscaler` alone (the operator's own handlers are tested elsewhere),
 against tests/kube_emulator.py. The test creates the Deployment that the operator would create,
-loads a simulator that Prometheus scrapes, and checks that the daemon patches the Deployment
-through the Kubernetes API, writes `status.autoscaling` through the status subresource, posts
-Events, and reports a stopped Prometheus in the status.
+loads a simulator that Prometheus scrapes, and checks that the pool's autoscaler task patches the
+Deployment through the Kubernetes API, writes `status.autoscaling` through the status subresource,
+posts Events, reports a stopped Prometheus in the status, stops when autoscaling is turned off,
+and never puts a finalizer on the pool (which would strand it when the operator is gone).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def eventually(read: Callable[[], Any], check: Callable[[Any], bool], timeout: f
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value}")
 
 
-def test_daemon_scales_the_deployment_and_reports_status(kube: EmulatorThread) -> None:
+def test_autoscaler_scales_the_deployment_and_reports_status(kube: EmulatorThread) -> None:
     import kubernetes
 
     api = kubernetes.config.new_client_from_config(config_file=os.environ["KUBECONFIG"])
@@ -84,9 +85,11 @@ def test_daemon_scales_the_deployment_and_reports_status(kube: EmulatorThread) -
     def replicas() -> int:
         return apps.read_namespaced_deployment("pool-m", NS).spec.replicas
 
+    def pool() -> dict[str, Any]:
+        return custom.get_namespaced_custom_object("tollway.io", "v1alpha1", NS, "modelpools", "pool")
+
     def pool_status() -> dict[str, Any]:
-        obj = custom.get_namespaced_custom_object("tollway.io", "v1alpha1", NS, "modelpools", "pool")
-        return (obj.get("status") or {}).get("autoscaling") or {}
+        return (pool().get("status") or {}).get("autoscaling") or {}
 
     def reasons() -> list[str]:
         return [e.reason for e in core.list_namespaced_event(NS).items]
@@ -126,6 +129,7 @@ def test_daemon_scales_the_deployment_and_reports_status(kube: EmulatorThread) -
             try:
                 status = eventually(pool_status, lambda s: s.get("healthy") is True, 30, "a healthy status")
                 assert status["models"]["m"]["toReplicas"] == 1
+                assert not pool()["metadata"].get("finalizers"), pool()["metadata"]["finalizers"]
                 loader.start()
                 eventually(replicas, lambda n: n == 3, 30, "the Deployment scaled to 3")
                 status = eventually(
@@ -141,5 +145,19 @@ def test_daemon_scales_the_deployment_and_reports_status(kube: EmulatorThread) -
             assert status["reason"] == "PrometheusUnavailable" and prom.url in status["message"]
             assert replicas() == 3  # held
             eventually(reasons, lambda r: "PrometheusUnavailable" in r, 15, "a warning event")
+            # Autoscaling turned off: the pool's autoscaler stops evaluating.
+            custom.patch_namespaced_custom_object(
+                "tollway.io",
+                "v1alpha1",
+                NS,
+                "modelpools",
+                "pool",
+                {"spec": {"autoscaling": {"enabled": False}}},
+            )
+            time.sleep(2.5)  # an evaluation in flight may still finish
+            last = pool_status()["lastEvaluationTime"]
+            time.sleep(3)  # three intervals
+            assert pool_status()["lastEvaluationTime"] == last
+            assert not pool()["metadata"].get("finalizers")
     assert runner.exception is None, runner.exception
     assert runner.exit_code == 0

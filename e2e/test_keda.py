@@ -1,0 +1,68 @@
+"""End-to-end: in KEDA mode the operator leaves `spec.replicas` to KEDA.
+
+A model that may scale to zero starts at zero replicas; KEDA (an HPA) owns `spec.replicas` from
+then on. Resyncs must never touch it: a real API server defaults a `replicas: null` to 1, which
+would wake a 4-GPU model and fight KEDA. The ScaledObject API comes from the `keda_crd` fixture
+(KEDA's own CRD where KEDA is installed).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from e2e_lib import GPU_TOLERATION, Cluster, OperatorProcess
+
+pytestmark = pytest.mark.timeout(300)
+RESYNCS = 3
+
+
+def keda_pool(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "tollway.io/v1alpha1",
+        "kind": "ModelPool",
+        "metadata": {"name": "keda", "namespace": namespace},
+        "spec": {
+            "models": [
+                {
+                    "name": "large",
+                    "model": "Qwen/Qwen2.5-72B-Instruct",
+                    "gpus": 4,
+                    "replicas": {"min": 0, "max": 2},
+                    "tolerations": [GPU_TOLERATION],
+                }
+            ],
+            "autoscaling": {
+                "mode": "keda",
+                "prometheusUrl": "http://prometheus.monitoring.svc:9090",
+                "scaleToZero": True,
+            },
+        },
+    }
+
+
+def test_keda_mode_keeps_a_scaled_to_zero_model_at_zero(
+    cluster: Cluster, namespace: str, keda_crd: None, operator: OperatorProcess | None
+) -> None:
+    cl = cluster
+    if operator is None:
+        pytest.skip("counts the out-of-cluster operator's resyncs (TOLLWAY_E2E_OPERATOR=in-cluster)")
+    cl.apply([keda_pool(namespace)])
+    try:
+        cl.wait_for(lambda: "keda-large" in cl.names("scaledobjects"), "the ScaledObject")
+        dep = cl.wait_for(lambda: cl.get("deployment", "keda-large"), "the Deployment")
+        assert dep["spec"]["replicas"] == 0
+        start = operator.resyncs()
+        deadline = time.monotonic() + operator.resync_seconds * (RESYNCS + 2) + 30
+        seen: list[int | None] = []
+        while operator.resyncs() < start + RESYNCS:
+            assert time.monotonic() < deadline, f"fewer than {RESYNCS} resyncs:\n{operator.log_tail()}"
+            seen.append((cl.get("deployment", "keda-large") or {}).get("spec", {}).get("replicas"))
+            time.sleep(0.3)
+        seen.append(cl.get("deployment", "keda-large")["spec"].get("replicas"))
+        assert set(seen) == {0}, f"spec.replicas over {RESYNCS} resyncs: {seen}"
+        assert not cl.items("pods", "app.kubernetes.io/instance=keda-large"), "a pod was started"
+    finally:
+        cl.kubectl("delete", "modelpool", "keda", "-n", namespace, "--wait=false", check=False)
+        cl.wait_for(lambda: "keda-large" not in cl.names("deployments"), "the pool's Deployment collected")
