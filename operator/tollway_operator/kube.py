@@ -67,6 +67,9 @@ POD = Kind("", "v1", "pods", "Pod")
 SCALED_OBJECT = Kind("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
 MODELPOOL = Kind("tollway.io", "v1alpha1", "modelpools", "ModelPool")
 ROUTINGPOLICY = Kind("tollway.io", "v1alpha1", "routingpolicies", "RoutingPolicy")
+SERVICE_ACCOUNT = Kind("", "v1", "serviceaccounts", "ServiceAccount")
+ROLE = Kind("rbac.authorization.k8s.io", "v1", "roles", "Role")
+ROLE_BINDING = Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 KOPF_PEERING = Kind("kopf.dev", "v1", "kopfpeerings", "KopfPeering")
 CLUSTER_KOPF_PEERING = Kind("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering")
 
@@ -80,6 +83,9 @@ KINDS = {
         PDB,
         JOB,
         SCALED_OBJECT,
+        SERVICE_ACCOUNT,
+        ROLE,
+        ROLE_BINDING,
         MODELPOOL,
         ROUTINGPOLICY,
         KOPF_PEERING,

@@ -75,6 +75,9 @@ MINIMAL: dict[type[BaseModel], dict[str, Any]] = {
     config.DegradationSettings: {},
     config.CircuitBreakerSettings: {},
     config.BackendConfig: BACKEND,
+    config.EndpointSliceSource: {"service": "chat-small", "namespace": "team-a"},
+    config.ScorerWeights: {},
+    config.EndpointPickerSettings: {},
     config.BudgetConfig: {},
     config.StateSettings: {},
     config.StateConfig: {},
@@ -89,6 +92,7 @@ CONTEXT: dict[tuple[type[BaseModel], str], dict[str, Any]] = {
     (api.ReplicaRange, "min"): {"max": 1000},
     (api.AutoscalingSpec, "metric"): {"query": "sum(rate(x[1m]))"},
     (config.EmbeddingSettings, "kind"): {"url": "http://embedder:8000", "model": "e5"},
+    (config.BackendConfig, "urls"): {"url": None},
     (api.CalibrationSetSource, "url"): {"builtin": None},
     (api.CalibrationJudge, "url"): {"model": None, "upstreamModel": "judge-model"},
 }
@@ -117,6 +121,7 @@ PATTERN_EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
 LIST_ITEMS: dict[tuple[type[BaseModel], str], Any] = {
     (api.ModelPoolSpec, "models"): lambda n: [{"name": f"m{i}", "model": f"org/m{i}"} for i in range(n)],
     (config.RouterConfig, "backends"): lambda n: [{**BACKEND, "name": f"b{i}"} for i in range(n)],
+    (config.BackendConfig, "urls"): lambda n: [f"http://10.0.0.{i}:8000" for i in range(n)],
 }
 
 # Enums nested inside a container: (good value, bad value, message).
@@ -392,6 +397,51 @@ MODEL_RULES: list[tuple[str, type[BaseModel], str, dict[str, Any], dict[str, Any
         {"configMap": "history"},
         {},
         "HistorySettings: history needs exactly one source",
+    ),
+    (
+        "backend-url-or-urls",
+        config.BackendConfig,
+        "_addresses",
+        {**BACKEND, "url": None, "urls": ["http://a:8000", "http://b:8000"]},
+        {**BACKEND, "urls": ["http://a:8000"]},
+        "BackendConfig: backend 'small': set exactly one of url or urls",
+    ),
+    (
+        "backend-urls-distinct",
+        config.BackendConfig,
+        "_addresses",
+        {**BACKEND, "url": None, "urls": ["http://a:8000"]},
+        {**BACKEND, "url": None, "urls": ["http://a:8000", "http://a:8000"]},
+        "BackendConfig: backend 'small': urls lists an address twice",
+    ),
+    (
+        "backend-urls-replicas",
+        config.BackendConfig,
+        "_addresses",
+        {**BACKEND, "url": None, "urls": ["http://a:8000", "http://b:8000"], "replicas": 2},
+        {**BACKEND, "url": None, "urls": ["http://a:8000", "http://b:8000"], "replicas": 3},
+        "BackendConfig: backend 'small': replicas (3) must match urls (2) or be left out",
+    ),
+    (
+        "backend-urls-own-metrics",
+        config.BackendConfig,
+        "_addresses",
+        {**BACKEND, "metricsUrl": "http://small:9000/metrics"},
+        {**BACKEND, "url": None, "urls": ["http://a:8000"], "metricsUrl": "http://a:9000/metrics"},
+        "BackendConfig: backend 'small': metricsUrl goes with url; with urls each has its own",
+    ),
+    (
+        "backend-slices-need-url",
+        config.BackendConfig,
+        "_addresses",
+        {**BACKEND, "endpointSlices": {"service": "chat-small", "namespace": "ns"}},
+        {
+            **BACKEND,
+            "url": None,
+            "urls": ["http://a:8000"],
+            "endpointSlices": {"service": "s", "namespace": "ns"},
+        },
+        "BackendConfig: backend 'small': endpointSlices goes with url (the Service)",
     ),
     (
         "backend-names-unique",

@@ -309,6 +309,20 @@ OPERATOR_RULES = {
     ("", "pods"): {"list"},
     ("", "events"): {"create", "patch"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    # The router's ServiceAccount, Role and RoleBinding (EndpointSlices read access), which the
+    # operator may only grant because it holds that access itself.
+    ("", "serviceaccounts"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "patch",
+        "delete",
+    },
+    ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
 }
 KEDA_RULES = {("keda.sh", "scaledobjects"): {"get", "list", "watch", "create", "update", "patch", "delete"}}
 FORBIDDEN = {
@@ -318,7 +332,7 @@ FORBIDDEN = {
     "pods/exec",
     "nodes",
     "clusterroles",
-    "roles",
+    "clusterrolebindings",
 }
 
 

@@ -211,7 +211,9 @@ def test_the_router_expects_the_current_revision_without_a_rollout() -> None:
     assert a.config.backend("small").calibration_revision == "aaaa0000"  # type: ignore[union-attr]
     assert a.config.backend("large").calibration_revision is None  # type: ignore[union-attr]
     checksum = d.CHECKSUM_ANNOTATION
-    template = lambda p: p.children[1]["spec"]["template"]["metadata"]["annotations"][checksum]  # noqa: E731
+    template = lambda p: next(  # noqa: E731
+        c for c in p.children if c["kind"] == "Deployment"
+    )["spec"]["template"]["metadata"]["annotations"][checksum]
     assert template(a) == template(b)  # a hot reload, not a rollout
 
 

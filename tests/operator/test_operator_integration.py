@@ -134,6 +134,10 @@ def test_kubectl_apply_examples_yields_children_and_true_conditions(
     assert {"chat-small", "chat-medium", "chat-large", "chat-auto"} <= cl.names("services")
     assert {"chat-medium-cache", "chat-large-cache"} <= cl.names("persistentvolumeclaims")
     assert "chat-auto-router" in cl.names("poddisruptionbudgets", "policy/v1")
+    # The router's identity: allowed to read EndpointSlices here, nothing else.
+    assert "chat-auto-router" in cl.names("serviceaccounts")
+    assert "chat-auto-router" in cl.names("roles", "rbac.authorization.k8s.io/v1")
+    assert "chat-auto-router" in cl.names("rolebindings", "rbac.authorization.k8s.io/v1")
 
     medium = cl.deployment("chat-medium")
     assert medium is not None

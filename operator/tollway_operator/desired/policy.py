@@ -10,7 +10,10 @@ RoutingPolicy `R` over pool `P`:
   pool's status: a model whose weights change is routed by its profile again until it is
   calibrated anew), also hot-reloaded;
 - Service `R` (port 80 -> 8080): the cluster-internal OpenAI endpoint http://R.N.svc/v1;
-- PodDisruptionBudget `R-router` (maxUnavailable 1) when replicas > 1.
+- PodDisruptionBudget `R-router` (maxUnavailable 1) when replicas > 1;
+- ServiceAccount, Role and RoleBinding `R-router`: the router pods' identity, allowed to get, list
+  and watch EndpointSlices in the namespace and nothing else (the router reads each model's ready
+  pods from them and sends requests to the pods directly).
 
 Shared state: with `spec.state.url`, `spec.state.urlSecret` or the operator's default Redis
 (`TOLLWAY_ROUTER_STATE_URL`, set by the chart's `redis.*` values) every router replica keeps its
@@ -31,6 +34,7 @@ from router_service.config import (
     AuthConfig,
     BackendConfig,
     BudgetConfig,
+    EndpointSliceSource,
     RouterConfig,
     StateConfig,
     dump_router_config,
@@ -42,6 +46,7 @@ from tollway_operator.desired.names import (
     backend_api_key_env,
     check_policy_names,
     child_metadata,
+    model_child_name,
     router_child_name,
     router_labels,
     router_selector,
@@ -225,6 +230,7 @@ def router_config(
                 # queue up between metric scrapes) and its context window (to bound a request).
                 max_num_seqs=vllm_flag(model.extra_args, "--max-num-seqs") if external is None else None,
                 max_model_len=model.max_model_len if external is None else None,
+                endpoint_slices=model_endpoint_slices(pool, namespace, model),
                 calibration_revision=calibration_revisions.get(model.name),
             )
         )
@@ -381,6 +387,8 @@ def router_deployment(
     if router.resources:
         container["resources"] = json.loads(json.dumps(router.resources))
     pod_spec: dict[str, Any] = {
+        "serviceAccountName": router_child_name(policy),
+        "automountServiceAccountToken": True,
         "containers": [container],
         "volumes": volumes,
         "securityContext": {
@@ -473,7 +481,8 @@ def policy_children(
     default_state_url: str | None = None,
     calibration_revisions: Mapping[str, str] | None = None,
 ) -> RouterPlan:
-    """Everything a RoutingPolicy should own: ConfigMap, Deployment, Service, PDB (replicas > 1).
+    """Everything a RoutingPolicy should own: the router's ServiceAccount, Role and RoleBinding,
+    ConfigMap, Deployment, Service, PDB (replicas > 1).
 
     `live_router_replicas`: the router Deployment's spec.replicas now (None: not created yet),
     kept when `spec.router.replicasOwner` is external. `default_state_url`: the operator's
@@ -492,6 +501,7 @@ def policy_children(
         calibration_revisions=calibration_revisions,
     )
     children = [
+        *router_access(owner, pool),  # first: the Deployment's pods run as this ServiceAccount
         router_config_map(owner, pool, config),
         router_deployment(owner, spec, pool, pool_spec, config, live_router_replicas),
         router_service(owner, pool),
@@ -500,3 +510,46 @@ def policy_children(
     if pdb is not None:
         children.append(pdb)
     return RouterPlan(config=config, budgets=budgets, children=children)
+
+
+# --- the router's access to EndpointSlices (issue 13) ---------------------------------------------
+
+ENDPOINT_SLICE_RULE = {
+    "apiGroups": ["discovery.k8s.io"],
+    "resources": ["endpointslices"],
+    "verbs": ["get", "list", "watch"],
+}
+"""All the router may do with the Kubernetes API: read the EndpointSlices of its namespace."""
+
+
+def model_endpoint_slices(pool: str, namespace: str, model: ModelSpec) -> EndpointSliceSource | None:
+    """Where the router finds a deployed model's ready pods: its Service's EndpointSlices (the
+    Service's port is named `http`). None for an external endpoint."""
+    if model.endpoint is not None:
+        return None
+    return EndpointSliceSource(
+        service=model_child_name(pool, model.name), namespace=namespace, port_name="http"
+    )
+
+
+def router_access(owner: Owner, pool: str) -> list[dict[str, Any]]:
+    """The router pods' ServiceAccount, a Role that lets it get/list/watch EndpointSlices in this
+    namespace, and the RoleBinding between them."""
+    name = router_child_name(owner.name)
+    labels = router_labels(owner.name, pool)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": child_metadata(name, owner, labels)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": child_metadata(name, owner, labels),
+            "rules": [ENDPOINT_SLICE_RULE],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": child_metadata(name, owner, labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+        },
+    ]
