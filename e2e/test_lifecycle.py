@@ -203,6 +203,34 @@ def test_lifecycle(cluster: Cluster, namespace: str, operator: OperatorProcess |
         "observedGeneration",
     )
 
+    # 4b. A cache claim can grow only where its StorageClass allows it, and never shrink: the pool
+    #     says so (the test cluster's `standard` class does not allow expansion).
+    if expect_ready and not cl.emulated:
+
+        def cache_condition(reason: str) -> dict[str, Any] | None:
+            c = condition(cl.get("modelpool", "chat"), "CacheSizeApplied")
+            return c if c.get("reason") == reason else None
+
+        assert cl.wait_for(lambda: cache_condition("AsRequested"), "CacheSizeApplied")["status"] == "True"
+        for size, reason in (("200Gi", "ExpansionRefused"), ("100Gi", "CannotShrink")):
+            models[2]["cache"]["size"] = size
+            cl.kubectl(
+                "patch", "modelpool", "chat", "-n", namespace, "--type", "merge",
+                "-p", yaml.safe_dump({"spec": {"models": models}}),
+            )  # fmt: skip
+            cached = cl.wait_for(lambda r=reason: cache_condition(r), f"CacheSizeApplied {reason}")
+            assert cached["status"] == "False" and "model-cache-chat-large-0" in cached["message"], cached
+            if reason == "ExpansionRefused":  # the API server's own answer, not RBAC's
+                assert "resize" in cached["message"] and "forbidden: User" not in cached["message"], cached
+            # The StatefulSet keeps its claim template (the API refuses changes to it): no failed reconcile.
+            assert condition(cl.get("modelpool", "chat"), "Degraded").get("reason") != "ReconcileFailed"
+        del models[2]["cache"]["size"]
+        cl.kubectl(
+            "patch", "modelpool", "chat", "-n", namespace, "--type", "merge",
+            "-p", yaml.safe_dump({"spec": {"models": models}}),
+        )  # fmt: skip
+        cl.wait_for(lambda: cache_condition("AsRequested"), "CacheSizeApplied back to AsRequested")
+
     # 5. A child deleted by hand is restored.
     uid = cl.get("service", "chat-small")["metadata"]["uid"]
     cl.kubectl("delete", "service", "chat-small", "-n", namespace)
