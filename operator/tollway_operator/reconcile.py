@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -184,12 +185,29 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
     if problems:  # a model that cannot start, e.g. too many GPUs: a Warning once, not every resync
         ready = status.find_condition(new["conditions"], status.READY) or {}
         warn_on_change(body, previous, new, str(ready.get("reason")), str(ready.get("message")))
-    cache_cond = status.find_condition(new["conditions"], status.CACHE_SIZE) or {}
-    old_cache = status.find_condition(previous.get("conditions"), status.CACHE_SIZE) or {}
-    if cache_cond.get("status") == "False" and cache_cond.get("message") != old_cache.get("message"):
-        post_event(body, "Warning", str(cache_cond.get("reason")), str(cache_cond.get("message")))
+    # A rollout stuck behind ready replicas (Ready stays True, so the Warning above says nothing)
+    # and a cache size that cannot be applied: a Warning when it starts or its message changes.
+    ready = status.find_condition(new["conditions"], status.READY) or {}
+    if ready.get("status") == "True":
+        _warn_on_condition(body, previous, new, status.DEGRADED, lambda c: c.get("reason") == "RolloutStuck")
+    _warn_on_condition(body, previous, new, status.CACHE_SIZE, lambda c: c.get("status") == "False")
     await write_status(k.MODELPOOL, body, previous, new)
     return Outcome()
+
+
+def _warn_on_condition(
+    body: dict[str, Any],
+    previous: dict[str, Any],
+    new: dict[str, Any],
+    type_: str,
+    bad: Callable[[Mapping[str, Any]], bool],
+) -> None:
+    """A Warning Event when condition `type_` is `bad` and its reason or message changed."""
+    cond = status.find_condition(new["conditions"], type_) or {}
+    before = status.find_condition(previous.get("conditions"), type_) or {}
+    changed = (cond.get("reason"), cond.get("message")) != (before.get("reason"), before.get("message"))
+    if bad(cond) and changed:
+        post_event(body, "Warning", str(cond.get("reason")), str(cond.get("message")))
 
 
 async def _reconcile_cache_sizes(

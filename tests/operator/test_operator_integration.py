@@ -433,6 +433,56 @@ def test_unready_model_degrades_pool_and_policy_then_recovers(cluster: Any, cl: 
     wait_for(lambda: cl.config().backend("medium").replicas == 1, what="backend replicas back")  # type: ignore[union-attr]
 
 
+def test_a_pod_level_cause_reaches_the_pool_status_within_a_resync(cluster: Any, cl: Cluster) -> None:
+    """A model whose pod cannot start says why (the kubelet's reason and message, naming the missing
+    Secret) in its status entry, Ready and Degraded (RolloutStuck at once), and a Warning Event."""
+    apply_examples(cl)
+    cluster.hold_unready(cl.ns, "chat-small")
+    labels = {
+        "app.kubernetes.io/managed-by": "tollway-operator",
+        "app.kubernetes.io/component": "model-server",
+        "tollway.io/pool": "chat",
+        "tollway.io/model": "small",
+    }
+    cl.core.create_namespaced_pod(
+        cl.ns,
+        {
+            "metadata": {"name": "chat-small-abc", "labels": labels},
+            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0"}]},
+        },
+    )
+    waiting = {"reason": "CreateContainerConfigError", "message": 'secret "hf-token" not found'}
+    cl.core.patch_namespaced_pod_status(
+        "chat-small-abc",
+        cl.ns,
+        {
+            "status": {
+                "phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "True"}],
+                "containerStatuses": [
+                    {"name": "vllm", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+                     "state": {"waiting": waiting}}
+                ],
+            }
+        },
+    )  # fmt: skip
+    small = wait_for(
+        lambda: next((m for m in cl.get("modelpools", "chat")["status"]["models"] if m["name"] == "small" and m.get("reason")), None),
+        what="small's status entry names the cause",
+    )  # fmt: skip
+    assert (small["reason"], small["message"]) == (
+        "CreateContainerConfigError",
+        'secret "hf-token" not found',
+    )
+    assert 'secret "hf-token" not found' in cl.cond("modelpools", "chat", "Ready")["message"]
+    degraded = cl.cond("modelpools", "chat", "Degraded")
+    assert degraded["reason"] == "RolloutStuck" and "CreateContainerConfigError" in degraded["message"]
+    wait_for(
+        lambda: [e for e in cl.events("chat") if e.get("type") == "Warning" and "hf-token" in e["message"]],
+        what="a Warning Event",
+    )
+
+
 def test_autoscaled_replicas_are_kept_within_bounds(cl: Cluster) -> None:
     apply_examples(cl)
     cl.apps.patch_namespaced_deployment(
