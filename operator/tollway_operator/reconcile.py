@@ -160,7 +160,8 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
         live_claim_templates=claim_templates,
     )
     applied = await apply_children(body, children, live)
-    await prune_children(body, live, applied)
+    retained = {key: obj for key, obj in live.items() if key[0] == k.PVC.kind and d.claim_retained(spec, obj)}
+    await prune_children(body, live, {**retained, **applied})
     workloads = {n: obj for (kind, n), obj in applied.items() if kind in k.WORKLOAD_KINDS}
     problems = {}
     views = [status.DeploymentView.from_object(obj) for obj in workloads.values()]

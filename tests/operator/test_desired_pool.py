@@ -710,3 +710,17 @@ def test_the_operator_s_simulate_default_comes_from_its_environment(
 
     monkeypatch.setenv(state.SIMULATE_ENV, value)
     assert state.simulate_default() is expected
+
+
+def test_owned_claims_of_a_model_that_retains_its_cache_are_not_pruned() -> None:
+    spec = parse_model_pool(
+        {
+            "models": [
+                {"name": "keep", "model": "x/a", "cache": {"kind": "pvc"}},
+                {"name": "drop", "model": "x/b", "cache": {"kind": "pvc", "retention": "Delete"}},
+            ]
+        }
+    )
+    assert d.claim_retained(spec, claim("chat-keep-cache", "keep", "100Gi"))  # e.g. from an older version
+    assert not d.claim_retained(spec, claim("chat-drop-cache", "drop", "100Gi"))
+    assert not d.claim_retained(spec, claim("chat-gone-cache", "gone", "100Gi"))  # its model left the pool

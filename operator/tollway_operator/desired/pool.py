@@ -397,3 +397,12 @@ def claims_resizing(claims: list[Mapping[str, Any]]) -> list[str]:
         if capacity and requested and parse_quantity(capacity) < parse_quantity(requested):
             out.append(claim["metadata"]["name"])
     return sorted(out)
+
+
+def claim_retained(spec: ModelPoolSpec, claim: Mapping[str, Any]) -> bool:
+    """Whether a cache claim the pool owns must not be pruned though the desired state lacks it:
+    its model is still in the pool with `retention: Retain` (e.g. a shared claim left behind when
+    the model's cache became per-replica, or one created before `retention` existed). Only a
+    model that is gone, or says Delete, loses its claims."""
+    model = spec.model((claim.get("metadata", {}).get("labels") or {}).get(LABEL_MODEL, ""))
+    return model is not None and model.cache.retention == "Retain"
