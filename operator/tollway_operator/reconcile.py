@@ -159,7 +159,14 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
         simulate_default=simulate_default,
         live_claim_templates=claim_templates,
     )
-    applied = await apply_children(body, children, live)
+    claims = await _cache_claims(namespace, name, spec, simulate_default)
+    # A retained shared claim has no owner, so it is not a listed child: it exists all the same.
+    unowned = {
+        (k.PVC.kind, c["metadata"]["name"]): c
+        for c in claims or []
+        if (k.PVC.kind, c["metadata"]["name"]) not in live
+    }
+    applied = await apply_children(body, children, {**unowned, **live})
     retained = {key: obj for key, obj in live.items() if key[0] == k.PVC.kind and d.claim_retained(spec, obj)}
     await prune_children(body, live, {**retained, **applied})
     workloads = {n: obj for (kind, n), obj in applied.items() if kind in k.WORKLOAD_KINDS}
@@ -169,7 +176,7 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
         # Why a model's pods do not run (the scheduler's, the kubelet's reason): one LIST, only then.
         pods = await kube_client().list(k.POD, namespace, d.pool_children_selector(name))
         problems = status.pod_problems(pods)
-    cache = await _reconcile_cache_sizes(namespace, name, spec, simulate_default)
+    cache = await _reconcile_cache_sizes(namespace, spec, claims) if claims is not None else None
     new = status.pool_status(
         name,
         namespace,
@@ -211,19 +218,26 @@ def _warn_on_condition(
         post_event(body, "Warning", str(cond.get("reason")), str(cond.get("message")))
 
 
-async def _reconcile_cache_sizes(
+async def _cache_claims(
     namespace: str, pool: str, spec: ModelPoolSpec, simulate_default: bool
-) -> status.Cond | None:
-    """Apply a larger `cache.size` to the live cache claims (an expansion, which the API server
-    allows when the claim's StorageClass does) and say in `CacheSizeApplied` what could not be
-    applied. One LIST of the pool's claims, only when it has claims of its own (None otherwise)."""
+) -> list[dict[str, Any]] | None:
+    """The pool's cache claims (shared and per-replica, by label: one LIST), or None when the pool
+    has no claims of its own (no LIST)."""
     if spec.simulated(simulate_default) or not any(
         m.cache.kind == "pvc" and not m.cache.existing_claim for m in d.deployed_models(spec)
     ):
         return None
+    return await kube_client().list(k.PVC, namespace, d.pool_children_selector(pool))
+
+
+async def _reconcile_cache_sizes(
+    namespace: str, spec: ModelPoolSpec, claims: list[dict[str, Any]]
+) -> status.Cond:
+    """Apply a larger `cache.size` to the live cache claims (an expansion, which the API server
+    allows when the claim's StorageClass does) and say in `CacheSizeApplied` what could not be
+    applied."""
     kube = kube_client()
-    claims = await kube.list(k.PVC, namespace, d.pool_children_selector(pool))
-    plan = d.cache_resize_plan(spec, pool, claims, simulate_default)
+    plan = d.cache_resize_plan(spec, claims)
     refused: dict[str, str] = {}
     for resize in plan:
         if resize.action != "expand":

@@ -665,12 +665,11 @@ def test_cache_resize_plan_expands_larger_and_refuses_smaller() -> None:
         claim("chat-b-cache", "b", "200Gi"),
         claim("mine", "c", "1Gi"),  # the user's claim: never touched
     ]
-    plan = d.cache_resize_plan(spec, "chat", claims)
+    plan = d.cache_resize_plan(spec, claims)
     assert plan == [
         d.ClaimResize("a", "model-cache-chat-a-0", "200Gi", "300Gi", "expand"),
         d.ClaimResize("b", "chat-b-cache", "200Gi", "100Gi", "cannot-shrink"),
     ]
-    assert d.cache_resize_plan(spec, "chat", claims, simulate_default=True) == []  # simulators have no cache
     assert d.claims_resizing([claim("x", "a", "300Gi", "200Gi"), claim("y", "a", "300Gi", "320Gi")]) == ["x"]
 
 

@@ -356,14 +356,10 @@ def _requested(claim: Mapping[str, Any]) -> str | None:
     return (((claim.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
 
 
-def cache_resize_plan(
-    spec: ModelPoolSpec, pool: str, claims: list[Mapping[str, Any]], simulate_default: bool = False
-) -> list[ClaimResize]:
+def cache_resize_plan(spec: ModelPoolSpec, claims: list[Mapping[str, Any]]) -> list[ClaimResize]:
     """The live cache claims of a pool (shared ones and per-replica ones, by their model label)
     whose requested size is not `cache.size`: larger ones are to be expanded, smaller ones cannot
     shrink. A user's `existingClaim` is never touched."""
-    if spec.simulated(simulate_default):
-        return []
     out = []
     for model in deployed_models(spec):
         cache = model.cache
