@@ -57,6 +57,8 @@ class Kind:
 
 
 DEPLOYMENT = Kind("apps", "v1", "deployments", "Deployment")
+STATEFULSET = Kind("apps", "v1", "statefulsets", "StatefulSet")
+NETWORK_POLICY = Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 SERVICE = Kind("", "v1", "services", "Service")
 CONFIGMAP = Kind("", "v1", "configmaps", "ConfigMap")
 PVC = Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
@@ -77,6 +79,8 @@ KINDS = {
     (k.api_version, k.kind): k
     for k in (
         DEPLOYMENT,
+        STATEFULSET,
+        NETWORK_POLICY,
         SERVICE,
         CONFIGMAP,
         PVC,
@@ -93,7 +97,10 @@ KINDS = {
     )
 }
 CREATE_ONLY = {PVC, JOB}
-"""Kinds whose spec is immutable after creation: created, never patched."""
+"""Kinds whose spec is immutable after creation: created, never patched (a cache claim's size is
+expanded apart, `reconcile`)."""
+WORKLOAD_KINDS = {"Deployment": DEPLOYMENT, "StatefulSet": STATEFULSET}
+"""The kinds a model runs as (`desired.workload_kind`)."""
 
 
 def kind_of(obj: Mapping[str, Any]) -> Kind:

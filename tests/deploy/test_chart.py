@@ -302,6 +302,8 @@ OPERATOR_RULES = {
     ("tollway.io", "routingpolicies/finalizers"): {"update"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("apps", "deployments/scale"): {"get", "patch", "update"},
+    ("apps", "statefulsets"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "update", "patch", "delete"},
@@ -539,3 +541,12 @@ def test_an_existing_redis_by_url_or_secret(helm_template: Render) -> None:
     assert operator_env(by_secret)["TOLLWAY_ROUTER_STATE_URL"]["valueFrom"] == {
         "secretKeyRef": {"name": "redis-url", "key": "url"}
     }
+
+
+def test_simulate_default_reaches_the_operator(helm_template: Render) -> None:
+    """simulate.default=true: pools that do not choose run simulators (state.simulate_default)."""
+    from tollway_operator import state
+
+    assert state.SIMULATE_ENV not in operator_env(helm_template())
+    env = operator_env(helm_template("--set", "simulate.default=true"))
+    assert env[state.SIMULATE_ENV] == {"name": state.SIMULATE_ENV, "value": "true"}

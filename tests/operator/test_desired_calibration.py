@@ -358,3 +358,22 @@ def test_a_restarted_attempt_and_a_failed_job_say_why() -> None:
     )
     pending = status.calibration_status(no_set, {}, [], None, "t")["models"][0]
     assert pending["reason"] == "CalibrationSetMissing" and pending["message"] == "ConfigMap 's' not found"
+
+
+def test_a_pool_api_key_reaches_the_calibration_of_its_models_and_judge() -> None:
+    spec = parse_model_pool(
+        {
+            "apiKeySecret": {"name": "vllm-key"},
+            "models": [SMALL, LARGE],
+            "calibration": {"dataset": {"builtin": "builtin:code"}, "judge": {"model": "large"}},
+        }
+    )
+    small = jobs(plan(spec))["small"]
+    args = command(small)
+    assert arg(args, "--api-key-env") == [
+        "small=TOLLWAY_BACKEND_SMALL_API_KEY",
+        "large=TOLLWAY_JUDGE_LARGE_API_KEY",
+    ]
+    env = {e["name"]: e.get("valueFrom") for e in small["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TOLLWAY_BACKEND_SMALL_API_KEY"] == {"secretKeyRef": {"name": "vllm-key", "key": "token"}}
+    assert env["TOLLWAY_JUDGE_LARGE_API_KEY"] == {"secretKeyRef": {"name": "vllm-key", "key": "token"}}

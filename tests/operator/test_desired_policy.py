@@ -446,3 +446,33 @@ def test_the_scale_subresource_can_drive_an_hpa() -> None:
     assert d.router_selector_text("chat-auto") == (
         "app.kubernetes.io/instance=chat-auto,app.kubernetes.io/name=tollway-router"
     )
+
+
+def test_the_router_sends_the_key_the_pool_s_vllm_servers_require() -> None:
+    keyed = parse_model_pool(
+        {
+            "apiKeySecret": {"name": "vllm-key", "key": "key"},
+            "models": POOL.model_dump(by_alias=True, exclude_none=True)["models"],
+        }
+    )
+    result = d.policy_children(OWNER, policy(), "chat", keyed, {"small": 1, "large": 1})
+    backends = {b.name: b for b in result.config.backends}
+    # The same variable the router reads for any backend key: `Authorization: Bearer <key>`.
+    assert backends["small"].api_key_env == "TOLLWAY_BACKEND_SMALL_API_KEY"
+    assert backends["large"].api_key_env == "TOLLWAY_BACKEND_LARGE_API_KEY"
+    assert backends["gpt"].api_key_env == "TOLLWAY_BACKEND_GPT_API_KEY"  # the endpoint's own key
+    dep = child(result, "Deployment")
+    env = {e["name"]: e.get("valueFrom") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TOLLWAY_BACKEND_SMALL_API_KEY"] == {"secretKeyRef": {"name": "vllm-key", "key": "key"}}
+    assert env["TOLLWAY_BACKEND_GPT_API_KEY"] == {"secretKeyRef": {"name": "openai", "key": "key"}}
+    assert plan().config.backends[0].api_key_env is None  # no key, no header
+
+
+def test_router_prestop_and_grace_cover_its_drain() -> None:
+    result = plan()
+    pod = child(result, "Deployment")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    # The router keeps serving while the endpoints drop it (no connection refused), then drains.
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    drain = result.config.server.drain_seconds
+    assert pod["terminationGracePeriodSeconds"] == 5 + drain + 5

@@ -52,6 +52,7 @@ from tollway_operator.desired.names import (
     router_selector,
 )
 from tollway_operator.desired.pool import model_endpoint
+from tollway_operator.desired.sizing import vllm_flag
 
 ROUTER_PORT = 8080
 ROUTER_SERVICE_PORT = 80
@@ -63,6 +64,9 @@ HISTORY_DIR = "/etc/tollway/history"
 STATE_DIR = "/var/lib/tollway"
 CACHE_DIR = "/var/cache/tollway"
 ROUTER_UID = 65532
+ROUTER_PRESTOP_SECONDS = 5
+"""A stopping router keeps serving this long before its drain starts, while the endpoints drop it
+(otherwise new connections meet a closed port in that window)."""
 CHECKSUM_ANNOTATION = "tollway.io/config-checksum"
 STATE_URL_ENV = "TOLLWAY_STATE_URL"
 """The router reads its Redis URL from here when the policy names a Secret (router_service.store)."""
@@ -147,20 +151,6 @@ def resolve_budgets(
     return res
 
 
-def vllm_flag(args: list[str], flag: str) -> int | None:
-    """The integer value of a vLLM flag in `extraArgs` (`--flag N` or `--flag=N`), if given."""
-    for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else None
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        if value is not None:
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
 def replica_share(replicas: int) -> float:
     """Each router replica enforces 1/replicas of every budget (0 replicas: nothing runs). With a
     shared store the router ignores it, except while it has never reached the store."""
@@ -215,6 +205,7 @@ def router_config(
     backends = []
     for model in pool_spec.models:
         external = model.endpoint
+        key_ref = external.api_key_secret if external is not None else pool_spec.api_key_secret_for(model)
         backends.append(
             BackendConfig(
                 name=model.name,
@@ -222,9 +213,7 @@ def router_config(
                 profile=model.history_profile,
                 price=model.cost,
                 replicas=1 if external is not None else max(int(ready_replicas.get(model.name, 0)), 0),
-                api_key_env=backend_api_key_env(model.name)
-                if external is not None and external.api_key_secret
-                else None,
+                api_key_env=backend_api_key_env(model.name) if key_ref is not None else None,
                 upstream_model=external.upstream_model if external is not None else None,
                 # What the router needs to know of the vLLM server: its concurrency (to see a burst
                 # queue up between metric scrapes) and its context window (to bound a request).
@@ -338,8 +327,13 @@ def router_deployment(
         volumes.append({"name": "history", "configMap": {"name": spec.history.config_map}})
         env.append({"name": "TOLLWAY_HISTORY_DIR", "value": HISTORY_DIR})
     for model in pool_spec.models:
-        if model.endpoint is not None and model.endpoint.api_key_secret is not None:
-            ref = model.endpoint.api_key_secret
+        # A backend's bearer key: an external endpoint's, or the key the pool's vLLM servers require.
+        ref = (
+            model.endpoint.api_key_secret
+            if model.endpoint is not None
+            else pool_spec.api_key_secret_for(model)
+        )
+        if ref is not None:
             env.append(
                 {
                     "name": backend_api_key_env(model.name),
@@ -375,6 +369,7 @@ def router_deployment(
             "failureThreshold": 6,
             "initialDelaySeconds": 10,
         },
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(ROUTER_PRESTOP_SECONDS)]}}},
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": ROUTER_UID,
@@ -396,7 +391,8 @@ def router_deployment(
             "fsGroup": ROUTER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "terminationGracePeriodSeconds": int(config.server.drain_seconds) + 5,
+        # preStop, then the drain (in-flight requests finish, /readyz 503), then exit.
+        "terminationGracePeriodSeconds": ROUTER_PRESTOP_SECONDS + int(config.server.drain_seconds) + 5,
         "enableServiceLinks": False,
         "affinity": {
             "podAntiAffinity": {
