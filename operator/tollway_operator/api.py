@@ -3,7 +3,7 @@
 These pydantic models are the single source of truth. The CRDs in `crds/` are generated from
 them (`tollway crds`), and the operator validates every object with them before acting, so a
 rule lives here once: as a pydantic validator, and where the API server can check it too, as a
-CEL rule (`x-kubernetes-validations`) on the same model.
+CEL rule (`x-kubernetes-validations`) or a schema marker (a list-type map) on the same model.
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str
     return entry
 
 
+def list_map(*keys: str) -> dict[str, Any]:
+    """Schema markers of a list the API server treats as a map keyed by `keys` (each a required
+    field of the items): it refuses two items with the same key ("Duplicate value"), and
+    server-side apply merges the list item by item instead of replacing it whole."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys)}
+
+
+# An RFC 3339 timestamp (the API server checks the format), as status.now_rfc3339() writes it.
+DATE_TIME: dict[str, Any] = {"format": "date-time"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +70,7 @@ class Condition(CamelModel):
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
     message: str = ""
-    last_transition_time: str | None = None
+    last_transition_time: str | None = Field(None, json_schema_extra=DATE_TIME)
     observed_generation: int | None = None
 
 
@@ -525,11 +536,6 @@ class ModelPoolSpec(CamelModel):
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 cel(
-                    "self.models.all(m, self.models.exists_one(n, n.name == m.name))",
-                    "model names must be unique",
-                    ".models",
-                ),
-                cel(
                     "!has(self.calibration) || !has(self.calibration.judge) || !has(self.calibration.judge.model)"
                     " || self.models.exists(m, m.name == self.calibration.judge.model)",
                     "calibration.judge.model must name a model of this pool",
@@ -539,7 +545,12 @@ class ModelPoolSpec(CamelModel):
     }
 
     image: str = Field(DEFAULT_VLLM_IMAGE, description="Default vLLM OpenAI server image for the pool.")
-    models: list[ModelSpec] = Field(min_length=1, max_length=MAX_MODELS)
+    models: list[ModelSpec] = Field(
+        min_length=1,
+        max_length=MAX_MODELS,
+        description="The models, by name (unique: the API server refuses a repeated name).",
+        json_schema_extra=list_map("name"),
+    )
     scheduling: SchedulingSpec = Field(
         default_factory=SchedulingSpec,
         description="GPU scheduling defaults (nodeSelector, tolerations, affinity, priorityClassName) for every model.",
@@ -585,6 +596,8 @@ class ModelPoolSpec(CamelModel):
     @field_validator("models")
     @classmethod
     def _unique(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        # The API server refuses a repeated name itself (`models` is a list-map keyed by name); this
+        # names the culprit where no API server checked (the emulator, a CRD installed without it).
         names = [m.name for m in models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -621,13 +634,15 @@ class ModelPoolSpec(CamelModel):
 
 
 class ScaleDecisionStatus(CamelModel):
-    time: str
+    time: str = Field(json_schema_extra=DATE_TIME)
     from_replicas: int
     to_replicas: int
     value: float | None = None
     reason: str
     message: str | None = Field(None, description="The decision's inputs and why, in words.")
-    last_scale_time: str | None = Field(None, description="When this model's replicas last changed.")
+    last_scale_time: str | None = Field(
+        None, description="When this model's replicas last changed.", json_schema_extra=DATE_TIME
+    )
 
 
 class ModelStatus(CamelModel):
@@ -664,12 +679,12 @@ class ModelCalibrationStatus(CamelModel):
     routers: list[str] = Field(
         default_factory=list, description="RoutingPolicies whose router took the results."
     )
-    last_transition_time: str | None = None
+    last_transition_time: str | None = Field(None, json_schema_extra=DATE_TIME)
 
 
 class CalibrationStatus(CamelModel):
     summary: str = Field("", description="e.g. '2/3 calibrated'.")
-    models: list[ModelCalibrationStatus] = Field(default_factory=list)
+    models: list[ModelCalibrationStatus] = Field(default_factory=list, json_schema_extra=list_map("name"))
 
 
 class AutoscalingStatus(CamelModel):
@@ -678,7 +693,7 @@ class AutoscalingStatus(CamelModel):
     healthy: bool = True
     reason: str = ""
     message: str = ""
-    last_evaluation_time: str | None = None
+    last_evaluation_time: str | None = Field(None, json_schema_extra=DATE_TIME)
     models: dict[str, ScaleDecisionStatus] = Field(
         default_factory=dict, description="Last decision per model."
     )
@@ -686,8 +701,8 @@ class AutoscalingStatus(CamelModel):
 
 class ModelPoolStatus(CamelModel):
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    models: list[ModelStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=list_map("type"))
+    models: list[ModelStatus] = Field(default_factory=list, json_schema_extra=list_map("name"))
     autoscaling: AutoscalingStatus | None = None
     summary: str | None = Field(None, description="Ready models, e.g. '2/3 ready'.")
     calibration: CalibrationStatus | None = None
@@ -816,7 +831,7 @@ class RoutingPolicySpec(CamelModel):
 
 class RoutingPolicyStatus(CamelModel):
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=list_map("type"))
     endpoint: str | None = Field(None, description="Cluster-internal OpenAI base URL.")
     router_replicas: int = 0
     router_selector: str | None = Field(
