@@ -8,6 +8,7 @@ CEL rule (`x-kubernetes-validations`) or a schema marker (a list-type map) on th
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -30,7 +31,12 @@ GROUP = "tollway.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
-DEFAULT_ROUTER_IMAGE = "ghcr.io/tollway/tollway:0.1.0"
+# The tollway package's version, pyproject.toml's `version` and nothing else: it tags the tollway
+# image (router, simulator, calibration Jobs) the operator runs unless told otherwise, so an operator
+# runs routers of its own version. The chart's version and appVersion must equal it (a test says so).
+PACKAGE_VERSION = version("tollway")
+IMAGE_REPOSITORY = "ghcr.io/tollway/tollway"
+DEFAULT_TOLLWAY_IMAGE = f"{IMAGE_REPOSITORY}:{PACKAGE_VERSION}"
 MAX_MODELS = 32
 
 
@@ -795,7 +801,13 @@ class RouterDeploymentSpec(CamelModel):
             "creates it and leaves them alone afterwards."
         ),
     )
-    image: str = Field(DEFAULT_ROUTER_IMAGE)
+    image: str | None = Field(
+        None,
+        description=(
+            "The tollway image; default: the operator's version of ghcr.io/tollway/tollway (upgrading the "
+            "operator upgrades the routers)."
+        ),
+    )
     resources: dict[str, Any] | None = None
     auth_secret: SecretKeyRef | None = Field(
         None, description="Secret whose key holds accepted bearer tokens, one per line; unset: no auth."
