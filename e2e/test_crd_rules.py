@@ -2,8 +2,8 @@
 
 `crds` applied them server-side, so the API server compiled every CEL rule. Each bad object of the
 API tests (tests/api/test_validation.py: one per CEL rule, plus schema bounds, patterns and unknown
-fields) is refused with a message naming the field; each good one is accepted. Server-side dry runs:
-nothing is stored.
+fields, and repeated keys of list-type maps) is refused with a message naming the field; each good one
+is accepted. Server-side dry runs: nothing is stored.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from e2e_lib import REPO_ROOT, Cluster, real_cluster_only
 
 sys.path[:0] = [str(REPO_ROOT / "tests"), str(REPO_ROOT / "tests" / "api")]
-from test_validation import CEL_CASES, policy_spec, pool  # noqa: E402  (the API tests' own cases)
+from test_validation import CEL_CASES, LIST_MAP_CASES, policy_spec, pool  # noqa: E402  (the API tests' own cases)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,6 +32,7 @@ SCHEMA_CASES: list[tuple[dict[str, Any], str, str]] = [
     ),
     (pool(models__0__gpu=2), "spec.models[0].gpu", "unknown field"),
     (policy_spec(ann={"k": 0}), "spec.ann.k", "should be greater than or equal to 1"),
+    *[(bad, field, says) for _, bad, field, says in LIST_MAP_CASES],
 ]
 
 

@@ -3,6 +3,7 @@
 `crd_errors(obj)` applies the schema's defaults, then reports, each naming the field:
 - OpenAPI v3 schema violations (types, bounds, patterns, enums, required fields) via jsonschema;
 - unknown fields (the API server's strict field validation, which `kubectl apply` asks for);
+- repeated keys in list-type maps (`x-kubernetes-list-type: map`), as "Duplicate value";
 - `x-kubernetes-validations` CEL rules, evaluated with cel-python against the defaulted object.
 
 Used by tests/deploy (examples, install) and tests/api (validation rules).
@@ -86,6 +87,27 @@ def unknown_fields(schema: dict[str, Any], obj: Any, path: tuple[Any, ...] = ())
     return problems
 
 
+def duplicate_keys(schema: dict[str, Any], obj: Any, path: tuple[Any, ...] = ()) -> list[str]:
+    """Items of a list-type map whose keys an earlier item has already, each at its index."""
+    problems = []
+    if isinstance(obj, dict):
+        for name, value in obj.items():
+            sub = (schema.get("properties") or {}).get(name) or schema.get("additionalProperties")
+            if isinstance(sub, dict):
+                problems += duplicate_keys(sub, value, (*path, name))
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        if schema.get("x-kubernetes-list-type") == "map":
+            seen = set()
+            for i, item in enumerate(obj):
+                key = tuple((k, item.get(k)) for k in schema["x-kubernetes-list-map-keys"])
+                if key in seen:
+                    problems.append(f"{field_path((*path, i))}: Duplicate value: {dict(key)}")
+                seen.add(key)
+        for i, item in enumerate(obj):
+            problems += duplicate_keys(schema["items"], item, (*path, i))
+    return problems
+
+
 def iter_cel_rules(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, str]]]:
     """(schema path, rule) for every x-kubernetes-validations entry; lists show as `[*]`."""
     for rule in schema.get("x-kubernetes-validations", []):
@@ -143,7 +165,11 @@ def crd_errors(obj: dict[str, Any]) -> list[str]:
         return [f"kind: no tollway CRD for kind {kind!r}"]
     schema = openapi_schema(kind)
     defaulted = apply_defaults(schema, copy.deepcopy(obj))
-    problems = schema_violations(schema, defaulted) + unknown_fields(schema, defaulted)
+    problems = (
+        schema_violations(schema, defaulted)
+        + unknown_fields(schema, defaulted)
+        + duplicate_keys(schema, defaulted)
+    )
     if not problems:  # the API server runs CEL only on objects that pass the schema
         problems = cel_violations(schema, defaulted)
     return problems

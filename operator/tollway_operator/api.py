@@ -3,11 +3,12 @@
 These pydantic models are the single source of truth. The CRDs in `crds/` are generated from
 them (`tollway crds`), and the operator validates every object with them before acting, so a
 rule lives here once: as a pydantic validator, and where the API server can check it too, as a
-CEL rule (`x-kubernetes-validations`) on the same model.
+CEL rule (`x-kubernetes-validations`) or a schema marker (a list-type map) on the same model.
 """
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -30,7 +31,12 @@ GROUP = "tollway.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
-DEFAULT_ROUTER_IMAGE = "ghcr.io/tollway/tollway:0.1.0"
+# The tollway package's version, pyproject.toml's `version` and nothing else: it tags the tollway
+# image (router, simulator, calibration Jobs) the operator runs unless told otherwise, so an operator
+# runs routers of its own version. The chart's version and appVersion must equal it (a test says so).
+PACKAGE_VERSION = version("tollway")
+IMAGE_REPOSITORY = "ghcr.io/tollway/tollway"
+DEFAULT_TOLLWAY_IMAGE = f"{IMAGE_REPOSITORY}:{PACKAGE_VERSION}"
 MAX_MODELS = 32
 
 
@@ -40,6 +46,17 @@ def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str
     if field_path:
         entry["fieldPath"] = field_path
     return entry
+
+
+def list_map(*keys: str) -> dict[str, Any]:
+    """Schema markers of a list the API server treats as a map keyed by `keys` (each a required
+    field of the items): it refuses two items with the same key ("Duplicate value"), and
+    server-side apply merges the list item by item instead of replacing it whole."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys)}
+
+
+# An RFC 3339 timestamp (the API server checks the format), as status.now_rfc3339() writes it.
+DATE_TIME: dict[str, Any] = {"format": "date-time"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +76,7 @@ class Condition(CamelModel):
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
     message: str = ""
-    last_transition_time: str | None = None
+    last_transition_time: str | None = Field(None, json_schema_extra=DATE_TIME)
     observed_generation: int | None = None
 
 
@@ -525,11 +542,6 @@ class ModelPoolSpec(CamelModel):
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 cel(
-                    "self.models.all(m, self.models.exists_one(n, n.name == m.name))",
-                    "model names must be unique",
-                    ".models",
-                ),
-                cel(
                     "!has(self.calibration) || !has(self.calibration.judge) || !has(self.calibration.judge.model)"
                     " || self.models.exists(m, m.name == self.calibration.judge.model)",
                     "calibration.judge.model must name a model of this pool",
@@ -539,7 +551,12 @@ class ModelPoolSpec(CamelModel):
     }
 
     image: str = Field(DEFAULT_VLLM_IMAGE, description="Default vLLM OpenAI server image for the pool.")
-    models: list[ModelSpec] = Field(min_length=1, max_length=MAX_MODELS)
+    models: list[ModelSpec] = Field(
+        min_length=1,
+        max_length=MAX_MODELS,
+        description="The models, by name (unique: the API server refuses a repeated name).",
+        json_schema_extra=list_map("name"),
+    )
     scheduling: SchedulingSpec = Field(
         default_factory=SchedulingSpec,
         description="GPU scheduling defaults (nodeSelector, tolerations, affinity, priorityClassName) for every model.",
@@ -585,6 +602,8 @@ class ModelPoolSpec(CamelModel):
     @field_validator("models")
     @classmethod
     def _unique(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        # The API server refuses a repeated name itself (`models` is a list-map keyed by name); this
+        # names the culprit where no API server checked (the emulator, a CRD installed without it).
         names = [m.name for m in models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -621,13 +640,15 @@ class ModelPoolSpec(CamelModel):
 
 
 class ScaleDecisionStatus(CamelModel):
-    time: str
+    time: str = Field(json_schema_extra=DATE_TIME)
     from_replicas: int
     to_replicas: int
     value: float | None = None
     reason: str
     message: str | None = Field(None, description="The decision's inputs and why, in words.")
-    last_scale_time: str | None = Field(None, description="When this model's replicas last changed.")
+    last_scale_time: str | None = Field(
+        None, description="When this model's replicas last changed.", json_schema_extra=DATE_TIME
+    )
 
 
 class ModelStatus(CamelModel):
@@ -664,12 +685,12 @@ class ModelCalibrationStatus(CamelModel):
     routers: list[str] = Field(
         default_factory=list, description="RoutingPolicies whose router took the results."
     )
-    last_transition_time: str | None = None
+    last_transition_time: str | None = Field(None, json_schema_extra=DATE_TIME)
 
 
 class CalibrationStatus(CamelModel):
     summary: str = Field("", description="e.g. '2/3 calibrated'.")
-    models: list[ModelCalibrationStatus] = Field(default_factory=list)
+    models: list[ModelCalibrationStatus] = Field(default_factory=list, json_schema_extra=list_map("name"))
 
 
 class AutoscalingStatus(CamelModel):
@@ -678,7 +699,7 @@ class AutoscalingStatus(CamelModel):
     healthy: bool = True
     reason: str = ""
     message: str = ""
-    last_evaluation_time: str | None = None
+    last_evaluation_time: str | None = Field(None, json_schema_extra=DATE_TIME)
     models: dict[str, ScaleDecisionStatus] = Field(
         default_factory=dict, description="Last decision per model."
     )
@@ -686,8 +707,8 @@ class AutoscalingStatus(CamelModel):
 
 class ModelPoolStatus(CamelModel):
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    models: list[ModelStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=list_map("type"))
+    models: list[ModelStatus] = Field(default_factory=list, json_schema_extra=list_map("name"))
     autoscaling: AutoscalingStatus | None = None
     summary: str | None = Field(None, description="Ready models, e.g. '2/3 ready'.")
     calibration: CalibrationStatus | None = None
@@ -780,7 +801,13 @@ class RouterDeploymentSpec(CamelModel):
             "creates it and leaves them alone afterwards."
         ),
     )
-    image: str = Field(DEFAULT_ROUTER_IMAGE)
+    image: str | None = Field(
+        None,
+        description=(
+            "The tollway image; default: the operator's version of ghcr.io/tollway/tollway (upgrading the "
+            "operator upgrades the routers)."
+        ),
+    )
     resources: dict[str, Any] | None = None
     auth_secret: SecretKeyRef | None = Field(
         None, description="Secret whose key holds accepted bearer tokens, one per line; unset: no auth."
@@ -816,7 +843,7 @@ class RoutingPolicySpec(CamelModel):
 
 class RoutingPolicyStatus(CamelModel):
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=list_map("type"))
     endpoint: str | None = Field(None, description="Cluster-internal OpenAI base URL.")
     router_replicas: int = 0
     router_selector: str | None = Field(

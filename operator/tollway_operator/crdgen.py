@@ -46,6 +46,8 @@ _KEEP = {
     "pattern",
     "format",
     "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
 }
 
 

@@ -622,13 +622,6 @@ CEL_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         "spec.models[0].replicas",
     ),
     (
-        "model names must be unique",
-        "spec",
-        pool(models=[MODEL, {**MODEL, "name": "large"}]),
-        pool(models=[MODEL, MODEL]),
-        "spec.models",
-    ),
-    (
         "set model (to deploy) or endpoint (external)",
         "spec.models[*]",
         pool(models=[{"name": "ext", "endpoint": {"url": "https://x"}}]),
@@ -734,3 +727,62 @@ def test_every_cel_rule_has_a_case() -> None:
         rule["message"] for kind in crds_by_kind() for _, rule in iter_cel_rules(openapi_schema(kind))
     }
     assert messages == {case[0] for case in CEL_CASES}
+
+
+# ---------------------------------------------------------------------------------------------
+# List-type maps: the API server refuses repeated keys; the models refuse them too
+# ---------------------------------------------------------------------------------------------
+
+# (good object, bad object, the item the API server names, what it says)
+LIST_MAP_CASES: list[tuple[dict[str, Any], dict[str, Any], str, str]] = [
+    (
+        pool(models=[MODEL, {**MODEL, "name": "large"}]),
+        pool(models=[MODEL, {**MODEL, "model": "other/model"}]),
+        "spec.models[1]",
+        "Duplicate value",
+    ),
+]
+
+
+def list_maps(node: dict[str, Any], path: str = "") -> dict[str, list[str]]:
+    """Schema path -> map keys of every list-type map under `node`, checking that each key is a
+    required field of the items (a real API server refuses a CRD whose keys are neither required
+    nor defaulted)."""
+    found = {}
+    if node.get("x-kubernetes-list-type") == "map":
+        keys = node["x-kubernetes-list-map-keys"]
+        assert set(keys) <= set(node["items"].get("required", [])), (
+            f"{path}: map keys {keys} must be required"
+        )
+        found[path] = keys
+    for name, sub in (node.get("properties") or {}).items():
+        found |= list_maps(sub, f"{path}.{name}" if path else name)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            found |= list_maps(node[key], f"{path}[*]")
+    return found
+
+
+def test_named_lists_are_list_maps_keyed_by_a_required_field() -> None:
+    """Conditions by type, models by name (spec and status)."""
+    maps = {kind: list_maps(openapi_schema(kind)) for kind in crds_by_kind()}
+    assert maps == {
+        "ModelPool": {
+            "spec.models": ["name"],
+            "status.conditions": ["type"],
+            "status.models": ["name"],
+            "status.calibration.models": ["name"],
+        },
+        "RoutingPolicy": {"status.conditions": ["type"]},
+    }
+
+
+@pytest.mark.parametrize(("good", "bad", "field", "says"), LIST_MAP_CASES, ids=[c[2] for c in LIST_MAP_CASES])
+def test_repeated_list_map_key_is_refused_by_crd_and_model(
+    good: dict[str, Any], bad: dict[str, Any], field: str, says: str
+) -> None:
+    assert crd_errors(good) == []
+    PARSE[good["kind"]](good["spec"])
+    assert [e for e in crd_errors(bad) if e.startswith(f"{field}: {says}")], crd_errors(bad)
+    with pytest.raises(SpecError, match=r"spec\.models: model names must be unique; repeated: \['small'\]"):
+        PARSE[bad["kind"]](bad["spec"])

@@ -132,7 +132,7 @@ def test_peering_object_once_the_cluster_serves_kopf_dev(
 def test_no_peering_objects_by_default(helm_template: Render) -> None:
     rendered = helm_template()
     kinds = {obj["kind"] for obj in objects(rendered)}
-    assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+    assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"}
 
 
 async def test_helm_install_dry_run_renders_notes(kube_api: KubeAPI, tool: Callable[[str], str]) -> None:
@@ -172,7 +172,7 @@ async def test_helm_install_dry_run_renders_notes(kube_api: KubeAPI, tool: Calla
     assert "in these namespaces: team-a, team-b" in notes
     assert 'Peering is on (2 replicas, peering object "tollway")' in notes
     assert "Run `helm upgrade` once more with the same values to create the KopfPeering" in notes
-    assert "ServiceMonitors tollway-model-servers and tollway-routers" in notes
+    assert "ServiceMonitors tollway-model-servers, tollway-routers and tollway-operator" in notes
 
 
 # --- the operator Deployment --------------------------------------------------------------------------
@@ -422,7 +422,7 @@ VLLM_RELABEL = {
 def test_service_monitors_select_operator_children_and_restore_vllm_names(helm_template: Render) -> None:
     assert objects(helm_template(), "ServiceMonitor") == []
     monitors = {m["metadata"]["name"]: m for m in objects(helm_template(*ALL_FLAGS), "ServiceMonitor")}
-    assert set(monitors) == {"tollway-model-servers", "tollway-routers"}
+    assert set(monitors) == {"tollway-model-servers", "tollway-routers", "tollway-operator"}
     vllm, router = monitors["tollway-model-servers"]["spec"], monitors["tollway-routers"]["spec"]
     assert vllm["selector"]["matchLabels"] == {
         "app.kubernetes.io/part-of": "tollway",
@@ -440,13 +440,73 @@ def test_service_monitors_select_operator_children_and_restore_vllm_names(helm_t
         }
     ]
     watched = objects(helm_template(*ALL_FLAGS, *WATCHED), "ServiceMonitor")
-    assert all(m["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]} for m in watched)
+    children = [m for m in watched if m["metadata"]["name"] != "tollway-operator"]
+    assert len(children) == 2
+    assert all(m["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]} for m in children)
 
 
 def test_scrape_config_configmap_carries_the_shipped_file(helm_template: Render) -> None:
     (cm,) = objects(helm_template(*ALL_FLAGS), "ConfigMap")
     shipped = (CHART / "files" / "prometheus-scrape-config.yaml").read_text()
     assert cm["data"]["prometheus-scrape-config.yaml"].strip() == shipped.strip()
+
+
+# --- the operator's own metrics ------------------------------------------------------------------------
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("--set", "metrics.port=9100,redis.enabled=true", *ALL_FLAGS)],
+    ids=["defaults", "all-flags-and-redis"],
+)
+def test_metrics_service_selects_the_operator_pods_on_their_metrics_port(
+    helm_template: Render, args: tuple[str, ...]
+) -> None:
+    rendered = helm_template(*args)
+    services = {s["metadata"]["name"]: s for s in objects(rendered, "Service")}
+    service = services["tollway-metrics"]
+    assert service["metadata"]["namespace"] == "tollway-system"
+    deployment = next(d for d in objects(rendered, "Deployment") if d["metadata"]["name"] == "tollway")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects(service["spec"]["selector"], pod_labels)
+    # ... and nothing else the chart runs (the in-chart Redis has pods too).
+    workloads = objects(rendered, "Deployment") + objects(rendered, "StatefulSet")
+    others = [w for w in workloads if w["metadata"]["name"] != "tollway"]
+    assert not any(
+        selects(service["spec"]["selector"], o["spec"]["template"]["metadata"]["labels"]) for o in others
+    )
+
+    (port,) = service["spec"]["ports"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    container_port = next(p for p in container["ports"] if p["name"] == port["targetPort"])
+    assert port["name"] == "metrics" and container_port["name"] == "metrics"
+    assert port["port"] == container_port["containerPort"]
+    assert f"--metrics-port={container_port['containerPort']}" in container["args"]
+
+
+def test_operator_service_monitor_only_with_the_flag_and_it_selects_the_metrics_service(
+    helm_template: Render,
+) -> None:
+    assert "tollway-operator" not in {
+        m["metadata"]["name"] for m in objects(helm_template(), "ServiceMonitor")
+    }
+    rendered = helm_template(*ALL_FLAGS, *WATCHED)
+    (monitor,) = [
+        m for m in objects(rendered, "ServiceMonitor") if m["metadata"]["name"] == "tollway-operator"
+    ]
+    service = next(s for s in objects(rendered, "Service") if s["metadata"]["name"] == "tollway-metrics")
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["tollway-system"]}
+    assert selects(spec["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert [e["port"] for e in spec["endpoints"]] == [p["name"] for p in service["spec"]["ports"]]
+    # The monitors of the model servers and routers do not pick up the operator's Service.
+    for other in objects(rendered, "ServiceMonitor"):
+        if other["metadata"]["name"] != "tollway-operator":
+            assert not selects(other["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
 
 
 # --- manifests/install --------------------------------------------------------------------------------
@@ -470,6 +530,7 @@ def test_install_manifests_need_no_helm(repo_root: Path, helm_template: Render) 
         "ClusterRoleBinding",
         "Deployment",
         "Namespace",
+        "Service",
         "ServiceAccount",
     ]
     for doc in docs:

@@ -94,9 +94,10 @@ BAD_OBJECTS: list[tuple[str, str, Callable[[dict[str, Any]], None], str, str, st
         "duplicate-model-names",
         "ModelPool",
         lambda o: o["spec"]["models"][1].update(name="small"),
-        "spec.models",
-        "model names must be unique",
-        # A pydantic model validator reports at the model (spec); the message names the field.
+        # A list-type map keyed by name: the API server names the repeated item.
+        "spec.models[1]",
+        "Duplicate value",
+        # A pydantic field validator reports at the list; the message names the repeated name.
         "spec.models: model names must be unique; repeated: ['small']",
     ),
     (

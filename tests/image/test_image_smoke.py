@@ -28,7 +28,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,7 +45,7 @@ DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
 @pytest.fixture(scope="module")
-def image() -> dict:
+def image(report_image_size: Callable[[dict], None]) -> dict:
     """The build summary (manifests/image/build-rootfs --json): paths, OCI digests, sizes."""
     if os.geteuid() != 0:
         pytest.fail("the image smoke test needs root (debootstrap, chroot, mount namespaces)", pytrace=False)
@@ -68,7 +68,9 @@ def image() -> dict:
             f"build-rootfs failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}",
             pytrace=False,
         )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    report_image_size(summary)
+    return summary
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tollway_operator.api import DEFAULT_ROUTER_IMAGE, ModelPoolSpec, ModelSpec, SecretKeyRef
+from tollway_operator.api import DEFAULT_TOLLWAY_IMAGE, ModelPoolSpec, ModelSpec, SecretKeyRef
 from tollway_operator.desired.names import (
     COMPONENT_CALIBRATION,
     LABEL_COMPONENT,
@@ -211,7 +211,7 @@ def calibration_job(
     model: ModelSpec,
     revision: str,
     targets: Sequence[RouterTarget],
-    default_image: str = DEFAULT_ROUTER_IMAGE,
+    default_image: str = DEFAULT_TOLLWAY_IMAGE,
 ) -> dict[str, Any]:
     """The Job that calibrates one model at one revision and pushes the result to `targets`."""
     pool, namespace = owner.name, owner.namespace
@@ -333,7 +333,7 @@ def calibration_plan(
     targets: Sequence[RouterTarget],
     dataset_digest: str | None = None,
     set_missing: str | None = None,
-    default_image: str = DEFAULT_ROUTER_IMAGE,
+    default_image: str = DEFAULT_TOLLWAY_IMAGE,
 ) -> CalibrationPlan:
     """The calibration Jobs a pool should own (see the module docstring).
 

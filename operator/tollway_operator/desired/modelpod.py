@@ -32,7 +32,7 @@ import math
 from typing import Any
 
 from router_service.config import ServerConfig
-from tollway_operator.api import DEFAULT_ROUTER_IMAGE, ModelPoolSpec, ModelSpec
+from tollway_operator.api import DEFAULT_TOLLWAY_IMAGE, ModelPoolSpec, ModelSpec
 from tollway_operator.desired.names import VLLM_PORT
 from tollway_operator.desired.sizing import (
     cache_size,
@@ -182,7 +182,7 @@ def simulator_args(model: ModelSpec, seed: int) -> list[str]:
 def simulator_container(spec: ModelPoolSpec, model: ModelSpec, seed: int) -> dict[str, Any]:
     return {
         "name": "simulator",
-        "image": spec.simulate.image or DEFAULT_ROUTER_IMAGE,
+        "image": spec.simulate.image or DEFAULT_TOLLWAY_IMAGE,
         "command": simulator_args(model, seed),
         "ports": [{"name": "http", "containerPort": VLLM_PORT, "protocol": "TCP"}],
         "env": [{"name": "HOME", "value": "/tmp"}, *_api_key_env(spec, model)],

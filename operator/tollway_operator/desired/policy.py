@@ -40,7 +40,13 @@ from router_service.config import (
     dump_router_config,
 )
 from router_service.routing.budgets import split_weights
-from tollway_operator.api import BudgetsSpec, ModelPoolSpec, ModelSpec, RoutingPolicySpec
+from tollway_operator.api import (
+    DEFAULT_TOLLWAY_IMAGE,
+    BudgetsSpec,
+    ModelPoolSpec,
+    ModelSpec,
+    RoutingPolicySpec,
+)
 from tollway_operator.desired.names import (
     Owner,
     backend_api_key_env,
@@ -342,7 +348,7 @@ def router_deployment(
             )
     container: dict[str, Any] = {
         "name": "router",
-        "image": router.image,
+        "image": router.image or DEFAULT_TOLLWAY_IMAGE,
         "command": [
             "tollway",
             "router",
