@@ -205,7 +205,13 @@ class Outcome:
         return self.status is not None and 200 <= self.status < 300 and self.error is None
 
 
-KEEP_HEADERS = ("x-tollway-model", "x-tollway-route", "retry-after", "x-tollway-decision-ms")
+KEEP_HEADERS = (
+    "x-tollway-model",
+    "x-tollway-route",
+    "x-tollway-endpoint",
+    "retry-after",
+    "x-tollway-decision-ms",
+)
 
 
 def make_client(concurrency: int, timeout: float) -> httpx.AsyncClient:

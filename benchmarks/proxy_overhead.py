@@ -8,10 +8,15 @@ Three simulators (`tollway simulate`, fast profile so the backend itself costs l
 the same model names to four targets, all driven by the same httpx client code
 (`common.send_chat`) in this process, in the same run, interleaved per measurement point:
 
-- direct:          the simulators themselves (the baseline);
+- direct:          the simulators themselves, round-robin over the three (the baseline);
+- direct-mix:      the simulators themselves, each request to the model routing would pick for its
+                   prompt (computed in-process first): the same load per backend as
+                   tollway-routed, whose throughput is otherwise capped by the one simulator that
+                   ~90% of the prompts go to (no budgets: the best model wins);
 - tollway:         `tollway router`, model pinned by name (a pure proxy hop);
 - tollway-routed:  `tollway router`, model "auto" (the full decision: embed, kNN, score, load);
-- litellm:         LiteLLM's proxy (`litellm --config`, model_list `openai/<name>` + api_base).
+- litellm:         LiteLLM's proxy (`litellm --config`, model_list `openai/<name>` + api_base, a
+                   master key that every request sends, as LiteLLM >= 1.10x requires).
 
 Pinned and LiteLLM requests go round-robin over the three names, like the direct ones. For every
 (streaming, concurrency) point the added latency is the target's percentile minus the direct
@@ -65,6 +70,7 @@ MODELS = {  # simulator name -> history profile (any three; the decision cost do
 # A fast backend: 16 tokens take ~0.3 ms of simulated time, so latency is mostly the HTTP hops.
 SIM_FLAGS = {"speedup": 1000, "max-num-seqs": 256, "kv-cache-tokens": 2_000_000}
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
+LITELLM_KEY = "sk-tollway-bench-0123456789abcdef"  # LiteLLM >= 1.10x starts only with a master key
 DECISION_METRIC = "tollway_routing_decision_seconds"
 LITELLM_LOG_CONFIG = """{
   "version": 1,
@@ -90,6 +96,7 @@ def litellm_config(sims: dict[str, str]) -> str:
                 for name, url in sims.items()
             ],
             "litellm_settings": {"drop_params": True, "telemetry": False},
+            "general_settings": {"master_key": LITELLM_KEY},
         },
         sort_keys=False,
     )
@@ -112,6 +119,10 @@ def start_litellm(sims: dict[str, str], log_dir: Path) -> tuple[ManagedProcess, 
     return proc, url
 
 
+def litellm_headers() -> dict[str, str]:
+    return {"authorization": f"Bearer {LITELLM_KEY}"}
+
+
 def history_prompts(n: int, seed: int = 0) -> list[str]:
     from router_service.routing.history import load_builtin_history
 
@@ -131,6 +142,7 @@ async def measure_point(
     max_seconds: float,
     max_tokens: int,
     warmup: int,
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[Outcome], float]:
     async with make_client(concurrency, timeout=60) as client:
 
@@ -143,10 +155,24 @@ async def measure_point(
                 max_tokens=max_tokens,
                 stream=stream,
                 t0=t0,
+                headers=headers,
             )
 
         await closed_loop(one, concurrency=concurrency, total=warmup, max_seconds=30)
         return await closed_loop(one, concurrency=concurrency, total=total, max_seconds=max_seconds)
+
+
+def routing_picks(config: dict[str, Any], prompts: list[str]) -> list[str]:
+    """The model the router picks for each prompt (its engine, in-process, same config; without
+    budgets the dual prices stay 0, so the pick is the same in the router)."""
+    from router_service.config import RouterConfig
+    from router_service.proxy.request import ROUTING_TEXT_CHARS
+    from router_service.routing.engine import RoutingEngine
+
+    engine = RoutingEngine.from_config(RouterConfig.model_validate(config))
+    picks = [engine.rank(p[:ROUTING_TEXT_CHARS]).candidates[0].model for p in prompts]
+    engine.close()
+    return picks
 
 
 def decision_in_process(config: dict[str, Any], prompts: list[str]) -> dict[str, float]:
@@ -189,7 +215,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         targets: dict[str, tuple[str, Any]] = {}
         names = list(MODELS)
         direct_urls = [sims[n] for n in names]
+        routed_mix = routing_picks(router_cfg, prompts)
         targets["direct"] = ("", None)
+        targets["direct-mix"] = ("", None)
         targets["tollway"] = (router_url, lambda i: names[i % 3])
         targets["tollway-routed"] = (router_url, lambda i: "auto")
         if not args.no_litellm:
@@ -208,6 +236,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     outcomes, wall = asyncio.run(
                         direct_point(direct_urls, names, prompts, conc, stream, total, args)
                     )
+                elif target == "direct-mix":
+                    mix_urls = [sims[m] for m in routed_mix]
+                    outcomes, wall = asyncio.run(
+                        direct_point(
+                            mix_urls, routed_mix, prompts, conc, stream, total, args, per_prompt=True
+                        )
+                    )
                 else:
                     outcomes, wall = asyncio.run(
                         measure_point(
@@ -220,6 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             max_seconds=args.max_seconds,
                             max_tokens=args.max_tokens,
                             warmup=min(50, total // 5),
+                            headers=litellm_headers() if target == "litellm" else None,
                         )
                     )
                 row = {"target": target, "stream": stream, "concurrency": conc, **summarize(outcomes, wall)}
@@ -246,6 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     decision = decision_in_process(router_cfg, prompts)
     return {
         "points": points,
+        "routed_mix": {m: routed_mix.count(m) for m in MODELS},
         "decision_in_process": decision,
         "rss_bytes": {"tollway": router_rss, "litellm": litellm_rss},
         "settings": {
@@ -261,12 +298,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def direct_point(
-    urls: list[str], names: list[str], prompts: list[str], conc: int, stream: bool, total: int, args: Any
+    urls: list[str],
+    names: list[str],
+    prompts: list[str],
+    conc: int,
+    stream: bool,
+    total: int,
+    args: Any,
+    per_prompt: bool = False,
 ) -> tuple[list[Outcome], float]:
-    async with make_client(conc * len(urls), timeout=60) as client:
+    """Straight to the simulators: request i to urls[i % 3] (round robin), or with `per_prompt` to
+    urls[i % len(prompts)] (the model chosen for that prompt)."""
+    async with make_client(conc * len(set(urls)), timeout=60) as client:
 
         async def one(i: int, t0: float) -> Outcome:
-            k = i % len(urls)
+            k = i % len(prompts) if per_prompt else i % len(urls)
             return await send_chat(
                 client,
                 urls[k],
@@ -286,9 +332,68 @@ def litellm_version() -> str | None:
     return meta[0].name.removeprefix("litellm-").removesuffix(".dist-info") if meta else None
 
 
+TARGET_THROUGHPUT = 0.70  # routed max req/s over direct max req/s
+TARGET_ADDED_P50_MS = {"tollway": 2.0, "tollway-routed": 3.0}  # at 1 client, not streamed and streamed
+
+
+def targets_met(points: list[dict[str, Any]], max_rps: dict[str, float]) -> list[str]:
+    """The issue's targets, each met or with its measured distance."""
+    out = []
+    for base, what in (("direct", "direct"), ("direct-mix", "direct-mix (the same load per backend)")):
+        if "tollway-routed" not in max_rps or base not in max_rps:
+            continue
+        ratio = max_rps["tollway-routed"] / max_rps[base]
+        out.append(
+            f"- Target routed max throughput >= {TARGET_THROUGHPUT:.0%} of {what}: {ratio:.0%} "
+            f"({max_rps['tollway-routed']:.0f} / {max_rps[base]:.0f} req/s) "
+            + (
+                "**met**."
+                if ratio >= TARGET_THROUGHPUT
+                else f"**missed** by {TARGET_THROUGHPUT - ratio:.0%} points."
+            )
+        )
+    for target, limit in TARGET_ADDED_P50_MS.items():
+        for p in points:
+            if p["target"] == target and p["concurrency"] == 1:
+                added = p["added_ms"]["p50"]
+                mode = "streamed" if p["stream"] else "plain"
+                out.append(
+                    f"- Target {target} added p50 at 1 client ({mode}) < {limit:g} ms: {added:.2f} ms "
+                    + ("**met**." if added < limit else f"**missed** by {added - limit:.2f} ms.")
+                )
+    return out
+
+
+def throughput_ratios(points: list[dict[str, Any]]) -> str:
+    """req/s of each proxy over direct and over direct-mix, at every point."""
+    at = {(p["target"], p["stream"], p["concurrency"]): p["ok_per_s"] for p in points}
+    rows = []
+    for stream, conc in sorted({(p["stream"], p["concurrency"]) for p in points}):
+        direct, mix = at.get(("direct", stream, conc)), at.get(("direct-mix", stream, conc))
+        row: list[Any] = ["yes" if stream else "no", conc]
+        for target in ("tollway", "tollway-routed", "litellm"):
+            value = at.get((target, stream, conc))
+            row.append("-" if value is None or not direct else f"{value / direct:.0%}")
+        routed = at.get(("tollway-routed", stream, conc))
+        row.append("-" if routed is None or not mix else f"{routed / mix:.0%}")
+        rows.append(row)
+    return markdown_table(
+        [
+            "stream",
+            "clients",
+            "tollway / direct",
+            "routed / direct",
+            "litellm / direct",
+            "routed / direct-mix",
+        ],
+        rows,
+    )
+
+
 def report(data: dict[str, Any], out_dir: Path) -> Path:
     points = data["points"]
     base = {(p["stream"], p["concurrency"]): p for p in points if p["target"] == "direct"}
+    direct_kinds = ("direct", "direct-mix")
     rows = []
     for p in points:
         d = base[(p["stream"], p["concurrency"])]
@@ -303,8 +408,8 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
                 p["ok"],
                 fmt(p["latency_ms"]["p50"]),
                 fmt(p["latency_ms"]["p99"]),
-                "-" if p["target"] == "direct" else fmt(added50),
-                "-" if p["target"] == "direct" else fmt(added99),
+                "-" if p["target"] in direct_kinds else fmt(added50),
+                "-" if p["target"] in direct_kinds else fmt(added99),
                 fmt(p["ok_per_s"], 1),
                 ", ".join(f"{k}: {v}" for k, v in p["outcomes"].items()),
             ]
@@ -325,7 +430,8 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
         rows,
     )
     targets = sorted(
-        {p["target"] for p in points}, key=["direct", "tollway", "tollway-routed", "litellm"].index
+        {p["target"] for p in points},
+        key=["direct", "direct-mix", "tollway", "tollway-routed", "litellm"].index,
     )
     max_rps = {t: max(p["ok_per_s"] for p in points if p["target"] == t) for t in targets}
     rps_table = markdown_table(
@@ -347,6 +453,7 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
             verdict.append(
                 f"- {tgt} adds less latency than LiteLLM (p50 and p99) at {sum(wins)} of {len(wins)} points."
             )
+    verdict.extend(targets_met(points, max_rps))
     routed = [p for p in points if p["target"] == "tollway-routed"]
     dec99 = max((p["decision_ms"]["p99"] for p in routed), default=float("nan"))
     dip = data["decision_in_process"]
@@ -366,15 +473,24 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
             "",
             f"- Three `tollway simulate` servers ({', '.join(MODELS)}), flags {SIM_FLAGS}: a fast backend, so the "
             "latency is mostly HTTP hops and Python. One process each.",
-            "- `tollway router` (one process, one event loop, no access log) with the three as backends.",
+            "- `tollway router` (one process, one event loop on uvloop, httptools, no access log) with the three "
+            "as backends; upstream calls over one aiohttp pool per endpoint.",
             f"- LiteLLM proxy {settings['litellm_version']} (`litellm[proxy]`, separate venv, one uvicorn worker, "
-            "access log off) with the same three simulators as `openai/<name>` deployments.",
+            "access log off, a master key sent with every request) with the same three simulators as "
+            "`openai/<name>` deployments.",
             "- Client: this process, httpx.AsyncClient, one connection per client, keep-alive; the same "
             "`send_chat` for every target. Closed loop: each client sends its next request when the last ends. "
             f"{settings['requests_per_point_1_client']} requests per point at 1 client, "
             f"{settings['requests_per_point_more_clients']} at more (capped at {settings['max_seconds_per_point']} s), "
             f"after a warm-up; {settings['max_tokens']} completion tokens; prompts from the shipped history.",
             "- Added latency = target percentile - direct percentile at the same point (same run).",
+            "- Routing sends each prompt to the model its estimate favours; without budgets that is mostly the "
+            f"strongest: of the {sum(data['routed_mix'].values())} prompts, "
+            + ", ".join(f"{m} {n}" for m, n in data["routed_mix"].items())
+            + ". So routed throughput is capped by one simulator process, whatever the router costs; "
+            "`direct-mix` sends the same prompts straight to the same models, the like-for-like baseline.",
+            f"- 1-minute load average at the start: {data.get('load_average_1m_at_start')} (other engineers share "
+            "this machine; above ~0.5 the cores were not ours alone).",
             "- **Core contention:** the load generator, the proxy under test and the three simulators all share "
             f"this machine's {data['machine_cpus']} cores. At 16 and 64 clients the client and the simulators "
             "take CPU from the proxy, so req/s is a whole-system figure and the added latency includes queueing "
@@ -385,6 +501,10 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
             table,
             "",
             rps_table,
+            "",
+            "Throughput at each point, as a share of direct's at the same point:",
+            "",
+            throughput_ratios(points),
             "",
             "## Verdict",
             "",
@@ -399,6 +519,7 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
         "tollway-routed": "tab:green",
         "litellm": "tab:red",
         "direct": "tab:gray",
+        "direct-mix": "tab:olive",
     }
     for stream, ls in ((False, "-"), (True, "--")):
         for t in targets:
@@ -408,7 +529,7 @@ def report(data: dict[str, Any], out_dir: Path) -> Path:
             )
             xs = [p["concurrency"] for p in pts]
             lab = f"{t}{' (stream)' if stream else ''}"
-            if t != "direct":
+            if t not in direct_kinds:
                 axes[0][0].plot(
                     xs, [p["added_ms"]["p50"] for p in pts], ls, marker="o", color=styles[t], label=lab
                 )

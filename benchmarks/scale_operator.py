@@ -74,6 +74,9 @@ def pool(name: str) -> dict[str, Any]:
                     "replicas": {"min": 1, "max": 2},
                     "cache": {"kind": "emptyDir", "size": "40Gi"},
                     "tolerations": [GPU_TOLERATION],
+                    # Small requests: the default ones (by GPU count) would not let 300 pods fit on
+                    # the fake nodes' CPUs; what is measured is the control plane, not packing.
+                    "resources": {"requests": {"cpu": "100m", "memory": "1Gi"}},
                 }
                 for m, hf, prof, gpus in MODELS
             ],

@@ -17,7 +17,15 @@ from e2e_lib import GPU_TOLERATION, Cluster, OperatorProcess, condition, current
 
 pytestmark = pytest.mark.timeout(400)
 RESYNCS = 3
-CHILD_KINDS = ("deployments", "services", "configmaps", "persistentvolumeclaims", "poddisruptionbudgets")
+CHILD_KINDS = (
+    "deployments",
+    "statefulsets",
+    "services",
+    "configmaps",
+    "persistentvolumeclaims",
+    "poddisruptionbudgets",
+    "networkpolicies",
+)
 
 
 def quiet_pool(namespace: str) -> dict[str, Any]:
@@ -26,6 +34,7 @@ def quiet_pool(namespace: str) -> dict[str, Any]:
         "kind": "ModelPool",
         "metadata": {"name": "quiet", "namespace": namespace},
         "spec": {
+            "networkPolicy": {"prometheus": {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}},
             "models": [
                 {
                     "name": "small",
@@ -33,7 +42,8 @@ def quiet_pool(namespace: str) -> dict[str, Any]:
                     "profile": "mistralai/mistral-7b-chat",
                     "gpus": 1,
                     "resources": {"requests": {"cpu": 1, "memory": "1024Mi"}, "limits": {"memory": "16Gi"}},
-                    "cache": {"kind": "pvc", "size": "50Gi"},
+                    # Per-replica claims: a StatefulSet, whose claim template the API server fills in.
+                    "cache": {"kind": "pvc", "size": "50Gi", "retention": "Delete"},
                     "tolerations": [GPU_TOLERATION],
                 }
             ],
@@ -123,5 +133,8 @@ def test_resyncs_of_an_unchanged_pool_write_nothing(
         for kind in ("routingpolicy", "modelpool"):
             cl.kubectl("delete", kind, "quiet", "-n", namespace, "--wait=false", check=False)
         cl.wait_for(
-            lambda: not {"quiet-small", "quiet-router"} & cl.names("deployments"), "the children collected"
+            lambda: (
+                not {"quiet-small", "quiet-router"} & (cl.names("deployments") | cl.names("statefulsets"))
+            ),
+            "the children collected",
         )

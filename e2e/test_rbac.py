@@ -42,6 +42,12 @@ ADMISSION_ONLY: dict[Permission, str] = {
         "a check without a request of its own (e2e/cluster/smoke shows the refusal without it)"
     )
     for plural in ("modelpools", "routingpolicies")
+} | {
+    ("discovery.k8s.io", "endpointslices", verb): (
+        "the router's Role grants it; RBAC lets the operator write a Role only with permissions it holds "
+        "itself (no escalate), a check at the Role's creation without a request of its own"
+    )
+    for verb in ("get", "list", "watch")
 }
 """Permissions that no request uses, yet the operator needs, and why."""
 

@@ -249,10 +249,16 @@ class DegradationSettings(CamelModel):
         256, ge=1, description="... or when the router's own in-flight requests per replica exceed this."
     )
     scrape_interval_seconds: float = Field(
-        1.0, gt=0, le=60, description="How often backends' /metrics are read."
+        1.0, gt=0, le=60, description="How often every replica's /metrics is read."
     )
     stale_after_seconds: float = Field(
-        10.0, gt=0, description="Metrics older than this are ignored (only in-flight counts are used)."
+        10.0,
+        gt=0,
+        description=(
+            "A replica whose last /metrics read failed, or succeeded longer ago than this, is unknown: its "
+            "saturation rests on the router's own in-flight count, and it gets work only when no replica "
+            "with fresh metrics has room."
+        ),
     )
     priority_headroom: dict[PriorityClass, float] = Field(
         default_factory=lambda: {"critical": 1.5, "standard": 1.0, "sheddable": 0.6},
@@ -268,12 +274,42 @@ class DegradationSettings(CamelModel):
     )
 
 
+class EndpointSliceSource(CamelModel):
+    """Where the router finds a model's pods inside a cluster: the EndpointSlices of its Service."""
+
+    service: str = Field(min_length=1, description="The Service whose EndpointSlices list the model's pods.")
+    namespace: str = Field(min_length=1, description="The Service's namespace.")
+    port_name: str = Field("http", description="The name of the Service port that serves the model.")
+    scheme: Literal["http", "https"] = Field("http", description="How the router talks to each pod.")
+
+
 class BackendConfig(CamelModel):
-    """One model the router can send work to."""
+    """One model the router can send work to, and where its replicas are.
+
+    Exactly one of `url` (one address: a Service, a load balancer or an external API, standing for
+    `replicas` servers) or `urls` (one address per replica; the router picks among them per
+    request). Inside a cluster, `endpointSlices` makes the router find the pods behind `url` itself
+    and pick among them; `url` is used until the first list of pods arrives.
+    """
 
     name: ModelName = Field(description="Served model name; what clients may pin with `model`.")
-    url: str = Field(
-        description="Base URL of the OpenAI-compatible server, without /v1 (e.g. http://m:8000)."
+    url: str | None = Field(
+        None, description="Base URL of the OpenAI-compatible server, without /v1 (e.g. http://m:8000)."
+    )
+    urls: list[str] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Base URLs of the model's replicas, one each (static endpoints): the router picks the replica "
+            "with the most room for every request. Instead of `url`."
+        ),
+    )
+    endpoint_slices: EndpointSliceSource | None = Field(
+        None,
+        description=(
+            "In a cluster: read the model's ready pods from its Service's EndpointSlices (a watch) and send "
+            "each request to a pod directly."
+        ),
     )
     profile: str = Field(description="Which model's columns in the routing history describe this model.")
     price: Price = Field(default_factory=Price)
@@ -281,9 +317,16 @@ class BackendConfig(CamelModel):
         default_factory=lambda: ["chat", "completions"]
     )
     replicas: int = Field(
-        1, ge=0, description="Ready replicas behind the URL (scales saturation thresholds)."
+        1,
+        ge=0,
+        description=(
+            "Ready replicas behind `url` (scales its saturation thresholds); with `urls`, their number. "
+            "0: the model is unavailable."
+        ),
     )
-    metrics_url: str | None = Field(None, description="vLLM /metrics URL; default: <url>/metrics.")
+    metrics_url: str | None = Field(
+        None, description="vLLM /metrics URL; default: <url>/metrics (with `urls`: each replica's)."
+    )
     api_key_env: str | None = Field(
         None, description="Environment variable holding a bearer key for the backend."
     )
@@ -316,6 +359,55 @@ class BackendConfig(CamelModel):
             "unset: any calibration pushed for the backend's name is used."
         ),
     )
+
+    @model_validator(mode="after")
+    def _addresses(self) -> BackendConfig:
+        if (self.url is None) == (self.urls is None):
+            raise ValueError(f"backend {self.name!r}: set exactly one of url or urls")
+        if self.urls is not None:
+            if len(set(self.urls)) != len(self.urls):
+                raise ValueError(f"backend {self.name!r}: urls lists an address twice")
+            if self.metrics_url is not None:
+                raise ValueError(
+                    f"backend {self.name!r}: metricsUrl goes with url; with urls each has its own"
+                )
+            if self.endpoint_slices is not None:
+                raise ValueError(f"backend {self.name!r}: endpointSlices goes with url (the Service)")
+            if "replicas" in self.model_fields_set and self.replicas != len(self.urls):
+                raise ValueError(
+                    f"backend {self.name!r}: replicas ({self.replicas}) must match urls ({len(self.urls)}) "
+                    "or be left out"
+                )
+            self.replicas = len(self.urls)
+        return self
+
+
+class ScorerWeights(CamelModel):
+    """How much each load signal counts when the router scores a model's replicas."""
+
+    queue: float = Field(
+        1.0, ge=0, description="Requests waiting on the replica (scraped and the router's own)."
+    )
+    kv_cache: float = Field(1.0, ge=0, description="The replica's KV-cache use (scraped).")
+    running: float = Field(
+        1.0,
+        ge=0,
+        description="Requests the replica runs, against its maxNumSeqs (the router's own and scraped).",
+    )
+
+
+class EndpointPickerSettings(CamelModel):
+    """How a request is sent to one replica of the chosen model (filter -> score -> pick)."""
+
+    strategy: Literal["least-loaded", "round-robin", "random"] = Field(
+        "least-loaded",
+        description=(
+            "least-loaded: the replica with the most room (weighted scores of queue, KV cache and running "
+            "requests; replicas with fresh metrics first); round-robin and random: what a Service does, "
+            "for comparison. Every strategy skips replicas that are not ready, failing or saturated."
+        ),
+    )
+    weights: ScorerWeights = Field(default_factory=ScorerWeights)
 
 
 class BudgetConfig(CamelModel):
@@ -505,6 +597,7 @@ class RouterConfig(CamelModel):
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     degradation: DegradationSettings = Field(default_factory=DegradationSettings)
+    endpoint_picker: EndpointPickerSettings = Field(default_factory=EndpointPickerSettings)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 

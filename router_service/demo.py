@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ def build_jobs(history: Any, duration: float, start_rate: float, end_rate: float
 
 def router_config(
     models: list[ModelSpec],
-    urls: dict[str, str],
+    urls: Mapping[str, str | list[str]],
     policy: dict[str, Any],
     budgets: dict[str, int],
     window: float,
@@ -186,7 +186,7 @@ def router_config(
         "backends": [
             {
                 "name": m.name,
-                "url": urls[m.name],
+                **_addresses(urls[m.name]),
                 "profile": m.profile,
                 "price": {"inputPerMillionTokens": m.input_price, "outputPerMillionTokens": m.output_price},
                 "maxNumSeqs": CAPACITY[min(rank, len(CAPACITY) - 1)]["max_num_seqs"],
@@ -202,6 +202,13 @@ def router_config(
         "budgets": {"windowSeconds": window, "tokens": budgets},
         "server": {"upstreamTimeoutSeconds": 60, "drainSeconds": 2},
     }
+
+
+def _addresses(urls: str | list[str]) -> dict[str, Any]:
+    """A backend's `url`, or its `urls` when it runs several replicas (the router picks among them)."""
+    if isinstance(urls, str):
+        return {"url": urls}
+    return {"urls": urls} if len(urls) > 1 else {"url": urls[0]}
 
 
 # --- processes ---------------------------------------------------------------------------------------
@@ -220,33 +227,39 @@ class Stack:
         self.models = models
         self.speedup = speedup
         self.log_dir = log_dir
-        self.sims: dict[str, Any] = {}
+        self.sims: dict[tuple[str, int], Any] = {}  # by (model, replica)
         self.router: subprocess.Popen[bytes] | None = None
         self.router_url = ""
         self._router_log: Any = None
 
-    def start_simulators(self) -> dict[str, str]:
+    def start_simulators(self, replicas: int = 1) -> dict[str, list[str]]:
+        """`replicas` simulators per model; their URLs by model."""
         from router_service.simulator.profile import SimulatorProfile
         from router_service.simulator.server import SimulatorProcess
 
         errors: list[BaseException] = []
 
-        def start(rank: int, m: ModelSpec) -> None:
+        def start(rank: int, m: ModelSpec, replica: int) -> None:
             cap = CAPACITY[min(rank, len(CAPACITY) - 1)]
-            profile = SimulatorProfile(model=m.name, speedup=self.speedup, seed=rank, ttft_ms=20, **cap)
+            seed = rank + 100 * replica
+            profile = SimulatorProfile(model=m.name, speedup=self.speedup, seed=seed, ttft_ms=20, **cap)
             try:
-                self.sims[m.name] = SimulatorProcess(profile).start()
+                self.sims[m.name, replica] = SimulatorProcess(profile).start()
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=start, args=(i, m)) for i, m in enumerate(self.models)]
+        threads = [
+            threading.Thread(target=start, args=(i, m, r))
+            for i, m in enumerate(self.models)
+            for r in range(replicas)
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=60)
         if errors:
             raise RuntimeError(f"a simulator failed to start: {errors[0]}")
-        return {name: sim.url for name, sim in self.sims.items()}
+        return {m.name: [self.sims[m.name, r].url for r in range(replicas)] for m in self.models}
 
     def start_router(self, config: dict[str, Any], port: int | None = None, host: str = "127.0.0.1") -> str:
         import httpx
@@ -613,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--slo", type=float, default=5.0, help="a served request counts within SLO under this many s"
     )
     p.add_argument("--speedup", type=float, default=2.0, help="simulated seconds per wall-clock second")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="simulators per model; the router picks the replica with the most room per request (default 1)",
+    )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json", type=Path, help="write the summary JSON here")
     p.add_argument(
@@ -629,8 +648,10 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.duration <= 0 or args.start_rate <= 0 or args.end_rate <= 0:
-        print("tollway demo: --duration, --start-rate and --end-rate must be > 0", file=sys.stderr)
+    if args.duration <= 0 or args.start_rate <= 0 or args.end_rate <= 0 or args.replicas < 1:
+        print(
+            "tollway demo: --duration, --start-rate, --end-rate and --replicas must be > 0", file=sys.stderr
+        )
         return 2
     from rich.console import Console
 
@@ -660,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.serve:
                 return serve(console, models, policy, budgets, window, len(jobs), args, Path(tmp))
             console.print(
-                f"[bold]tollway demo[/]: {len(models)} simulated models ({', '.join(m.name for m in models)}), "
+                f"[bold]tollway demo[/]: {len(models)} simulated models ({', '.join(m.name for m in models)}"
+                f"{f', {args.replicas} replicas each' if args.replicas > 1 else ''}), "
                 f"{len(jobs)} held-out RouterBench prompts per policy over {per_policy:g} s, "
                 f"{args.start_rate:g} -> {args.end_rate:g} req/s; SLO {args.slo:g} s; budgets {budgets} tokens."
             )
@@ -720,8 +742,9 @@ def run_policy(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with running_stack(models, args.speedup, log_dir) as stack:
-        with console.status(f"[{name}] starting {len(models)} simulators and the router ..."):
-            urls = stack.start_simulators()
+        count = len(models) * args.replicas
+        with console.status(f"[{name}] starting {count} simulators and the router ..."):
+            urls = stack.start_simulators(args.replicas)
             cfg = router_config(models, urls, policy, budgets, window, len(jobs))
             base_url = stack.start_router(cfg)
         columns = (
@@ -749,7 +772,7 @@ def serve(
     log_dir: Path,
 ) -> int:
     with running_stack(models, args.speedup, log_dir) as stack:
-        urls = stack.start_simulators()
+        urls = stack.start_simulators(args.replicas)
         cfg = router_config(models, urls, policy, budgets, window, expected)
         cfg["budgets"]["windowSeconds"] = 3600
         base = stack.start_router(cfg, port=args.port)

@@ -41,7 +41,7 @@ EMULATED (what a real cluster's controllers do and the emulator does not, played
 - garbage collection: when an object is deleted, dependents whose `ownerReferences` all point at
   deleted owners are deleted (background propagation), recursively; an object created or changed
   while all its owners are gone is deleted too;
-- the Deployment controller: a Deployment's `status` follows its spec at once (`replicas`,
+- the Deployment and StatefulSet controllers: their `status` follows its spec at once (`replicas`,
   `readyReplicas` = `availableReplicas` = `updatedReplicas` = spec.replicas, `observedGeneration`,
   Available/Progressing conditions), except for Deployments named in `hold_unready`, which report
   zero ready replicas (to test degraded states);
@@ -88,6 +88,8 @@ CRD_DIR = REPO_ROOT / "crds"
 NAMESPACES = kmock.resource("", "v1", "namespaces")
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
+STATEFULSETS = kmock.resource("apps", "v1", "statefulsets")
+WORKLOADS = (DEPLOYMENTS, STATEFULSETS)
 NAMESPACE_PATH = re.compile(r"^/api/v1/namespaces(?:/(?P<name>[^/]+))?/?$")
 SCALE_PATHS: dict[str, tuple[str, str, str | None]] = {
     "deployments": ("spec.replicas", "status.replicas", None),
@@ -785,7 +787,8 @@ class FakeControllers:
     """What kube-controller-manager would do, reduced to what tollway's tests need.
 
     - garbage collection by ownerReferences (background propagation);
-    - Deployment status: ready = spec.replicas at once, unless the name is in `hold_unready`.
+    - Deployment and StatefulSet status: ready = spec.replicas at once, unless the name is in
+      `hold_unready`.
     """
 
     def __init__(self, emulator: TollwayKubeEmulator) -> None:
@@ -813,15 +816,16 @@ class FakeControllers:
                     await self._collect_garbage(obj)
                 else:
                     await self._collect_orphan(resource, obj)
-                    if resource == DEPLOYMENTS:
-                        await self._deployment_status(obj)
+                    if resource in WORKLOADS:
+                        await self._workload_status(resource, obj)
             except kmock.KubernetesError:
                 pass  # the object went away meanwhile
 
     async def refresh(self) -> None:
-        """Re-evaluate every Deployment (after `hold_unready` changed)."""
-        for _resource, raw in self.emulator.live_objects(DEPLOYMENTS):
-            await self._deployment_status(raw)
+        """Re-evaluate every Deployment and StatefulSet (after `hold_unready` changed)."""
+        for resource in WORKLOADS:
+            for _resource, raw in self.emulator.live_objects(resource):
+                await self._workload_status(resource, raw)
 
     async def _collect_garbage(self, owner: Mapping[str, Any]) -> None:
         uid = owner.get("metadata", {}).get("uid")
@@ -854,7 +858,7 @@ class FakeControllers:
                 self.collected.append((resource.plural, meta.get("namespace"), meta["name"]))
                 await self.emulator.delete_object(resource, meta.get("namespace"), meta["name"])
 
-    async def _deployment_status(self, raw: Mapping[str, Any]) -> None:
+    async def _workload_status(self, resource: kmock.resource, raw: Mapping[str, Any]) -> None:
         meta = raw.get("metadata", {})
         replicas = int(raw.get("spec", {}).get("replicas", 1))
         held = (meta.get("namespace"), meta.get("name")) in self.hold_unready
@@ -870,18 +874,27 @@ class FakeControllers:
         else:
             status["unavailableReplicas"] = replicas
         available = "True" if ready > 0 or replicas == 0 else "False"
-        status["conditions"] = [
-            {
-                "type": "Available",
-                "status": available,
-                "reason": "MinimumReplicasAvailable" if available == "True" else "MinimumReplicasUnavailable",
-            },
-            {
-                "type": "Progressing",
-                "status": "True",
-                "reason": "NewReplicaSetAvailable" if ready == replicas else "ReplicaSetUpdated",
-            },
-        ]
+        if resource == STATEFULSETS:
+            status["currentReplicas"] = replicas
+            status.pop("unavailableReplicas", None)
+        status["conditions"] = (
+            []
+            if resource == STATEFULSETS
+            else [
+                {
+                    "type": "Available",
+                    "status": available,
+                    "reason": "MinimumReplicasAvailable"
+                    if available == "True"
+                    else "MinimumReplicasUnavailable",
+                },
+                {
+                    "type": "Progressing",
+                    "status": "True",
+                    "reason": "NewReplicaSetAvailable" if ready == replicas else "ReplicaSetUpdated",
+                },
+            ]
+        )
         old = dict(raw.get("status") or {})
         comparable = lambda s: {k: v for k, v in s.items() if k != "conditions"}  # noqa: E731
         if comparable(old) == comparable(status) and [c.get("status") for c in old.get("conditions", [])] == [
@@ -890,9 +903,9 @@ class FakeControllers:
             return
         patch = {"status": {**{k: None for k in old if k not in status}, **status}}
         async with self.emulator._lock:
-            if self.emulator._live(DEPLOYMENTS, meta.get("namespace"), meta["name"]) is not None:
+            if self.emulator._live(resource, meta.get("namespace"), meta["name"]) is not None:
                 await self.emulator.patch_object(
-                    DEPLOYMENTS, meta.get("namespace"), meta["name"], patch, subresource="status"
+                    resource, meta.get("namespace"), meta["name"], patch, subresource="status"
                 )
 
 

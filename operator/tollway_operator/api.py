@@ -98,21 +98,51 @@ class CacheSpec(CamelModel):
     }
 
     kind: Literal["emptyDir", "pvc"] = Field(
-        "emptyDir", description="emptyDir (per pod) or a PersistentVolumeClaim."
+        "emptyDir",
+        description="emptyDir (per pod, lost with it) or PersistentVolumeClaims (kept across restarts).",
     )
-    size: str = Field(
-        "100Gi",
+    size: str | None = Field(
+        None,
         pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
-        description="Size limit (emptyDir) or requested size (pvc), as a Kubernetes quantity.",
+        description=(
+            "Size limit (emptyDir) or requested size (pvc), as a Kubernetes quantity; default: the weights' "
+            "size (sizeBillions x 2 bytes, or 40 GB per GPU) plus 25%, at least 20Gi. A claim can grow (if its "
+            "StorageClass allows expansion) but never shrink: status condition CacheSizeApplied says which."
+        ),
     )
-    storage_class_name: str | None = Field(None, description="StorageClass for a new PVC.")
-    existing_claim: str | None = Field(None, description="Use this existing PVC instead of creating one.")
+    storage_class_name: str | None = Field(None, description="StorageClass for new claims.")
+    existing_claim: str | None = Field(
+        None, description="Use this existing claim (shared by every replica: it must allow that) instead."
+    )
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        "ReadWriteOnce",
+        description=(
+            "ReadWriteOnce: one claim per replica (a StatefulSet's volumeClaimTemplates), so no two replicas "
+            "ever share a volume and none hits Multi-Attach; each replica downloads the weights once. "
+            "ReadWriteMany: one claim shared by every replica (needs a StorageClass that offers it, e.g. "
+            "NFS, EFS, Filestore, Azure Files); the weights are downloaded once for all."
+        ),
+    )
+    retention: Literal["Retain", "Delete"] = Field(
+        "Retain",
+        description=(
+            "What happens to the claims when their model leaves the pool or the pool is deleted. Retain "
+            "(default): they stay, so a pool re-created under the same name finds its weights again (delete "
+            "them by hand: label tollway.io/pool); Delete: they are deleted with it. On scale-down the claims "
+            "of the removed replicas always stay, and a scale-up reuses them without downloading again."
+        ),
+    )
 
     @model_validator(mode="after")
     def _pvc_fields(self) -> CacheSpec:
         if self.kind != "pvc" and (self.storage_class_name or self.existing_claim):
             raise ValueError("storageClassName and existingClaim only apply to kind pvc")
         return self
+
+    @property
+    def per_replica(self) -> bool:
+        """One claim per replica (created through a StatefulSet), rather than one shared claim."""
+        return self.kind == "pvc" and not self.existing_claim and self.access_mode == "ReadWriteOnce"
 
 
 class EnvVar(CamelModel):
@@ -129,6 +159,76 @@ class ExternalEndpoint(CamelModel):
     )
     api_key_secret: SecretKeyRef | None = Field(None, description="Secret holding the bearer key.")
     upstream_model: str | None = Field(None, description="The model name to send upstream, if not `name`.")
+
+
+class SchedulingSpec(CamelModel):
+    """Where model pods may run (as in a Pod). Set on the pool, every deployed model inherits each
+    field; a model's own field, when set, replaces the pool's (no merging). Simulated models
+    (`simulate`) ignore all of it: they run on any node."""
+
+    node_selector: dict[str, str] | None = Field(None, description="As in a Pod's nodeSelector.")
+    tolerations: list[dict[str, Any]] | None = Field(
+        None,
+        description=(
+            "As in a Pod. GPU nodes usually carry the taint nvidia.com/gpu:NoSchedule (GKE, AKS, NVIDIA's GPU "
+            "operator): tolerate it here once for the whole pool."
+        ),
+    )
+    affinity: dict[str, Any] | None = Field(None, description="As in a Pod's affinity.")
+    priority_class_name: str | None = Field(
+        None, max_length=253, description="PriorityClass of the model pods (e.g. above batch work)."
+    )
+
+
+class SimulatorSpec(CamelModel):
+    """The simulated server's speed and capacity (`simulate`); unset fields follow the model's size."""
+
+    max_num_seqs: int | None = Field(None, ge=1, le=4096, description="Sequences decoded together.")
+    prefill_tokens_per_second: float | None = Field(None, gt=0, description="Prompt tokens per second.")
+    decode_tokens_per_second: float | None = Field(
+        None, gt=0, description="Tokens per second of one sequence decoding alone."
+    )
+    ttft_ms: float | None = Field(None, ge=0, description="Fixed overhead before the engine, in ms.")
+    kv_cache_tokens: int | None = Field(None, ge=16, description="KV cache capacity in tokens.")
+
+
+class SimulateSpec(CamelModel):
+    """Try tollway without GPUs: `tollway simulate` (the tollway image, vLLM's API and metric names,
+    a capacity model) stands in for vLLM, with each model's speed and capacity, no GPU, no cache."""
+
+    enabled: bool | None = Field(
+        None,
+        description=(
+            "true: every deployed model runs as a simulator; false: vLLM; unset: the operator's default "
+            "(chart value simulate.default, off unless set)."
+        ),
+    )
+    image: str | None = Field(None, description="The tollway image; default: the operator's default.")
+
+
+class PeerSelector(CamelModel):
+    namespace_selector: dict[str, Any] | None = Field(
+        None, description="As in a NetworkPolicy peer (a LabelSelector); unset: the pool's namespace."
+    )
+    pod_selector: dict[str, Any] | None = Field(
+        None,
+        description="As in a NetworkPolicy peer (a LabelSelector); unset: every pod of those namespaces.",
+    )
+
+
+class NetworkPolicySpec(CamelModel):
+    """A NetworkPolicy that lets only the pool's routers (and calibration Jobs, and Prometheus)
+    reach its model pods, so nothing in the cluster bypasses the router's auth and budgets. Needs a
+    network plugin that enforces NetworkPolicies (Calico, Cilium, ...)."""
+
+    enabled: bool = Field(True, description="false: no NetworkPolicy.")
+    prometheus: PeerSelector | None = Field(
+        None,
+        description=(
+            "Where Prometheus runs, to scrape the models' /metrics (the autoscaler's signal), e.g. "
+            "{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}; unset: nothing else."
+        ),
+    )
 
 
 class ModelSpec(CamelModel):
@@ -151,14 +251,52 @@ class ModelSpec(CamelModel):
     )
     extra_args: list[str] = Field(default_factory=list, description="Extra vLLM command-line arguments.")
     env: list[EnvVar] = Field(default_factory=list)
-    resources: dict[str, Any] | None = Field(
-        None, description="Container resources (requests/limits); nvidia.com/gpu is set from gpus."
+    size_billions: float | None = Field(
+        None,
+        gt=0,
+        le=100000,
+        description=(
+            "Parameters in billions (a size hint): sizes the default cache, startup budget and the simulator's "
+            "speed. Default: estimated from gpus (weights of about 40 GB per GPU, i.e. 20B parameters)."
+        ),
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    resources: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Container resources (requests/limits); nvidia.com/gpu is set from gpus. Default: CPU 4 + 2 per GPU "
+            "requested (no limit), memory 8Gi + 8Gi per GPU requested and limited; /dev/shm (4Gi per GPU) is "
+            "added to the memory request and limit, given or not."
+        ),
+    )
+    node_selector: dict[str, str] | None = Field(
+        None, description="Replaces the pool's scheduling.nodeSelector."
+    )
+    tolerations: list[dict[str, Any]] | None = Field(
+        None, description="Replaces the pool's scheduling.tolerations."
+    )
+    affinity: dict[str, Any] | None = Field(None, description="Replaces the pool's scheduling.affinity.")
+    priority_class_name: str | None = Field(
+        None, max_length=253, description="Replaces the pool's scheduling.priorityClassName."
+    )
+    startup_timeout_seconds: int | None = Field(
+        None,
+        ge=60,
+        le=86400,
+        description=(
+            "How long vLLM may take to download and load the weights before the kubelet restarts it. Default "
+            "by size: 10 minutes plus the weights at 50 MB/s (a 72B model: about 58 minutes)."
+        ),
+    )
     cache: CacheSpec = Field(default_factory=CacheSpec)
     hf_token_secret: SecretKeyRef | None = Field(
-        None, description="Secret with a Hugging Face token (HF_TOKEN)."
+        None, description="Secret with a Hugging Face token (HF_TOKEN), for gated models."
+    )
+    api_key_secret: SecretKeyRef | None = Field(
+        None, description="Replaces the pool's apiKeySecret for this model."
+    )
+    run_as_user: int | None = Field(None, ge=1, description="Replaces the pool's runAsUser for this model.")
+    simulator: SimulatorSpec | None = Field(
+        None, description="Speed and capacity when simulated (`simulate`); default: by the model's size."
     )
     cost: Price = Field(default_factory=Price, description="Price used for routing and budget splits.")
     endpoint: ExternalEndpoint | None = None
@@ -402,6 +540,32 @@ class ModelPoolSpec(CamelModel):
 
     image: str = Field(DEFAULT_VLLM_IMAGE, description="Default vLLM OpenAI server image for the pool.")
     models: list[ModelSpec] = Field(min_length=1, max_length=MAX_MODELS)
+    scheduling: SchedulingSpec = Field(
+        default_factory=SchedulingSpec,
+        description="GPU scheduling defaults (nodeSelector, tolerations, affinity, priorityClassName) for every model.",
+    )
+    api_key_secret: SecretKeyRef | None = Field(
+        None,
+        description=(
+            "A Secret key holding an API key that every deployed model requires (vLLM --api-key, through "
+            "$VLLM_API_KEY); the routers and calibration Jobs send it as a bearer token. /health and "
+            "/metrics stay open."
+        ),
+    )
+    run_as_user: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Run the vLLM containers as this non-root UID (group 0, HOME on an emptyDir), e.g. 2000, the `vllm` "
+            "user of vLLM's newer images. Unset: the image's user (vllm/vllm-openai runs as root)."
+        ),
+    )
+    network_policy: NetworkPolicySpec | None = Field(
+        None, description="Only the pool's routers (and Prometheus) may reach its model pods."
+    )
+    simulate: SimulateSpec = Field(
+        default_factory=SimulateSpec, description="Run simulators instead of vLLM: try tollway without GPUs."
+    )
     autoscaling: AutoscalingSpec | None = None
     calibration: CalibrationSpec = Field(
         default_factory=CalibrationSpec,
@@ -430,6 +594,31 @@ class ModelPoolSpec(CamelModel):
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
 
+    def scheduling_for(self, model: ModelSpec) -> SchedulingSpec:
+        """A model's scheduling: each of its own fields that is set, else the pool's."""
+        pool = self.scheduling
+        return SchedulingSpec(
+            node_selector=model.node_selector if model.node_selector is not None else pool.node_selector,
+            tolerations=model.tolerations if model.tolerations is not None else pool.tolerations,
+            affinity=model.affinity if model.affinity is not None else pool.affinity,
+            priority_class_name=model.priority_class_name or pool.priority_class_name,
+        )
+
+    def api_key_secret_for(self, model: ModelSpec) -> SecretKeyRef | None:
+        """The Secret holding the API key a deployed model requires (none for external endpoints,
+        which have their own `endpoint.apiKeySecret`)."""
+        if model.endpoint is not None or not model.model:
+            return None
+        return model.api_key_secret or self.api_key_secret
+
+    def run_as_user_for(self, model: ModelSpec) -> int | None:
+        return model.run_as_user if model.run_as_user is not None else self.run_as_user
+
+    def simulated(self, default: bool = False) -> bool:
+        """Whether the deployed models run as simulators: `simulate.enabled`, else the operator's
+        default."""
+        return self.simulate.enabled if self.simulate.enabled is not None else default
+
 
 class ScaleDecisionStatus(CamelModel):
     time: str
@@ -446,6 +635,12 @@ class ModelStatus(CamelModel):
     desired_replicas: int = 0
     ready_replicas: int = 0
     endpoint: str | None = None
+    reason: str | None = Field(
+        None, description="Why a pod of the model cannot start or run, e.g. ImagePullBackOff (from its pods)."
+    )
+    message: str | None = Field(
+        None, description="The pod-level cause in words (the scheduler's, the kubelet's)."
+    )
 
 
 class CalibrationTaskStatus(CamelModel):

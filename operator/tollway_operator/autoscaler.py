@@ -1,7 +1,7 @@
 """The autoscaler: one task per ModelPool with `autoscaling` in operator mode.
 
-Every `intervalSeconds` it reads each deployed model's Deployment (`<pool>-<model>`), asks
-Prometheus for the model's load (and, where zero is involved, its activity and the router's
+Every `intervalSeconds` it reads each deployed model's workload (`<pool>-<model>`, a Deployment,
+or a StatefulSet for per-replica cache claims), asks Prometheus for the model's load (and, where zero is involved, its activity and the router's
 demand), runs the pure decision in `autoscaling.py`, patches `spec.replicas` when it changes, and
 writes `status.autoscaling` (its own subtree; the pool's Degraded condition is derived from
 `healthy` by the operator's status builder). Events go out on scale decisions and when the
@@ -194,7 +194,7 @@ class PoolAutoscaler:
         name = decision.deployment_name(self.pool, model.name)
         current = await self.scaler.read(self.namespace, name)
         if current is None:
-            return None, None, None, f"Deployment {name} not found; waiting for the operator to create it"
+            return None, None, None, f"workload {name} not found; waiting for the operator to create it"
         policy = decision.ScalingPolicy.from_spec(autoscaling, model.replicas)
         now = self.clock()
         state = self.state.model(model.name, now)
@@ -384,21 +384,29 @@ async def run_pool(
 
 
 class KubeReplicaScaler:
-    """Reads and merge-patches Deployments' spec.replicas through the Kubernetes API."""
+    """Reads and merge-patches a model workload's spec.replicas through the Kubernetes API: its
+    Deployment, or its StatefulSet (a model with per-replica cache claims)."""
 
     def __init__(self, kube: k.Kube) -> None:
         self._kube = kube
+        self._kinds: dict[tuple[str, str], k.Kind] = {}
 
     async def read(self, namespace: str, name: str) -> DeploymentReplicas | None:
-        body = await self._kube.get(k.DEPLOYMENT, namespace, name)
-        if body is None:
-            return None
-        spec = body.get("spec") or {}
-        status = body.get("status") or {}
-        return DeploymentReplicas(int(spec.get("replicas", 1)), int(status.get("readyReplicas") or 0))
+        known = self._kinds.get((namespace, name))
+        kinds = [known] if known else []
+        kinds += [kind for kind in k.WORKLOAD_KINDS.values() if kind != known]
+        for kind in kinds:
+            body = await self._kube.get(kind, namespace, name)
+            if body is not None:
+                self._kinds[namespace, name] = kind
+                spec = body.get("spec") or {}
+                status = body.get("status") or {}
+                return DeploymentReplicas(int(spec.get("replicas", 1)), int(status.get("readyReplicas") or 0))
+        return None
 
     async def scale(self, namespace: str, name: str, replicas: int) -> None:
-        await self._kube.patch(k.DEPLOYMENT, namespace, name, {"spec": {"replicas": replicas}})
+        kind = self._kinds.get((namespace, name), k.DEPLOYMENT)
+        await self._kube.patch(kind, namespace, name, {"spec": {"replicas": replicas}})
 
 
 class KubeStatusWriter:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from string import Template
 from typing import Any, Literal
@@ -475,9 +476,12 @@ def scaled_models(spec: ModelPoolSpec) -> list[ModelSpec]:
     return [m for m in spec.models if m.model and not m.endpoint]
 
 
-def desired_scaled_objects(pool_name: str, namespace: str, spec: ModelPoolSpec) -> list[dict[str, Any]]:
+def desired_scaled_objects(
+    pool_name: str, namespace: str, spec: ModelPoolSpec, kinds: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """KEDA `ScaledObject`s for a pool in `mode: keda` ([] otherwise): the same Prometheus signal,
-    bounds and windows as the operator's own loop.
+    bounds and windows as the operator's own loop. `kinds`: model -> the kind of its workload
+    (`desired.workload_kinds`; default Deployment).
 
     Triggers: the load query (threshold = target per replica, HPA `AverageValue`), and when the
     model may scale to zero an activity trigger (running + waiting + router demand) whose huge
@@ -538,7 +542,11 @@ def desired_scaled_objects(pool_name: str, namespace: str, spec: ModelPoolSpec) 
                     },
                 },
                 "spec": {
-                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                    "scaleTargetRef": {
+                        "apiVersion": "apps/v1",
+                        "kind": (kinds or {}).get(model.name, "Deployment"),
+                        "name": name,
+                    },
                     "pollingInterval": autoscaling.interval_seconds,
                     "cooldownPeriod": autoscaling.idle_seconds_before_zero,
                     "minReplicaCount": 0 if policy.zero_allowed else policy.floor,

@@ -37,6 +37,7 @@ log = logging.getLogger("tollway.operator")
 
 CHILD_WATCHES = (
     ("apps", "v1", "deployments"),
+    ("apps", "v1", "statefulsets"),
     ("v1", "services"),
     ("v1", "configmaps"),
     ("policy", "v1", "poddisruptionbudgets"),
@@ -224,6 +225,7 @@ async def policy_changed(
 @kopf.on.event(*CHILD_WATCHES[2], labels=MANAGED_CHILD)
 @kopf.on.event(*CHILD_WATCHES[3], labels=MANAGED_CHILD)
 @kopf.on.event(*CHILD_WATCHES[4], labels=MANAGED_CHILD)
+@kopf.on.event(*CHILD_WATCHES[5], labels=MANAGED_CHILD)
 async def child_event(event: Mapping[str, Any], labels: Mapping[str, str], namespace: str, **_: Any) -> None:
     owner = owner_of_child(labels)
     if owner is not None and event.get("type") in ("ADDED", "MODIFIED", "DELETED", None):

@@ -57,6 +57,8 @@ class Kind:
 
 
 DEPLOYMENT = Kind("apps", "v1", "deployments", "Deployment")
+STATEFULSET = Kind("apps", "v1", "statefulsets", "StatefulSet")
+NETWORK_POLICY = Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 SERVICE = Kind("", "v1", "services", "Service")
 CONFIGMAP = Kind("", "v1", "configmaps", "ConfigMap")
 PVC = Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
@@ -67,6 +69,9 @@ POD = Kind("", "v1", "pods", "Pod")
 SCALED_OBJECT = Kind("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
 MODELPOOL = Kind("tollway.io", "v1alpha1", "modelpools", "ModelPool")
 ROUTINGPOLICY = Kind("tollway.io", "v1alpha1", "routingpolicies", "RoutingPolicy")
+SERVICE_ACCOUNT = Kind("", "v1", "serviceaccounts", "ServiceAccount")
+ROLE = Kind("rbac.authorization.k8s.io", "v1", "roles", "Role")
+ROLE_BINDING = Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 KOPF_PEERING = Kind("kopf.dev", "v1", "kopfpeerings", "KopfPeering")
 CLUSTER_KOPF_PEERING = Kind("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering")
 
@@ -74,12 +79,17 @@ KINDS = {
     (k.api_version, k.kind): k
     for k in (
         DEPLOYMENT,
+        STATEFULSET,
+        NETWORK_POLICY,
         SERVICE,
         CONFIGMAP,
         PVC,
         PDB,
         JOB,
         SCALED_OBJECT,
+        SERVICE_ACCOUNT,
+        ROLE,
+        ROLE_BINDING,
         MODELPOOL,
         ROUTINGPOLICY,
         KOPF_PEERING,
@@ -87,7 +97,10 @@ KINDS = {
     )
 }
 CREATE_ONLY = {PVC, JOB}
-"""Kinds whose spec is immutable after creation: created, never patched."""
+"""Kinds whose spec is immutable after creation: created, never patched (a cache claim's size is
+expanded apart, `reconcile`)."""
+WORKLOAD_KINDS = {"Deployment": DEPLOYMENT, "StatefulSet": STATEFULSET}
+"""The kinds a model runs as (`desired.workload_kind`)."""
 
 
 def kind_of(obj: Mapping[str, Any]) -> Kind:

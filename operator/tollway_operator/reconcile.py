@@ -20,13 +20,14 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
 from tollway_operator import desired as d
 from tollway_operator import kube as k
-from tollway_operator import metrics, status
+from tollway_operator import metrics, state, status
 from tollway_operator.api import ModelPoolSpec, SpecError, parse_model_pool, parse_routing_policy
 from tollway_operator.children import (
     apply_children,
@@ -133,33 +134,126 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
         await write_status(k.MODELPOOL, body, previous, new)
         return Outcome("invalid", message)
     owner = d.Owner.from_body(body)
+    simulate_default = state.simulate_default()
+    kinds = d.workload_kinds(spec, simulate_default)
     live = await list_children(body, POOL_CHILD_KINDS, d.pool_children_selector(name))
-    live_replicas = {
-        m.name: int(live["Deployment", d.model_child_name(name, m.name)].get("spec", {}).get("replicas", 1))
+    live_workloads = {
+        m.name: obj
         for m in d.deployed_models(spec)
-        if ("Deployment", d.model_child_name(name, m.name)) in live
+        if (obj := live.get((kinds[m.name], d.model_child_name(name, m.name)))) is not None
+    }
+    live_replicas = {m: int(obj.get("spec", {}).get("replicas", 1)) for m, obj in live_workloads.items()}
+    claim_templates = {
+        m: templates[0].get("spec") or {}
+        for m, obj in live_workloads.items()
+        if (templates := obj.get("spec", {}).get("volumeClaimTemplates"))
     }
     scaled: list[dict[str, Any]] = []
     if d.autoscaling_mode(spec) == "keda" and desired_scaled_objects is not None:
-        scaled = desired_scaled_objects(name, namespace, spec)
-    children = d.pool_children(owner, spec, live_replicas, scaled)
-    applied = await apply_children(body, children, live)
-    await prune_children(body, live, applied)
-    deployments = {n: obj for (kind, n), obj in applied.items() if kind == "Deployment"}
+        scaled = desired_scaled_objects(name, namespace, spec, kinds)
+    children = d.pool_children(
+        owner,
+        spec,
+        live_replicas,
+        scaled,
+        simulate_default=simulate_default,
+        live_claim_templates=claim_templates,
+    )
+    claims = await _cache_claims(namespace, name, spec, simulate_default)
+    # A retained shared claim has no owner, so it is not a listed child: it exists all the same.
+    unowned = {
+        (k.PVC.kind, c["metadata"]["name"]): c
+        for c in claims or []
+        if (k.PVC.kind, c["metadata"]["name"]) not in live
+    }
+    applied = await apply_children(body, children, {**unowned, **live})
+    retained = {key: obj for key, obj in live.items() if key[0] == k.PVC.kind and d.claim_retained(spec, obj)}
+    await prune_children(body, live, {**retained, **applied})
+    workloads = {n: obj for (kind, n), obj in applied.items() if kind in k.WORKLOAD_KINDS}
     problems = {}
-    if not all(status.DeploymentView.from_object(obj).available for obj in deployments.values()):
-        # Why a model has no ready replica, as the scheduler says it on its pods (one LIST, only then).
+    views = [status.DeploymentView.from_object(obj) for obj in workloads.values()]
+    if any(v.rolling or not v.available for v in views):
+        # Why a model's pods do not run (the scheduler's, the kubelet's reason): one LIST, only then.
         pods = await kube_client().list(k.POD, namespace, d.pool_children_selector(name))
         problems = status.pod_problems(pods)
+    cache = await _reconcile_cache_sizes(namespace, spec, claims) if claims is not None else None
     new = status.pool_status(
-        name, namespace, spec, deployments, previous.get("autoscaling"), previous, generation, now, problems
+        name,
+        namespace,
+        spec,
+        workloads,
+        previous.get("autoscaling"),
+        previous,
+        generation,
+        now,
+        problems,
+        cache,
     )
-    new["calibration"] = await _reconcile_calibration(body, spec, deployments, now)
+    new["calibration"] = await _reconcile_calibration(body, spec, workloads, now)
     if problems:  # a model that cannot start, e.g. too many GPUs: a Warning once, not every resync
         ready = status.find_condition(new["conditions"], status.READY) or {}
         warn_on_change(body, previous, new, str(ready.get("reason")), str(ready.get("message")))
+    # A rollout stuck behind ready replicas (Ready stays True, so the Warning above says nothing)
+    # and a cache size that cannot be applied: a Warning when it starts or its message changes.
+    ready = status.find_condition(new["conditions"], status.READY) or {}
+    if ready.get("status") == "True":
+        _warn_on_condition(body, previous, new, status.DEGRADED, lambda c: c.get("reason") == "RolloutStuck")
+    _warn_on_condition(body, previous, new, status.CACHE_SIZE, lambda c: c.get("status") == "False")
     await write_status(k.MODELPOOL, body, previous, new)
     return Outcome()
+
+
+def _warn_on_condition(
+    body: dict[str, Any],
+    previous: dict[str, Any],
+    new: dict[str, Any],
+    type_: str,
+    bad: Callable[[Mapping[str, Any]], bool],
+) -> None:
+    """A Warning Event when condition `type_` is `bad` and its reason or message changed."""
+    cond = status.find_condition(new["conditions"], type_) or {}
+    before = status.find_condition(previous.get("conditions"), type_) or {}
+    changed = (cond.get("reason"), cond.get("message")) != (before.get("reason"), before.get("message"))
+    if bad(cond) and changed:
+        post_event(body, "Warning", str(cond.get("reason")), str(cond.get("message")))
+
+
+async def _cache_claims(
+    namespace: str, pool: str, spec: ModelPoolSpec, simulate_default: bool
+) -> list[dict[str, Any]] | None:
+    """The pool's cache claims (shared and per-replica, by label: one LIST), or None when the pool
+    has no claims of its own (no LIST)."""
+    if spec.simulated(simulate_default) or not any(
+        m.cache.kind == "pvc" and not m.cache.existing_claim for m in d.deployed_models(spec)
+    ):
+        return None
+    return await kube_client().list(k.PVC, namespace, d.pool_children_selector(pool))
+
+
+async def _reconcile_cache_sizes(
+    namespace: str, spec: ModelPoolSpec, claims: list[dict[str, Any]]
+) -> status.Cond:
+    """Apply a larger `cache.size` to the live cache claims (an expansion, which the API server
+    allows when the claim's StorageClass does) and say in `CacheSizeApplied` what could not be
+    applied."""
+    kube = kube_client()
+    plan = d.cache_resize_plan(spec, claims)
+    refused: dict[str, str] = {}
+    for resize in plan:
+        if resize.action != "expand":
+            continue
+        try:
+            await kube.patch(
+                k.PVC,
+                namespace,
+                resize.claim,
+                {"spec": {"resources": {"requests": {"storage": resize.wanted}}}},
+            )
+            log.info("PersistentVolumeClaim %s/%s expanded to %s", namespace, resize.claim, resize.wanted)
+        except k.ApiError as e:
+            refused[resize.claim] = f"{e.reason}: {e.message}"
+    resizing = [claim for claim in d.claims_resizing(claims) if claim not in refused]
+    return status.cache_size_condition([r for r in plan if r.action == "cannot-shrink"], refused, resizing)
 
 
 async def _calibration_set(namespace: str, spec: ModelPoolSpec) -> tuple[str | None, str | None]:
@@ -292,7 +386,11 @@ async def _reconcile_policy(body: dict[str, Any]) -> Outcome:
         pool_spec: ModelPoolSpec = parse_model_pool(pool.get("spec") or {})
     except SpecError as e:
         return await wait("PoolInvalid", f"ModelPool {pool_name!r} is invalid: {e}")
-    deployments = await kube.list(k.DEPLOYMENT, namespace, d.pool_children_selector(pool_name))
+    deployments = [
+        obj
+        for kind in k.WORKLOAD_KINDS.values()
+        for obj in await kube.list(kind, namespace, d.pool_children_selector(pool_name))
+    ]
     ready_by_name = {
         o["metadata"]["name"]: int((o.get("status") or {}).get("readyReplicas", 0) or 0) for o in deployments
     }

@@ -4,7 +4,8 @@ debounced reconciles, kopf's indexes, and the timings read from the environment.
 Environment (set by `tollway operator`, see run.py):
 TOLLWAY_OPERATOR_RESYNC_SECONDS (60), TOLLWAY_OPERATOR_RETRY_SECONDS (15),
 TOLLWAY_OPERATOR_DEBOUNCE_SECONDS (0.2), TOLLWAY_OPERATOR_METRICS_PORT (unset: no metrics server),
-TOLLWAY_OPERATOR_METRICS_HOST (0.0.0.0).
+TOLLWAY_OPERATOR_METRICS_HOST (0.0.0.0), TOLLWAY_SIMULATE (`true`: pools that do not say run
+simulators instead of vLLM; the chart's simulate.default).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ RETRY_SECONDS = _env_float("TOLLWAY_OPERATOR_RETRY_SECONDS", 15.0)
 DEBOUNCE_SECONDS = _env_float("TOLLWAY_OPERATOR_DEBOUNCE_SECONDS", 0.2)
 
 
+SIMULATE_ENV = "TOLLWAY_SIMULATE"
+
+
+def simulate_default() -> bool:
+    """The operator's default for a ModelPool's `simulate.enabled` (read at each reconcile)."""
+    return os.environ.get(SIMULATE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 POOLS = "modelpools"
 
 
@@ -43,10 +52,10 @@ POLICIES = "routingpolicies"
 MANAGED_CHILD = {d.LABEL_MANAGED_BY: d.MANAGED_BY}
 
 
-POOL_CHILD_KINDS = (k.DEPLOYMENT, k.SERVICE, k.PVC, k.SCALED_OBJECT)
+POOL_CHILD_KINDS = (k.DEPLOYMENT, k.STATEFULSET, k.SERVICE, k.PVC, k.NETWORK_POLICY, k.SCALED_OBJECT)
 
 
-POLICY_CHILD_KINDS = (k.CONFIGMAP, k.DEPLOYMENT, k.SERVICE, k.PDB)
+POLICY_CHILD_KINDS = (k.CONFIGMAP, k.DEPLOYMENT, k.SERVICE, k.PDB, k.SERVICE_ACCOUNT, k.ROLE, k.ROLE_BINDING)
 
 
 @dataclass

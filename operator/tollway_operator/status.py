@@ -11,10 +11,15 @@ ModelPool conditions
   scheduler's reason), InvalidSpec, ReconcileFailed.
 - Progressing: some Deployment has not reached its desired replicas or has not observed its latest
   spec yet. Reasons: RollingOut, Stable (InvalidSpec when nothing can progress).
-- Degraded: the pool serves, but not fully: some models are unavailable while others are
-  available, a rollout exceeded its deadline, or the autoscaler reports `healthy: false`
-  (`status.autoscaling`; its reason and message are carried over). Reasons: ModelsUnavailable,
-  RolloutStuck, the autoscaler's reason (AutoscalerUnhealthy if it gives none), AsExpected.
+- Degraded: the pool serves, but not fully: a model's pods cannot start or run (the pod-level
+  cause: Unschedulable, ImagePullBackOff, CreateContainerConfigError naming the missing Secret,
+  CrashLoopBackOff with how the last run ended; also `status.models[].reason/message`) or its
+  rollout exceeded its deadline, some models are unavailable while others are available, or the
+  autoscaler reports `healthy: false` (`status.autoscaling`; its reason and message are carried
+  over). Reasons: RolloutStuck, ModelsUnavailable, the autoscaler's reason (AutoscalerUnhealthy
+  if it gives none), AsExpected.
+- CacheSizeApplied (only with cache claims): every claim has its model's `cache.size`. Reasons:
+  AsRequested, Resizing, CannotShrink, ExpansionRefused.
 
 RoutingPolicy conditions
 - Ready: the router has >= 1 ready replica with a config built from an existing, valid pool.
@@ -37,6 +42,7 @@ from tollway_operator.api import ModelPoolSpec
 from tollway_operator.desired import (
     LABEL_MODEL,
     CalibrationPlan,
+    ClaimResize,
     ModelCalibration,
     deployed_models,
     model_child_name,
@@ -149,21 +155,112 @@ def _names(items: Sequence[str]) -> str:
     return ", ".join(items)
 
 
-def pod_problems(pods: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """Why models' pods cannot start, by model (the pods' `tollway.io/model` label), as the
-    scheduler says it on them: `PodScheduled=False` with its reason and message, e.g.
-    "Unschedulable: 0/3 nodes are available: 2 Insufficient nvidia.com/gpu, ...". One per model."""
-    out: dict[str, str] = {}
-    for pod in pods:
+@dataclass(frozen=True)
+class PodProblem:
+    """Why a model's pod cannot start or keep running, as Kubernetes says it on the pod."""
+
+    reason: str
+    message: str = ""
+
+    @property
+    def text(self) -> str:
+        return f"{self.reason}: {self.message}" if self.message else self.reason
+
+
+CONTAINER_PROBLEMS = (
+    "CreateContainerConfigError",  # e.g. secret "hf-token" not found
+    "CreateContainerError",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "CrashLoopBackOff",
+    "RunContainerError",
+)
+"""Waiting reasons of a container that will not get better by itself, most telling first."""
+
+
+def _container_problem(status: Mapping[str, Any]) -> PodProblem | None:
+    waiting = (status.get("state") or {}).get("waiting") or {}
+    reason = str(waiting.get("reason") or "")
+    if reason not in CONTAINER_PROBLEMS:
+        return None
+    message = str(waiting.get("message") or "").strip()
+    if reason == "CrashLoopBackOff":
+        last = (status.get("lastState") or {}).get("terminated") or {}
+        if last:
+            ended = f"last exit: {last.get('reason') or 'Error'} (exit code {last.get('exitCode', '?')})"
+            detail = str(last.get("message") or "").strip()
+            message = "; ".join(x for x in (message, ended, detail[-300:]) if x)
+    return PodProblem(reason, message)
+
+
+def pod_problem(pod: Mapping[str, Any]) -> PodProblem | None:
+    """What keeps one pod from running: the scheduler's `PodScheduled=False` (reason and message,
+    e.g. "Unschedulable: 0/3 nodes are available: 2 Insufficient nvidia.com/gpu, ..."), else a
+    container waiting for a reason that will not pass by itself (`CONTAINER_PROBLEMS`, with the
+    kubelet's message; for CrashLoopBackOff also how the last run ended)."""
+    status = pod.get("status") or {}
+    scheduled = find_condition(status.get("conditions"), "PodScheduled") or {}
+    if scheduled.get("status") == "False":
+        return PodProblem(
+            str(scheduled.get("reason") or "NotScheduled"), str(scheduled.get("message") or "").strip()
+        )
+    found = [
+        problem
+        for c in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+        if (problem := _container_problem(c)) is not None
+    ]
+    found.sort(key=lambda p: CONTAINER_PROBLEMS.index(p.reason))
+    return found[0] if found else None
+
+
+def pod_problems(pods: Iterable[Mapping[str, Any]]) -> dict[str, PodProblem]:
+    """Why models' pods cannot start or keep running, by model (the pods' `tollway.io/model`
+    label): one per model, the newest pod's (a rollout's new pod tells what goes wrong now)."""
+    out: dict[str, PodProblem] = {}
+    ordered = sorted(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "", reverse=True)
+    for pod in ordered:
         model = (pod.get("metadata", {}).get("labels") or {}).get(LABEL_MODEL)
         if not model or model in out or pod.get("metadata", {}).get("deletionTimestamp"):
             continue
-        scheduled = find_condition((pod.get("status") or {}).get("conditions"), "PodScheduled") or {}
-        if scheduled.get("status") == "False":
-            reason = str(scheduled.get("reason") or "NotScheduled")
-            message = str(scheduled.get("message") or "").strip()
-            out[model] = f"{reason}: {message}" if message else reason
+        problem = pod_problem(pod)
+        if problem is not None:
+            out[model] = problem
     return out
+
+
+CACHE_SIZE = "CacheSizeApplied"
+
+
+def cache_size_condition(
+    plan: Sequence[ClaimResize], refused: Mapping[str, str], resizing: Sequence[str] = ()
+) -> Cond:
+    """Whether every cache claim has the size `cache.size` asks for. `plan`: the claims whose
+    request differs (`desired.cache_resize_plan`); `refused`: claim -> the API server's answer to
+    an expansion; `resizing`: claims whose expansion the storage has not finished."""
+    shrink = [r for r in plan if r.action == "cannot-shrink"]
+    if shrink:
+        detail = "; ".join(
+            f"{r.model}: claim {r.claim} has {r.current}, cache.size asks {r.wanted}" for r in shrink
+        )
+        return Cond(
+            CACHE_SIZE,
+            False,
+            "CannotShrink",
+            f"{detail}. A claim cannot shrink: set cache.size back, or delete the claim (and its pod) to get a new one.",
+        )
+    if refused:
+        detail = "; ".join(f"claim {claim}: {answer}" for claim, answer in sorted(refused.items()))
+        return Cond(
+            CACHE_SIZE,
+            False,
+            "ExpansionRefused",
+            f"{detail}. Expanding a claim needs a StorageClass with allowVolumeExpansion: true.",
+        )
+    if resizing:
+        return Cond(CACHE_SIZE, False, "Resizing", f"the storage is expanding {_names(list(resizing))}")
+    return Cond(CACHE_SIZE, True, "AsRequested", "every cache claim has the size of its model's cache.size")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,12 +277,16 @@ def pool_status(
     previous: Mapping[str, Any] | None,
     generation: int | None,
     now: str,
-    problems: Mapping[str, str] | None = None,
+    problems: Mapping[str, PodProblem] | None = None,
+    cache: Cond | None = None,
 ) -> dict[str, Any]:
     """The ModelPool status patch (without `autoscaling`, which only the autoscaler writes).
 
-    `deployments`: live Deployment objects by name (`<pool>-<model>`); `problems`: why a model's
-    pods cannot start, by model name (`pod_problems`), named in the Ready condition.
+    `deployments`: live workloads (Deployments or StatefulSets) by name (`<pool>-<model>`);
+    `problems`: why a model's pods cannot start or run, by model name (`pod_problems`): in the
+    model's status entry, the Ready condition and, for a model not fully rolled out, Degraded
+    (RolloutStuck at once, not after the rollout's deadline); `cache`: the CacheSizeApplied
+    condition (None: the pool has no cache claims, and the condition goes).
     """
     problems = problems or {}
     previous = previous or {}
@@ -210,18 +311,23 @@ def pool_status(
             continue
         view = DeploymentView.from_object(obj)
         entry.update(desiredReplicas=view.desired, readyReplicas=view.ready)
+        problem = problems.get(model.name)
+        if problem is not None:
+            entry.update(reason=problem.reason, message=problem.message[:1000])
         models.append(entry)
         if not view.available:
             unavailable.append(model.name)
         if view.rolling:
             rolling.append(f"{model.name} {view.ready}/{view.desired} ready")
-        if view.deadline_exceeded:
-            stuck.append(model.name)
+        if problem is not None and (view.rolling or not view.available):
+            stuck.append(f"{model.name} ({problem.text})")
+        elif view.deadline_exceeded:
+            stuck.append(f"{model.name} (exceeded its progress deadline)")
     total = len(spec.models)
     available = total - len(unavailable)
     conds: list[Cond] = []
     if unavailable:
-        named = [f"{m} ({problems[m]})" if m in problems else m for m in unavailable]
+        named = [f"{m} ({problems[m].text})" if m in problems else m for m in unavailable]
         detail = f"not available: {_names(named)}" + (
             f" (no Deployment yet: {_names(missing)})" if missing else ""
         )
@@ -238,7 +344,7 @@ def pool_status(
         conds.append(Cond(PROGRESSING, False, "Stable", "every model has its desired replicas"))
     auto = autoscaling or {}
     if stuck:
-        conds.append(Cond(DEGRADED, True, "RolloutStuck", f"rollout exceeded its deadline: {_names(stuck)}"))
+        conds.append(Cond(DEGRADED, True, "RolloutStuck", f"pods cannot start or run: {_names(stuck)}"))
     elif unavailable and available > 0:
         conds.append(
             Cond(
@@ -259,9 +365,14 @@ def pool_status(
         )
     else:
         conds.append(Cond(DEGRADED, False, "AsExpected", ""))
+    before = previous.get("conditions") or []
+    if cache is not None:
+        conds.append(cache)
+    else:
+        before = [c for c in before if c.get("type") != CACHE_SIZE]
     return {
         "observedGeneration": generation,
-        "conditions": merge_conditions(previous.get("conditions"), conds, now, generation),
+        "conditions": merge_conditions(before, conds, now, generation),
         "models": models,
         "summary": f"{available}/{total} ready",
     }

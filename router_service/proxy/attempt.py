@@ -1,7 +1,7 @@
 """Steps 5 and 7 of the request path, reserve and settle: what one upstream attempt holds.
 
 `Attempt.reserve` takes a budget reservation for the request's worst case (`dispatch.Need`) and an
-in-flight slot on the endpoint that will answer; `settle` ends the attempt once with the true usage
+in-flight slot on the endpoint (the replica) that will answer; `settle` ends the attempt once with the true usage
 (charged to the ledger, counted in the metrics), with none reported (the worst case reserved is
 charged: the router never charges less than it cannot rule out), or with nothing consumed (the
 reservation released); `abandon` undoes an attempt that failed before the client saw a byte, so
@@ -38,15 +38,17 @@ class Attempt:
     ended: bool = False
 
     @classmethod
-    def reserve(cls, rt: Runtime, backend: Backend, route: str, tokens: int, retry_after: int) -> Attempt:
-        """Hold `tokens` of the model's budget and one in-flight slot on its endpoint."""
+    def reserve(
+        cls, rt: Runtime, backend: Backend, endpoint: str, route: str, tokens: int, retry_after: int
+    ) -> Attempt:
+        """Hold `tokens` of the model's budget and one in-flight slot on `endpoint`, its replica."""
         model = backend.name
         reservation = rt.ledger.reserve(model, tokens)
         if reservation is None:  # the decision checked it; nothing awaited in between
             raise errors.budget_exhausted(f"The token budget of model {model!r} is spent.", retry_after)
-        rt.load.acquire(model, backend.endpoint)
-        rt.breakers.get(backend.endpoint).begin()
-        return cls(rt, model, backend.endpoint, route, reservation, backend.config.price)
+        rt.load.acquire(model, endpoint)
+        rt.breakers.get(endpoint).begin()
+        return cls(rt, model, endpoint, route, reservation, backend.config.price)
 
     def settle(
         self, usage: Usage | None, outcome: str, health: Health = "success", *, consumed: bool = True

@@ -1,10 +1,11 @@
-"""Which backend serves a request: filter -> score -> pick, and why.
+"""Which model and replica serve a request: filter -> score -> pick, and why.
 
 The scoring is the engine's (a `Ranking` best-first); the picking is `policy.pick` with two
 filters built from the router's live state: the budget ledger (can the model pay the request's
-worst case, `token_need`?) and the endpoint's health and load (circuit closed, replicas up, not
-saturated for this priority?). This module turns the outcome into what the HTTP layer needs: a
-model and a route label for the response headers, or a refusal (shed / budget / unavailable /
+worst case, `token_need`?) and the model's health and load, which is its best replica's (some
+replica's circuit closed and not saturated for this priority? see `picker.py`, which also names
+the replica that serves). This module turns the outcome into what the HTTP layer needs: a model,
+a replica and a route label for the response headers, or a refusal (shed / budget / unavailable /
 rejected) with the reason spelled out.
 
 Everything here is pure: the live state comes in as callables, so each rule is testable alone.
@@ -33,13 +34,14 @@ class Refusal:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Where one request goes (model set) or why it is refused (refusal set)."""
+    """Where one request goes (model and endpoint set) or why it is refused (refusal set)."""
 
     model: str | None
     candidate: Candidate | None
     route: Route | None
     skipped: tuple[tuple[str, SkipReason], ...]
     refusal: Refusal | None = None
+    endpoint: str | None = None  # the model's replica that serves
 
     @property
     def degraded_reason(self) -> SkipReason | None:
@@ -187,7 +189,9 @@ def choose(
             None, None, None, tuple(skipped), _refusal([s for s in skipped if s[1] == "saturated"], what)
         )
     route: Route = "fallback" if fallback else ("routed" if not skipped else "degraded")
-    return Decision(choice.model, choice.candidate, route, tuple(skipped))
+    return Decision(
+        choice.model, choice.candidate, route, tuple(skipped), endpoint=verdicts[choice.model].endpoint
+    )
 
 
 def choose_pinned(
@@ -233,4 +237,4 @@ def choose_pinned(
             ((model, "budget"),),
             Refusal("budget", f"The token budget of model {model!r} is spent for this window."),
         )
-    return Decision(model, None, "pinned", ())
+    return Decision(model, None, "pinned", (), endpoint=verdict.endpoint)

@@ -1,4 +1,4 @@
-"""Step 6 of the request path, forward: send the request to the chosen backend and relay its answer.
+"""Step 6 of the request path, forward: send the request to the chosen replica and relay its answer.
 
 `forward` returns once the backend has shown it is answering: for a stream, its response headers
 and first whole event within `first_byte` seconds; for a plain answer, the whole of it within the
@@ -28,14 +28,15 @@ from collections.abc import AsyncIterator, MutableSet
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
 from starlette.responses import Response
 
 from router_service.proxy import openai_errors as errors
 from router_service.proxy.attempt import Attempt
 from router_service.proxy.request import ParsedRequest
 from router_service.proxy.upstream import (
+    TRANSPORT_ERRORS,
     Backend,
     SseEvents,
     SseUsage,
@@ -77,8 +78,9 @@ def upstream_body(parsed: ParsedRequest, backend: Backend, ceiling: int | None =
 
 
 async def forward(
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     backend: Backend,
+    endpoint: str,
     path: str,
     parsed: ParsedRequest,
     attempt: Attempt,
@@ -90,8 +92,9 @@ async def forward(
     ceiling: int | None = None,
     streams: MutableSet[Relay] | None = None,
 ) -> Response:
-    """`streams`, when given, holds every relay while it is open (the router stops them on shutdown)."""
-    """One upstream call. Raises UpstreamFailure (attempt abandoned) before the client saw anything."""
+    """One upstream call to `endpoint`, a replica of `backend`. Raises UpstreamFailure (attempt
+    abandoned) before the client saw anything. `streams`, when given, holds every relay while it is
+    open (the router stops them on shutdown)."""
     model = backend.name
     deadline = time.monotonic() + timeouts.total
     body = upstream_body(parsed, backend, ceiling)
@@ -100,7 +103,7 @@ async def forward(
     header_limit = min(timeouts.first_byte, timeouts.total) if parsed.stream else timeouts.total
     try:
         async with asyncio.timeout(header_limit):
-            response = await open_upstream(client, backend, path, body, extra_headers)
+            response = await open_upstream(session, backend, endpoint, path, body, extra_headers)
     except TimeoutError:
         attempt.abandon("timeout")
         raise UpstreamFailure("timeout", f"{model}: no response within {header_limit:g} s") from None
@@ -112,7 +115,7 @@ async def forward(
         raise
     headers = {**response_headers(response), **out_headers}
     is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
-    if parsed.stream and is_sse and response.status_code == 200:
+    if parsed.stream and is_sse and response.status == 200:
         relay = Relay(
             response,
             attempt,
@@ -131,9 +134,9 @@ async def forward(
     attempt.first_byte()
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            content = await response.aread()
-    except (httpx.HTTPError, TimeoutError) as exc:
-        timed_out = isinstance(exc, httpx.TimeoutException | TimeoutError)
+            content = await response.read()
+    except (*TRANSPORT_ERRORS, TimeoutError) as exc:
+        timed_out = isinstance(exc, TimeoutError)
         attempt.abandon("timeout" if timed_out else "protocol")
         kind = "timeout" if timed_out else "protocol"
         raise UpstreamFailure(kind, f"{model}: response body failed ({type(exc).__name__})") from exc
@@ -141,21 +144,16 @@ async def forward(
         attempt.settle(None, "cancelled", "neutral", consumed=False)
         raise
     finally:
-        with anyio.CancelScope(shield=True):
-            await response.aclose()
-    if response.status_code >= 400:
+        response.release()
+    if response.status >= 400:
         attempt.settle(None, "client_error", consumed=False)
     else:
         attempt.settle(usage_from_body(content), "ok")
-    return Response(content=content, status_code=response.status_code, headers=headers)
+    return Response(content=content, status_code=response.status, headers=headers)
 
 
 class _Stopped(Exception):
     """`Relay.stop` cut a read short."""
-
-
-class _ClientStalled(Exception):
-    """The client read nothing for `client_stall` seconds."""
 
 
 class Relay(Response):
@@ -163,12 +161,12 @@ class Relay(Response):
 
     A plain ASGI response rather than Starlette's StreamingResponse: it needs to own the reads
     from the backend (their deadline, and a cancel scope `stop` can cancel) and the writes to the
-    client (a stall limit on each), and to end every way with a whole error event.
+    client (a stall limit), and to end every way with a whole error event.
     """
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: aiohttp.ClientResponse,
         attempt: Attempt,
         headers: dict[str, str],
         *,
@@ -186,7 +184,7 @@ class Relay(Response):
         self.init_headers(headers)
         self.model = model
         self._response = response
-        self._chunks: AsyncIterator[bytes] = response.aiter_raw()
+        self._chunks: AsyncIterator[bytes] = response.content.iter_any()
         self._attempt = attempt
         self._timeouts = timeouts
         self._deadline = deadline
@@ -197,6 +195,9 @@ class Relay(Response):
         self._ready: list[bytes] = []  # whole events read before the response started
         self._ended = False  # the backend's stream ended (normally or not)
         self._read_scope: anyio.CancelScope | None = None
+        self._scope: anyio.CancelScope | None = None  # the whole relay (client gone or stalled)
+        self._sending_since: float | None = None  # when the write in progress began
+        self._stall_timer: asyncio.TimerHandle | None = None
         self.stop_reason: str | None = None
         self.outcome = "ok"
         self._complete = False  # the last byte of the response was sent
@@ -238,30 +239,28 @@ class Relay(Response):
                     )
                 self._ready.extend(self._events.feed(chunk))
         except (TimeoutError, _Stopped):
-            await self._abandon("timeout")
+            self._abandon("timeout")
             raise UpstreamFailure(
                 "timeout", f"{self.model}: no first event within the {limit:g} s first-byte limit"
             ) from None
-        except httpx.HTTPError as exc:
-            await self._abandon("protocol")
+        except TRANSPORT_ERRORS as exc:
+            self._abandon("protocol")
             raise UpstreamFailure(
                 "protocol", f"{self.model}: stream failed before its first event ({exc!r})"
             ) from exc
         except UpstreamFailure:
-            await self._abandon("protocol")
+            self._abandon("protocol")
             raise
         except BaseException:
             self._attempt.settle(None, "cancelled", "neutral", consumed=False)
             self._unregister()
-            with anyio.CancelScope(shield=True):
-                await self._response.aclose()
+            self._response.close()
             raise
 
-    async def _abandon(self, kind: str) -> None:
+    def _abandon(self, kind: str) -> None:
         self._attempt.abandon(kind)
         self._unregister()
-        with anyio.CancelScope(shield=True):
-            await self._response.aclose()
+        self._response.close()
 
     def _unregister(self) -> None:
         if self._registry is not None:
@@ -277,11 +276,20 @@ class Relay(Response):
     # --- writing to the client ------------------------------------------------------------------
 
     async def _send(self, send: Any, message: dict[str, Any]) -> None:
-        try:
-            with anyio.fail_after(self._timeouts.client_stall):
-                await send(message)
-        except TimeoutError:
-            raise _ClientStalled from None
+        self._sending_since = time.monotonic()
+        await send(message)
+        self._sending_since = None
+
+    def _watch_stall(self, loop: asyncio.AbstractEventLoop, period: float) -> None:
+        """A timer callback, every `period` seconds: a write to the client pending for
+        `client_stall` seconds ends the relay (one timer per stream, none per write)."""
+        since = self._sending_since
+        if since is not None and time.monotonic() - since >= self._timeouts.client_stall:
+            self.outcome = "client_stalled"
+            if self._scope is not None:
+                self._scope.cancel()
+            return
+        self._stall_timer = loop.call_later(period, self._watch_stall, loop, period)
 
     async def _send_events(self, send: Any, events: list[bytes]) -> None:
         out = [e for e in events if not self.watcher.event(e) or self._usage_requested]
@@ -289,8 +297,11 @@ class Relay(Response):
             await self._send(send, {"type": "http.response.body", "body": b"".join(out), "more_body": True})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        loop = asyncio.get_running_loop()
+        period = min(1.0, self._timeouts.client_stall / 4)
         try:
             async with anyio.create_task_group() as group:
+                self._scope = group.cancel_scope
 
                 async def watch_disconnect() -> None:
                     while (await receive())["type"] != "http.disconnect":
@@ -300,42 +311,30 @@ class Relay(Response):
                         group.cancel_scope.cancel()
 
                 group.start_soon(watch_disconnect)
-                try:
-                    await self._pump(send)
-                except _ClientStalled:
-                    self.outcome = "client_stalled"
+                self._stall_timer = loop.call_later(period, self._watch_stall, loop, period)
+                await self._pump(send)
                 group.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._finish()
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+            self._settle()  # a relay cut short (client gone or stalled); else already settled
 
     async def _pump(self, send: Any) -> None:
+        """Relay until the backend's stream ends, fails, passes the attempt's deadline, or `stop`
+        cuts it short; then the error event that says which (if any) and the end of the response.
+        One cancel scope covers the whole relay (the deadline, `stop`), none per chunk."""
         await self._send(send, {"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         ready, self._ready = self._ready, []
         await self._send_events(send, ready)
         error: bytes | None = None
-        while self.stop_reason is None:
+        deadline = anyio.current_time() + max(0.0, self._deadline - time.monotonic())
+        with anyio.CancelScope(deadline=deadline) as relay:
+            self._read_scope = relay
+            if self.stop_reason is not None:
+                relay.cancel()
             try:
-                chunk = await self._next_chunk(self._deadline - time.monotonic())
-            except _Stopped:
-                break
-            except TimeoutError:
-                self.outcome = "timeout"
-                error = errors.sse_error_event(
-                    f"Upstream {self.model} exceeded the {self._timeouts.total:g} s limit; stream ended.",
-                    "server_error",
-                    "upstream_timeout",
-                )
-                break
-            except httpx.HTTPError as exc:
-                self.outcome = "midstream_error"
-                error = errors.sse_error_event(
-                    f"Upstream {self.model} failed mid-stream ({type(exc).__name__}).",
-                    "server_error",
-                    "upstream_error",
-                )
-                break
-            if chunk is None:
+                async for chunk in self._chunks:
+                    await self._send_events(send, self._events.feed(chunk))
                 self._ended = True
                 if self.watcher.errored:
                     self.outcome = "midstream_error"  # the backend sent its own error event
@@ -344,8 +343,14 @@ class Relay(Response):
                     error = errors.sse_error_event(
                         f"Upstream {self.model} ended the stream early.", "server_error", "upstream_error"
                     )
-                break
-            await self._send_events(send, self._events.feed(chunk))
+            except TRANSPORT_ERRORS as exc:
+                self.outcome = "midstream_error"
+                error = errors.sse_error_event(
+                    f"Upstream {self.model} failed mid-stream ({type(exc).__name__}).",
+                    "server_error",
+                    "upstream_error",
+                )
+        self._read_scope = None
         if self.stop_reason is not None:
             self.outcome = self.stop_reason
             error = errors.sse_error_event(
@@ -353,16 +358,29 @@ class Relay(Response):
                 "server_error",
                 "router_shutdown",
             )
+        elif relay.cancelled_caught:
+            self.outcome = "timeout"
+            error = errors.sse_error_event(
+                f"Upstream {self.model} exceeded the {self._timeouts.total:g} s limit; stream ended.",
+                "server_error",
+                "upstream_timeout",
+            )
+        # The backend's part is over: charge it before the client sees the end, so that what the
+        # client does next (another request, a look at the budgets) meets a settled ledger.
+        self._settle()
         if error is not None:
             await self._send(send, {"type": "http.response.body", "body": error, "more_body": True})
         await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         self._complete = True
 
-    async def _finish(self) -> None:
+    def _settle(self) -> None:
         """Settle the attempt with the usage seen and close the backend's stream (once)."""
         self._unregister()
         if self._attempt.ended:
             return
         health = "failure" if self.outcome == "midstream_error" else "success"
         self._attempt.settle(self.watcher.usage(self._prompt_tokens), self.outcome, health)
-        await self._response.aclose()
+        if self._ended:
+            self._response.release()  # read to its end: the connection goes back to the pool
+        else:
+            self._response.close()

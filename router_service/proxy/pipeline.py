@@ -4,16 +4,19 @@ endpoint picker: filter -> score -> pick):
 1. parse     `request.parse_request`: the body and the few fields the router relies on;
 2. estimate  `estimate.estimate`: every model that can serve it, scored best first;
 3. filter    `dispatch.choose`: drop models without budget for its worst case (`token_need`),
-             failing ones (circuit breaker open) and ones without room (load);
-4. pick      `dispatch.choose`: the best that is left, or a refusal that says why; a refusal for
-             budget while requests in flight still hold budget waits for them to settle first;
-5. reserve   `Attempt.reserve`: the worst case from the budget, an in-flight slot on the endpoint;
-6. forward   `forward.forward`: the request to the backend, the answer relayed to the client;
+             and models none of whose replicas can take it (`picker.choose_replica`: circuit
+             breaker open, saturated; a model's verdict is its best replica's);
+4. pick      `dispatch.choose`: the best model that is left and its replica with the most room
+             (`picker.py`), or a refusal that says why; a refusal for budget while requests in
+             flight still hold budget waits for them to settle first;
+5. reserve   `Attempt.reserve`: the worst case from the budget, an in-flight slot on the replica;
+6. forward   `forward.forward`: the request to the replica, the answer relayed to the client;
 7. settle    `Attempt.settle`: the true usage charged, the slot freed, the outcome counted.
 
 A failure before the client saw a byte is retried once on the next pick (steps 3-7 again, the
-failed model excluded), if the client is still there. A client that leaves while the backend has
-not answered yet ends the attempt at once. `Proxy` only chains the steps and records what happened.
+failed replica excluded: another replica of the same model if one has room, else the next-best
+model), if the client is still there. A client that leaves while the backend has not answered yet
+ends the attempt at once. `Proxy` only chains the steps and records what happened.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import time
-import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Container
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -38,7 +41,8 @@ from router_service.proxy.attempt import Attempt
 from router_service.proxy.dispatch import Decision, Need, choose, choose_pinned, token_need
 from router_service.proxy.estimate import estimate
 from router_service.proxy.forward import Timeouts, forward
-from router_service.proxy.load import CIRCUIT_OPEN, LoadVerdict
+from router_service.proxy.load import LoadVerdict
+from router_service.proxy.picker import UNAVAILABLE, choose_replica
 from router_service.proxy.request import (
     PATHS,
     PRIORITY_HEADER,
@@ -57,6 +61,7 @@ log = logging.getLogger("tollway.router")
 
 MODEL_HEADER = "x-tollway-model"
 ROUTE_HEADER = "x-tollway-route"
+ENDPOINT_HEADER = "x-tollway-endpoint"  # the replica that answered
 MAX_TOKENS_HEADER = "x-tollway-max-tokens"  # the max_tokens the router set (none given, or budget short)
 MAX_ATTEMPTS = 2  # the first choice plus one retry on the next-best model
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left first" (nobody reads it)
@@ -116,7 +121,12 @@ def failure_error(failure: UpstreamFailure, retry_after: int) -> errors.ApiError
 def route_headers(decision: Decision, request_id: str) -> dict[str, str]:
     """What the response tells the client about the route taken."""
     assert decision.model is not None
-    headers = {MODEL_HEADER: decision.model, ROUTE_HEADER: decision.route or "", "x-request-id": request_id}
+    headers = {
+        MODEL_HEADER: decision.model,
+        ROUTE_HEADER: decision.route or "",
+        ENDPOINT_HEADER: decision.endpoint or "",
+        "x-request-id": request_id,
+    }
     if decision.route == "degraded" and decision.skipped:
         headers["x-tollway-degraded-from"] = ",".join(f"{m}={w}" for m, w in decision.skipped)
     return headers
@@ -218,28 +228,47 @@ class Proxy:
             parsed=parsed,
             capability=capability,
             priority=parse_priority(request.headers.get(PRIORITY_HEADER)),
-            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+            request_id=request.headers.get("x-request-id") or os.urandom(16).hex(),
         )
 
     # -- 2-4. estimate -> filter -> pick --------------------------------------------------------
 
-    def verdict(self, req: Admitted, model: str) -> LoadVerdict:
-        """Health (circuit breaker of the model's endpoint) and load, as the filter sees them."""
-        if not self.rt.breakers.allows(req.state.backends[model].endpoint):
-            return LoadVerdict(available=False, saturated=True, reason=CIRCUIT_OPEN, pressure=math.inf)
-        return self.rt.load.verdict(model, req.priority)
+    def verdict(self, req: Admitted, model: str, exclude: Container[str] = ()) -> LoadVerdict:
+        """The model's health and load as the filter sees them: its best replica's verdict, with the
+        replica that would serve (`picker.choose_replica`); replicas in `exclude` are left out."""
+        rt = self.rt
+        load = rt.load.model(model)
+        if load is None:
+            return UNAVAILABLE
+        replicas = load.ready if not exclude else [r for r in load.ready if r.endpoint.url not in exclude]
+        return choose_replica(
+            replicas,
+            settings=rt.load.settings,
+            picker=req.state.config.endpoint_picker,
+            priority=req.priority,
+            now=rt.load.now(),
+            max_num_seqs=load.max_num_seqs,
+            allows=rt.breakers.allows,
+            rng=rt.rng,
+        )
 
-    def pick(self, req: Admitted, candidates: list[Candidate], **options: object) -> Decision:
+    def pick(
+        self, req: Admitted, candidates: list[Candidate], exclude: Container[str] = (), **options: object
+    ) -> Decision:
         """Steps 3-4: filter by budget and load, pick the best left. First among the models with a
-        free sequence slot (where maxNumSeqs is known: a burst spills over to models with room
-        instead of queueing on the best one); when none has one, queueing within the limits."""
+        free sequence slot on some replica (where maxNumSeqs is known: a burst spills over to models
+        with room instead of queueing on the best one); when none has one, queueing within the
+        limits. `exclude`: replicas already tried."""
+
+        def any_verdict(model: str) -> LoadVerdict:
+            return self.verdict(req, model, exclude)
 
         def with_free_slot(model: str) -> LoadVerdict:
-            v = self.verdict(req, model)
+            v = any_verdict(model)
             return replace(v, saturated=True, reason=v.reason or "waiting") if v.queues else v
 
         decision: Decision | None = None
-        for verdict in (with_free_slot, functools.partial(self.verdict, req)):
+        for verdict in (with_free_slot, any_verdict):
             decision = choose(
                 candidates,
                 verdict=verdict,
@@ -353,6 +382,7 @@ class Proxy:
         span = self.tracer.start_span("tollway.route", start_time=start_ns)
         span.set_attribute("tollway.priority", priority)
         span.set_attribute("tollway.model", decision.model or "")
+        span.set_attribute("tollway.endpoint", decision.endpoint or "")
         span.set_attribute("tollway.route", decision.route or "refused")
         if decision.refusal is not None:
             span.set_attribute("tollway.refusal", decision.refusal.kind)
@@ -367,47 +397,50 @@ class Proxy:
         rt = self.rt
         retry_after = req.state.config.degradation.retry_after_seconds
         decision = plan.decision
-        tried: list[str] = []
+        tried: list[str] = []  # endpoints
         failure: UpstreamFailure | None = None
         for attempt in range(MAX_ATTEMPTS):
+            assert decision.endpoint is not None
             try:
                 # A non-streamed answer has no first byte before it is complete (vLLM sends headers
                 # then): if the endpoint's circuit opens meanwhile, the request goes elsewhere.
-                endpoint = req.state.backends[str(decision.model)].endpoint
-                abort = None if req.parsed.stream else self.rt.breakers.opened(endpoint)
+                abort = None if req.parsed.stream else self.rt.breakers.opened(decision.endpoint)
                 work = self.attempt(req, decision, retry_after)
                 return await unless_disconnected(request, work, abort)
             except UpstreamFailure as exc:
                 failure = exc
-                tried.append(str(decision.model))
+                tried.append(decision.endpoint)
             if not req.routed or not failure.retryable or attempt + 1 >= MAX_ATTEMPTS:
                 break
             if await request.is_disconnected():
                 raise ClientGone
-            nxt = self.pick(req, plan.candidates, mode="degrade", exclude=tried, fallback=True)
+            nxt = self.pick(req, plan.candidates, exclude=tried, mode="degrade", fallback=True)
             if nxt.model is None:
                 break
-            rt.metrics.child(rt.metrics.retries, tried[-1], failure.kind).inc()
-            log.info("retrying on %s after %s", nxt.model, failure.message)
+            rt.metrics.child(rt.metrics.retries, str(decision.model), failure.kind).inc()
+            log.info("retrying on %s (%s) after %s", nxt.model, nxt.endpoint, failure.message)
             decision = nxt
         assert failure is not None
-        rt.metrics.child(rt.metrics.requests, tried[-1], decision.route or "none", "upstream_error").inc()
+        rt.metrics.child(
+            rt.metrics.requests, str(decision.model), decision.route or "none", "upstream_error"
+        ).inc()
         raise failure_error(failure, retry_after)
 
     def attempt(self, req: Admitted, decision: Decision, retry_after: int) -> Awaitable[Response]:
         """Steps 5-7 on one model. Reserves at once (no await between the pick and its reservation,
         so concurrent requests see each other's holds); the awaitable forwards and raises
         UpstreamFailure before the client saw anything."""
-        assert decision.model is not None and decision.route is not None
-        backend = req.state.backends[decision.model]
+        assert decision.model is not None and decision.route is not None and decision.endpoint is not None
+        backend, endpoint = req.state.backends[decision.model], decision.endpoint
         need = req.need(backend.name)
-        attempt = Attempt.reserve(self.rt, backend, decision.route, need.tokens, retry_after)
+        attempt = Attempt.reserve(self.rt, backend, endpoint, decision.route, need.tokens, retry_after)
         extra = {"x-request-id": req.request_id}
         if self.tracing:
             attempt.span = self.tracer.start_span(
                 "tollway.upstream",
                 attributes={
                     "tollway.model": backend.name,
+                    "tollway.endpoint": endpoint,
                     "tollway.route": decision.route,
                     "http.route": PATHS[req.capability],
                 },
@@ -418,8 +451,9 @@ class Proxy:
         if need.ceiling is not None:
             out_headers[MAX_TOKENS_HEADER] = str(need.ceiling)
         return forward(
-            self.rt.http(),
+            self.rt.connections.session(endpoint),
             backend,
+            endpoint,
             PATHS[req.capability],
             req.parsed,
             attempt,

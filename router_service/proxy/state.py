@@ -6,9 +6,10 @@ and swaps a single reference, so a request in flight keeps the generation it sta
 
 `Runtime` holds what outlives reloads: the budget ledger (resized, never rebuilt, so spent
 budget stays spent) over the state store (in-process, or Redis shared by every replica), the sync
-that keeps the engine in step with the store (dual prices, learned entries), the load tracker, the
-circuit breakers, the metrics, the open streams, and the one pooled HTTP client. `drain` is the
-graceful part of a shutdown.
+that keeps the engine in step with the store (dual prices, learned entries), the load tracker
+(every model's endpoints and their load), the EndpointSlice discovery, the circuit breakers (one
+per endpoint), the connection pools (one per endpoint), the metrics and the open streams. `drain`
+is the graceful part of a shutdown.
 
 Calibrations live in the store too. A new one (pushed to this replica, or seen by the sync) that
 changes what the engine's backends are routed with builds a new generation, as a config change
@@ -24,6 +25,7 @@ import hmac
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,13 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 
-from router_service.config import RouterConfig
+from router_service.config import EndpointSliceSource, RouterConfig
 from router_service.proxy.breaker import Breakers
+from router_service.proxy.connections import Connections
+from router_service.proxy.discovery import Discovery, KubeAccess
 from router_service.proxy.load import LoadTracker
 from router_service.proxy.telemetry import LiveState, RouterMetrics
-from router_service.proxy.upstream import Backend, make_client
+from router_service.proxy.upstream import Backend
 from router_service.routing.calibrated import fingerprint as calibration_fingerprint
 from router_service.routing.ledger import BudgetLedger
 from router_service.store.base import Calibration, LearnedEntry, state_url
@@ -129,6 +133,7 @@ def models_listing(config: RouterConfig, created: int) -> bytes:
                     "profile": b.profile,
                     "capabilities": list(b.capabilities),
                     "replicas": b.replicas,
+                    "endpoints": "endpointslices" if b.endpoint_slices is not None else "config",
                     "price": b.price.to_wire(),
                 },
             }
@@ -179,6 +184,11 @@ def build_state(
     )
 
 
+def slice_sources(config: RouterConfig) -> dict[str, EndpointSliceSource]:
+    """The models whose endpoints come from EndpointSlices, and where."""
+    return {b.name: b.endpoint_slices for b in config.backends if b.endpoint_slices is not None}
+
+
 class Runtime:
     """Everything the request handlers share."""
 
@@ -188,7 +198,7 @@ class Runtime:
         ledger: BudgetLedger,
         *,
         clock: Callable[[], float] = time.monotonic,
-        transport: httpx.AsyncBaseTransport | None = None,
+        kube: KubeAccess | None = None,
         state_url_override: str | None = None,
         engine_factory: EngineFactory = default_engine_factory,
     ) -> None:
@@ -208,23 +218,28 @@ class Runtime:
         self._sync_task: asyncio.Task[None] | None = None
         self.load = LoadTracker(config.backends, config.degradation, clock=clock)
         self.breakers = Breakers(config.degradation.circuit_breaker, clock=clock)
+        self.connections = Connections(config.server)
+        self.discovery = Discovery(kube, self.load.set_endpoints)
+        self.discovery.configure(slice_sources(config))
         self.load.on_stall = self.endpoint_stalled
         self.load.stall_after = config.server.first_byte_timeout_seconds
         self.metrics = RouterMetrics(self.live_state)
-        self._transport = transport
-        self.client: httpx.AsyncClient | None = None
+        self.rng = random.Random()
+        self.control: aiohttp.ClientSession | None = None  # metric scrapes
         self.ready = False
         self.draining = False
         self.active = 0  # requests inside the request path (streams being relayed: `streams`)
         self.streams: set[Any] = set()  # open `forward.Relay`s
         self._budget_event: asyncio.Event | None = None
         self._rank_pool: ThreadPoolExecutor | None = None
+        self._sweeping: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.client = make_client(self.state.config, self._transport)
-        self.load.start(self.client)
+        self.control = aiohttp.ClientSession()
+        self.load.start(self.control, after_round=self.sweep)
+        self.discovery.start()
         self.store.start()
         await self.sync.step(self.state.engine)  # shared prices and learned entries before serving
         self._sync_task = asyncio.get_running_loop().create_task(
@@ -234,14 +249,19 @@ class Runtime:
 
     async def stop(self) -> None:
         self.ready = False
+        await self.discovery.stop()
         for task in (self._sync_task, self._rebuild_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.load.stop()
-        if self.client is not None:
-            await self.client.aclose()
+        if self._sweeping is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeping
+        await self.connections.close()
+        if self.control is not None:
+            await self.control.close()
         if self._rank_pool is not None:
             self._rank_pool.shutdown(wait=False, cancel_futures=True)
         close = getattr(self.state.engine, "close", None)
@@ -252,18 +272,26 @@ class Runtime:
         self.ledger.save()
         await asyncio.to_thread(self.store.close)  # writes what is queued for Redis
 
-    def endpoint_stalled(self, model: str) -> None:
-        """A model generated nothing for a first-byte limit with requests in flight: open the
-        circuit of each of its endpoints that has some (those requests go elsewhere)."""
-        backend = self.state.backends.get(model)
-        if backend is None:
-            return
+    def sweep(self) -> None:
+        """After every scrape round: endpoints that left their model's set and have nothing in
+        flight lose their connection pool and circuit breaker."""
+        in_use = self.load.endpoint_urls()
+        self.breakers.configure(self.state.config.degradation.circuit_breaker, in_use)
+        if any(e not in in_use for e in self.connections.endpoints()) and (
+            self._sweeping is None or self._sweeping.done()
+        ):
+            self._sweeping = asyncio.get_running_loop().create_task(self.connections.close_unused(in_use))
+
+    def endpoint_stalled(self, model: str, endpoint: str) -> None:
+        """A replica generated nothing for a first-byte limit with requests in flight: open its
+        circuit (the requests waiting on it go elsewhere)."""
         log.warning(
-            "%s generated nothing for %.1f s with requests in flight: circuit opened",
+            "%s at %s generated nothing for %.1f s with requests in flight: circuit opened",
             model,
+            endpoint,
             self.load.stall_after,
         )
-        self.breakers.trip(backend.endpoint)
+        self.breakers.trip(endpoint)
 
     async def drain(self, seconds: float) -> None:
         """The graceful part of a shutdown: /readyz answers 503 from now on while requests in flight
@@ -299,11 +327,6 @@ class Runtime:
             async with asyncio.timeout(max(0.0, timeout)):
                 await event.wait()
 
-    def http(self) -> httpx.AsyncClient:
-        if self.client is None:
-            raise RuntimeError("router runtime not started")
-        return self.client
-
     # --- config generations ---------------------------------------------------------------------
 
     async def prepare(self, state: RouterState) -> None:
@@ -323,10 +346,10 @@ class Runtime:
         if callable(rescale):
             rescale(config.budgets.replica_share)
         self.load.configure(config.backends, config.degradation)
+        self.discovery.configure(slice_sources(config))
         self.load.stall_after = config.server.first_byte_timeout_seconds
-        self.breakers.configure(
-            config.degradation.circuit_breaker, (b.endpoint for b in state.backends.values())
-        )
+        self.connections.configure(config.server)
+        self.breakers.configure(config.degradation.circuit_breaker, self.load.endpoint_urls())
         self.state = state
 
     async def learn(self, entry: LearnedEntry) -> None:
@@ -414,7 +437,10 @@ class Runtime:
 
     def circuits(self) -> dict[str, dict[str, Any]]:
         """Circuit breaker state per endpoint, with the model it serves."""
-        models = {b.endpoint: b.name for b in self.state.backends.values()}
+        models = {}
+        for name in self.state.backends:
+            load = self.load.model(name)
+            models.update(dict.fromkeys(load.replicas if load is not None else (), name))
         return {
             endpoint: {"model": models.get(endpoint), **info}
             for endpoint, info in self.breakers.snapshot().items()
@@ -435,6 +461,8 @@ class Runtime:
             "load": self.load.snapshot(),
             "pending_demand": {m: self.load.pending_demand(m) for m in state.backends},
             "circuits": self.circuits(),
+            "discovery": self.discovery.status(),
+            "endpoint_picker": state.config.endpoint_picker.strategy,
             "open_streams": len(self.streams),
             "calibrations": self.calibrations(),
         }

@@ -88,17 +88,44 @@ class _LiveCollector(Collector):
             "tollway_in_flight", "Requests this router has in flight.", labels=["model"]
         )
         replicas = GaugeMetricFamily(
-            "tollway_backend_replicas", "Ready replicas per model (config).", labels=["model"]
+            "tollway_backend_replicas",
+            "Ready replicas per model (its endpoints that take new requests, from the config or EndpointSlices).",
+            labels=["model"],
         )
         signal = GaugeMetricFamily(
             "tollway_backend_load",
-            "Scraped vLLM load per model (waiting, running, kv_cache_usage), fresh values only.",
+            "Scraped vLLM load per model over its replicas with fresh metrics (waiting and running summed, kv_cache_usage averaged).",
             labels=["model", "signal"],
         )
         age = GaugeMetricFamily(
             "tollway_backend_scrape_age_seconds",
             "Age of the last successful /metrics read.",
             labels=["model"],
+        )
+        ep_ready = GaugeMetricFamily(
+            "tollway_endpoint_ready",
+            "Per replica endpoint: 1 while it takes new requests, 0 while requests finish on a removed one.",
+            labels=["model", "endpoint"],
+        )
+        ep_in_flight = GaugeMetricFamily(
+            "tollway_endpoint_in_flight",
+            "Requests this router has in flight per replica.",
+            labels=["model", "endpoint"],
+        )
+        ep_fresh = GaugeMetricFamily(
+            "tollway_endpoint_metrics_fresh",
+            "1 when the replica's last /metrics read succeeded within staleAfterSeconds, 0 when its load is unknown.",
+            labels=["model", "endpoint"],
+        )
+        ep_signal = GaugeMetricFamily(
+            "tollway_endpoint_load",
+            "Scraped vLLM load per replica (waiting, running, kv_cache_usage), fresh values only.",
+            labels=["model", "endpoint", "signal"],
+        )
+        ep_picks = CounterMetricFamily(
+            "tollway_endpoint_picks",
+            "Requests sent to each replica (the replica picker's decisions).",
+            labels=["model", "endpoint"],
         )
         for model, load in state.load.items():
             in_flight.add_metric([model], load["in_flight"])
@@ -108,6 +135,15 @@ class _LiveCollector(Collector):
                     signal.add_metric([model, key], load[key])
             if load.get("scrape_age_seconds") is not None:
                 age.add_metric([model], load["scrape_age_seconds"])
+            for endpoint, ep in (load.get("endpoints") or {}).items():
+                labels = [model, endpoint]
+                ep_ready.add_metric(labels, 1.0 if ep["ready"] else 0.0)
+                ep_in_flight.add_metric(labels, ep["in_flight"])
+                ep_fresh.add_metric(labels, 1.0 if ep["metrics"] == "fresh" else 0.0)
+                ep_picks.add_metric(labels, float(ep["picks"]))
+                for key in ("waiting", "running", "kv_cache_usage"):
+                    if ep.get(key) is not None:
+                        ep_signal.add_metric([*labels, key], ep[key])
         demand = GaugeMetricFamily(
             "tollway_model_pending_demand",
             "Requests in the last 60 s that wanted this model while it had no replicas (scale-from-zero signal).",
@@ -132,6 +168,7 @@ class _LiveCollector(Collector):
             circuit.add_metric(labels, STATE_VALUES.get(info["state"], 0))
             trips.add_metric(labels, float(info.get("trips", 0)))
         yield from (remaining, total, dual, in_flight, replicas, signal, age, demand, ready, circuit, trips)
+        yield from (ep_ready, ep_in_flight, ep_fresh, ep_signal, ep_picks)
         if state.store is not None:
             yield from _store_metrics(state.store)
 

@@ -1,8 +1,9 @@
-"""Talking to backends: one pooled httpx client, failure classification, usage accounting.
+"""Talking to backends: failure classification, usage accounting.
 
-`open_upstream` sends a request and returns as soon as the response headers arrive (the body is
-not read), or raises `UpstreamFailure` saying whether the failure happened before the first byte
-and may be retried on another model (connect error, timeout, 5xx, 429). Streaming bodies are then
+`open_upstream` sends a request to one endpoint of a backend (over that endpoint's pool, see
+`connections.py`) and returns as soon as the response headers arrive (the body is not read), or
+raises `UpstreamFailure` saying whether the failure happened before the first byte and may be
+retried elsewhere (connect error, timeout, 5xx, 429). Streaming bodies are then
 cut into whole server-sent events by `SseEvents` (a client never gets half an event) and relayed
 while `SseUsage` watches them go by: it takes the `usage` object when the backend sends one and
 otherwise counts the generated tokens (one content delta per token, as vLLM emits them).
@@ -16,9 +17,10 @@ import os
 import re
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
+from multidict import CIMultiDict
 
-from router_service.config import BackendConfig, RouterConfig
+from router_service.config import BackendConfig
 
 # The backend's response headers that reach the client: what an OpenAI client reads. Everything
 # else (cookies, CORS grants, servers' and proxies' internal headers, hop-by-hop headers) stays here.
@@ -26,27 +28,24 @@ PASSED_RESPONSE_HEADERS = frozenset({"content-type", "cache-control", "retry-aft
 _MAX_ERROR_BODY = 4096
 _MAX_SSE_LINE = 1 << 20
 
+TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
+"""What a broken connection or a malformed response raises while a body is read."""
+
 
 @dataclass(frozen=True)
 class Backend:
-    """A backend as the request path needs it (resolved once per config load)."""
+    """A backend as the request path needs it (resolved once per config load). Where its replicas
+    are is the load tracker's business (endpoints change between config loads)."""
 
     name: str
-    base_url: str
     upstream_model: str
     capabilities: frozenset[str]
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     config: BackendConfig
-
-    @property
-    def endpoint(self) -> str:
-        """The identity of the server that answers (circuit breaker, in-flight counts): its base URL.
-        One per backend today; a replica's URL once replicas are routed one by one."""
-        return self.base_url
 
     @classmethod
     def from_config(cls, b: BackendConfig) -> Backend:
-        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        headers = CIMultiDict({"content-type": "application/json", "accept-encoding": "identity"})
         if b.api_key_env:
             key = os.environ.get(b.api_key_env)
             if not key:
@@ -56,7 +55,6 @@ class Backend:
             headers["authorization"] = f"Bearer {key}"
         return cls(
             name=b.name,
-            base_url=b.url.rstrip("/"),
             upstream_model=b.upstream_model or b.name,
             capabilities=frozenset(b.capabilities),
             headers=headers,
@@ -81,75 +79,56 @@ class UpstreamFailure(Exception):
         )
 
 
-def make_client(config: RouterConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """The one shared client: pooled keep-alive connections sized to the admission limits.
-
-    `transport` replaces the network (tests); the limits then do not apply.
-    """
-    capacity = sum(config.degradation.max_in_flight_per_replica * max(1, b.replicas) for b in config.backends)
-    capacity = int(capacity * max(config.degradation.priority_headroom.values(), default=1.0)) + 16
-    limits = httpx.Limits(
-        max_connections=max(64, capacity),
-        max_keepalive_connections=max(32, min(capacity, 1024)),
-        keepalive_expiry=30.0,
-    )
-    timeout = httpx.Timeout(
-        connect=config.server.connect_timeout_seconds,
-        read=config.server.upstream_timeout_seconds,
-        write=config.server.upstream_timeout_seconds,
-        pool=config.server.connect_timeout_seconds,
-    )
-    return httpx.AsyncClient(
-        limits=limits, timeout=timeout, follow_redirects=False, trust_env=False, transport=transport
-    )
-
-
 async def open_upstream(
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     backend: Backend,
+    endpoint: str,
     path: str,
     body: bytes,
     extra_headers: dict[str, str] | None = None,
-) -> httpx.Response:
-    """POST `body` to the backend; returns once headers arrive with status < 500 (and not 429).
+) -> aiohttp.ClientResponse:
+    """POST `body` to `endpoint` (a replica of `backend`); returns once headers arrive with status
+    < 500 (and not 429).
 
-    The response body is left unread (the caller streams or reads it and must close it). A 4xx
+    The response body is left unread (the caller streams or reads it and must release it). A 4xx
     other than 429 is returned as is: the client's request is at fault, another model would
     refuse it as well.
     """
-    headers = backend.headers if not extra_headers else {**backend.headers, **extra_headers}
-    request = client.build_request("POST", backend.base_url + path, content=body, headers=headers)
+    headers = backend.headers
+    if extra_headers:
+        headers = headers.copy()
+        headers.update(extra_headers)
     try:
-        response = await client.send(request, stream=True)
-    except httpx.TimeoutException as exc:
+        response = await session.post(endpoint + path, data=body, headers=headers, allow_redirects=False)
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamFailure(
             "timeout", f"{backend.name}: timed out before the first byte ({type(exc).__name__})"
         ) from exc
-    except (httpx.ConnectError, httpx.NetworkError) as exc:
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
+        raise UpstreamFailure("protocol", f"{backend.name}: broken response ({exc!r})") from exc
+    except TRANSPORT_ERRORS as exc:
         raise UpstreamFailure(
             "connect", f"{backend.name}: cannot connect ({exc or type(exc).__name__})"
         ) from exc
-    except httpx.RemoteProtocolError as exc:
-        raise UpstreamFailure("protocol", f"{backend.name}: broken response ({exc})") from exc
-    if response.status_code >= 500 or response.status_code == 429:
+    if response.status >= 500 or response.status == 429:
         try:
             err_body = await _read_capped(response, _MAX_ERROR_BODY)
-        except httpx.HTTPError:
+        except TRANSPORT_ERRORS:
             err_body = b""
         finally:
-            await response.aclose()
+            response.close()
         raise UpstreamFailure(
             "status",
-            f"{backend.name}: answered {response.status_code}{': ' + _error_message(err_body) if err_body else ''}",
-            status=response.status_code,
+            f"{backend.name}: answered {response.status}{': ' + _error_message(err_body) if err_body else ''}",
+            status=response.status,
             body=err_body,
         )
     return response
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     out = bytearray()
-    async for chunk in response.aiter_raw():
+    async for chunk in response.content.iter_any():
         out += chunk
         if len(out) >= limit:
             break
@@ -170,9 +149,9 @@ def _error_message(body: bytes) -> str:
     return body[:300].decode("utf-8", "replace")
 
 
-def response_headers(response: httpx.Response) -> dict[str, str]:
+def response_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
     """Backend headers worth passing to the client (`PASSED_RESPONSE_HEADERS`)."""
-    return {k: v for k, v in response.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
+    return {k.lower(): v for k, v in response.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
 
 
 # --- usage ----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import secrets
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -460,6 +461,19 @@ def create_app(profile: SimulatorProfile) -> FastAPI:
     @app.exception_handler(SimulatorError)
     async def _on_error(request: Request, exc: SimulatorError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    if profile.api_key is not None:
+        expected = f"Bearer {profile.api_key}".encode()
+
+        @app.middleware("http")
+        async def _require_api_key(request: Request, call_next: Any) -> Response:
+            """vLLM's --api-key: /v1 paths need the bearer key; /health, /metrics stay open."""
+            if request.method == "OPTIONS" or not request.url.path.startswith("/v1"):
+                return await call_next(request)
+            given = request.headers.get("authorization", "").encode()
+            if not secrets.compare_digest(given, expected):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+            return await call_next(request)
 
     @app.get("/health")
     async def health() -> Response:

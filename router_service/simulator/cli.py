@@ -5,13 +5,15 @@
 The flags map one to one onto `SimulatorProfile` fields (``--max-num-seqs`` -> ``max_num_seqs``).
 ``--port 0`` picks a free port. Once listening, one JSON line goes to stdout:
 ``{"event": "ready", "model": ..., "url": "http://127.0.0.1:PORT", "port": PORT}``.
-``--skill FILE.jsonl`` scripts the answers to known prompts (see `skill.py`).
+``--skill FILE.jsonl`` scripts the answers to known prompts (see `skill.py`). ``--api-key KEY``
+(or ``$VLLM_API_KEY``) requires ``Authorization: Bearer KEY`` on /v1 paths, as vLLM does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import uvicorn
@@ -50,6 +52,7 @@ _PROFILE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--embedding-dimensions", "embedding_dimensions", int, "vector length for --task embed"),
     ("--metrics-format", "metrics_format", str, "text (always text 0.0.4) or negotiate (honour Accept)"),
     ("--skill", "skill", str, "JSONL file of {prompt, answer}: scripted answers to those chat prompts"),
+    ("--api-key", "api_key", str, "bearer key required on /v1 (default: $VLLM_API_KEY, as vLLM)"),
 ]
 _FAULT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--error-rate", "error_rate", float, "fault: fraction of requests answered with an error"),
@@ -103,6 +106,8 @@ def profile_from_args(args: argparse.Namespace) -> SimulatorProfile:
     values = {
         name: getattr(args, name) for _, name, _, _ in _PROFILE_FLAGS if getattr(args, name) is not None
     }
+    if "api_key" not in values and os.environ.get("VLLM_API_KEY"):
+        values["api_key"] = os.environ["VLLM_API_KEY"]
     fault_names = [name for _, name, _, _ in _FAULT_FLAGS] + [name for _, name, _ in _FAULT_SWITCHES]
     faults = {name: getattr(args, name) for name in fault_names if getattr(args, name) is not None}
     return SimulatorProfile(

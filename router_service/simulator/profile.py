@@ -77,6 +77,14 @@ class SimulatorProfile(BaseModel):
         ),
     )
     faults: FaultSettings = Field(default_factory=FaultSettings, description="Faults active from the start.")
+    api_key: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Bearer key required on /v1 paths, as vLLM's --api-key (401 without it); /health and /metrics "
+            "stay open. The CLI reads $VLLM_API_KEY when --api-key is not given, as vLLM does."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SimulatorProfile:

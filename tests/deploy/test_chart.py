@@ -302,13 +302,21 @@ OPERATOR_RULES = {
     ("tollway.io", "modelpools/finalizers"): {"update"},
     ("tollway.io", "routingpolicies/finalizers"): {"update"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "persistentvolumeclaims"): {"get", "list", "create", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "create", "patch", "delete"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    # The router's ServiceAccount, Role and RoleBinding (EndpointSlices read access), which the
+    # operator may only grant because it holds that access itself.
+    ("", "serviceaccounts"): {"get", "list", "create", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "list", "create", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "create", "patch", "delete"},
+    ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
 }
 KEDA_RULES = {("keda.sh", "scaledobjects"): {"get", "list", "create", "patch", "delete"}}
 PEERING_VERBS = {"list", "watch", "create", "patch"}
@@ -319,7 +327,7 @@ FORBIDDEN = {
     "pods/exec",
     "nodes",
     "clusterroles",
-    "roles",
+    "clusterrolebindings",
 }
 
 
@@ -524,3 +532,12 @@ def test_an_existing_redis_by_url_or_secret(helm_template: Render) -> None:
     assert operator_env(by_secret)["TOLLWAY_ROUTER_STATE_URL"]["valueFrom"] == {
         "secretKeyRef": {"name": "redis-url", "key": "url"}
     }
+
+
+def test_simulate_default_reaches_the_operator(helm_template: Render) -> None:
+    """simulate.default=true: pools that do not choose run simulators (state.simulate_default)."""
+    from tollway_operator import state
+
+    assert state.SIMULATE_ENV not in operator_env(helm_template())
+    env = operator_env(helm_template("--set", "simulate.default=true"))
+    assert env[state.SIMULATE_ENV] == {"name": state.SIMULATE_ENV, "value": "true"}

@@ -211,7 +211,9 @@ def test_the_router_expects_the_current_revision_without_a_rollout() -> None:
     assert a.config.backend("small").calibration_revision == "aaaa0000"  # type: ignore[union-attr]
     assert a.config.backend("large").calibration_revision is None  # type: ignore[union-attr]
     checksum = d.CHECKSUM_ANNOTATION
-    template = lambda p: p.children[1]["spec"]["template"]["metadata"]["annotations"][checksum]  # noqa: E731
+    template = lambda p: next(  # noqa: E731
+        c for c in p.children if c["kind"] == "Deployment"
+    )["spec"]["template"]["metadata"]["annotations"][checksum]
     assert template(a) == template(b)  # a hot reload, not a rollout
 
 
@@ -356,3 +358,22 @@ def test_a_restarted_attempt_and_a_failed_job_say_why() -> None:
     )
     pending = status.calibration_status(no_set, {}, [], None, "t")["models"][0]
     assert pending["reason"] == "CalibrationSetMissing" and pending["message"] == "ConfigMap 's' not found"
+
+
+def test_a_pool_api_key_reaches_the_calibration_of_its_models_and_judge() -> None:
+    spec = parse_model_pool(
+        {
+            "apiKeySecret": {"name": "vllm-key"},
+            "models": [SMALL, LARGE],
+            "calibration": {"dataset": {"builtin": "builtin:code"}, "judge": {"model": "large"}},
+        }
+    )
+    small = jobs(plan(spec))["small"]
+    args = command(small)
+    assert arg(args, "--api-key-env") == [
+        "small=TOLLWAY_BACKEND_SMALL_API_KEY",
+        "large=TOLLWAY_JUDGE_LARGE_API_KEY",
+    ]
+    env = {e["name"]: e.get("valueFrom") for e in small["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TOLLWAY_BACKEND_SMALL_API_KEY"] == {"secretKeyRef": {"name": "vllm-key", "key": "token"}}
+    assert env["TOLLWAY_JUDGE_LARGE_API_KEY"] == {"secretKeyRef": {"name": "vllm-key", "key": "token"}}

@@ -13,6 +13,7 @@ from tollway_operator import desired as d
 from tollway_operator.api import SpecError, parse_model_pool, parse_routing_policy
 
 OWNER = d.Owner(kind="RoutingPolicy", name="chat-auto", namespace="ml", uid="uid-p")
+POOL_OWNER = d.Owner(kind="ModelPool", name="chat", namespace="ml", uid="uid-c")
 POOL = parse_model_pool(
     {
         "models": [
@@ -315,7 +316,55 @@ def test_example_policy_over_example_pool() -> None:
     assert sum(p.budgets.tokens.values()) == 20_000_000
     assert p.budgets.tokens["small"] > p.budgets.tokens["medium"] > p.budgets.tokens["large"]
     assert config_of(p).budgets.replica_share == 0.5
-    assert [c["kind"] for c in p.children] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+    assert [c["kind"] for c in p.children] == [
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    ]
+
+
+def test_the_router_runs_as_its_own_service_account_allowed_only_to_read_endpointslices() -> None:
+    p = plan()
+    account, role, binding = (child(p, k) for k in ("ServiceAccount", "Role", "RoleBinding"))
+    name = "chat-auto-router"
+    assert {account["metadata"]["name"], role["metadata"]["name"], binding["metadata"]["name"]} == {name}
+    assert all(
+        c["metadata"]["namespace"] == "ml" and c["metadata"]["ownerReferences"]
+        for c in (account, role, binding)
+    )
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": "ml"}]
+    pod = child(p, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == name and pod["automountServiceAccountToken"] is True
+    kinds = [c["kind"] for c in p.children]
+    assert kinds.index("ServiceAccount") < kinds.index("Deployment")  # applied before its pods need it
+
+
+def test_deployed_models_are_found_through_their_services_endpointslices() -> None:
+    backends = {b.name: b for b in config_of(plan()).backends}
+    small = backends["small"].endpoint_slices
+    assert small is not None
+    assert (small.service, small.namespace, small.port_name) == ("chat-small", "ml", "http")
+    assert backends["small"].url == "http://chat-small.ml.svc.cluster.local:8000"  # until the first list
+    assert backends["gpt"].endpoint_slices is None  # an external endpoint has no pods
+    # The Service's port is the one the slices name.
+    service = next(
+        c
+        for c in d.pool_children(POOL_OWNER, POOL)
+        if c["kind"] == "Service" and c["metadata"]["name"] == "chat-small"
+    )
+    assert service["spec"]["ports"][0]["name"] == small.port_name
 
 
 # --- scaling the router, shared state -----------------------------------------------------------
@@ -397,3 +446,33 @@ def test_the_scale_subresource_can_drive_an_hpa() -> None:
     assert d.router_selector_text("chat-auto") == (
         "app.kubernetes.io/instance=chat-auto,app.kubernetes.io/name=tollway-router"
     )
+
+
+def test_the_router_sends_the_key_the_pool_s_vllm_servers_require() -> None:
+    keyed = parse_model_pool(
+        {
+            "apiKeySecret": {"name": "vllm-key", "key": "key"},
+            "models": POOL.model_dump(by_alias=True, exclude_none=True)["models"],
+        }
+    )
+    result = d.policy_children(OWNER, policy(), "chat", keyed, {"small": 1, "large": 1})
+    backends = {b.name: b for b in result.config.backends}
+    # The same variable the router reads for any backend key: `Authorization: Bearer <key>`.
+    assert backends["small"].api_key_env == "TOLLWAY_BACKEND_SMALL_API_KEY"
+    assert backends["large"].api_key_env == "TOLLWAY_BACKEND_LARGE_API_KEY"
+    assert backends["gpt"].api_key_env == "TOLLWAY_BACKEND_GPT_API_KEY"  # the endpoint's own key
+    dep = child(result, "Deployment")
+    env = {e["name"]: e.get("valueFrom") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TOLLWAY_BACKEND_SMALL_API_KEY"] == {"secretKeyRef": {"name": "vllm-key", "key": "key"}}
+    assert env["TOLLWAY_BACKEND_GPT_API_KEY"] == {"secretKeyRef": {"name": "openai", "key": "key"}}
+    assert plan().config.backends[0].api_key_env is None  # no key, no header
+
+
+def test_router_prestop_and_grace_cover_its_drain() -> None:
+    result = plan()
+    pod = child(result, "Deployment")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    # The router keeps serving while the endpoints drop it (no connection refused), then drains.
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    drain = result.config.server.drain_seconds
+    assert pod["terminationGracePeriodSeconds"] == 5 + drain + 5

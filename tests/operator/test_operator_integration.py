@@ -50,6 +50,13 @@ class Cluster:
     def deployment(self, name: str) -> dict[str, Any] | None:
         return self.raw(f"/apis/apps/v1/namespaces/{self.ns}/deployments/{name}")
 
+    def statefulset(self, name: str) -> dict[str, Any] | None:
+        return self.raw(f"/apis/apps/v1/namespaces/{self.ns}/statefulsets/{name}")
+
+    def workloads(self) -> set[str]:
+        """Names of the Deployments and StatefulSets (models with per-replica cache claims)."""
+        return self.names("deployments", "apps/v1") | self.names("statefulsets", "apps/v1")
+
     def service(self, name: str) -> dict[str, Any] | None:
         return self.raw(f"/api/v1/namespaces/{self.ns}/services/{name}")
 
@@ -128,25 +135,29 @@ def test_kubectl_apply_examples_yields_children_and_true_conditions(
         lambda: cl.cond("routingpolicies", "chat-auto", "Ready").get("status") == "True", what="policy Ready"
     )
 
-    assert {"chat-small", "chat-medium", "chat-large", "chat-auto-router"} <= cl.names(
-        "deployments", "apps/v1"
-    )
+    assert {"chat-small", "chat-auto-router"} <= cl.names("deployments", "apps/v1")
+    # Per-replica cache claims: StatefulSets (the claims come from their templates, per replica).
+    assert {"chat-medium", "chat-large"} <= cl.names("statefulsets", "apps/v1")
     assert {"chat-small", "chat-medium", "chat-large", "chat-auto"} <= cl.names("services")
-    assert {"chat-medium-cache", "chat-large-cache"} <= cl.names("persistentvolumeclaims")
     assert "chat-auto-router" in cl.names("poddisruptionbudgets", "policy/v1")
+    # The router's identity: allowed to read EndpointSlices here, nothing else.
+    assert "chat-auto-router" in cl.names("serviceaccounts")
+    assert "chat-auto-router" in cl.names("roles", "rbac.authorization.k8s.io/v1")
+    assert "chat-auto-router" in cl.names("rolebindings", "rbac.authorization.k8s.io/v1")
 
-    medium = cl.deployment("chat-medium")
+    medium = cl.statefulset("chat-medium")
     assert medium is not None
     assert arg(medium, "--model") == "mistralai/Mixtral-8x7B-Instruct-v0.1"
     assert arg(medium, "--tensor-parallel-size") == "2" and arg(medium, "--max-model-len") == "16384"
     assert "--enable-prefix-caching" in container(medium)["args"]
     assert container(medium)["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert medium["metadata"]["ownerReferences"][0]["kind"] == "ModelPool"
-    large = cl.deployment("chat-large")
+    large = cl.statefulset("chat-large")
     assert large is not None and large["spec"]["replicas"] == 0  # min 0 with scaleToZero
     assert large["spec"]["template"]["spec"]["nodeSelector"] == {
-        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"
-    }
+        "nvidia.com/gpu.present": "true"
+    }  # the pool's
+    assert "nodeAffinity" in large["spec"]["template"]["spec"]["affinity"]  # its own
 
     config = cl.config()
     assert config is not None
@@ -274,6 +285,10 @@ def test_drift_repaired_by_the_resync_is_reported_in_an_event(cl: Cluster) -> No
     """Cache claims are not watched: only the periodic resync sees one deleted by hand. Its repair
     is posted as an Event like any other (the resync loop runs where kopf's Event queue is)."""
     apply_examples(cl)
+    models = example("modelpool")["spec"]["models"]
+    models[1]["cache"]["accessMode"] = "ReadWriteMany"  # one claim shared by medium's replicas
+    cl.patch("modelpools", "chat", {"spec": {"models": models}})
+    wait_for(lambda: "chat-medium-cache" in cl.names("persistentvolumeclaims"), what="the shared claim")
     uid = cl.raw(f"/api/v1/namespaces/{cl.ns}/persistentvolumeclaims/chat-medium-cache")["metadata"]["uid"]  # type: ignore[index]
     cl.core.delete_namespaced_persistent_volume_claim("chat-medium-cache", cl.ns)
     wait_for(
@@ -296,14 +311,10 @@ def test_removing_a_model_removes_its_children_and_backend(cl: Cluster) -> None:
     models = [m for m in example("modelpool")["spec"]["models"] if m["name"] != "medium"]
     cl.patch("modelpools", "chat", {"spec": {"models": models}})
     wait_for(
-        lambda: (
-            "chat-medium" not in cl.names("deployments", "apps/v1")
-            and "chat-medium" not in cl.names("services")
-            and "chat-medium-cache" not in cl.names("persistentvolumeclaims")
-        ),
-        what="Deployment, Service and cache claim removed",
+        lambda: "chat-medium" not in cl.workloads() and "chat-medium" not in cl.names("services"),
+        what="StatefulSet and Service removed",
     )
-    assert {"chat-small", "chat-large"} <= cl.names("deployments", "apps/v1")
+    assert {"chat-small", "chat-large"} <= cl.workloads()
     wait_for(
         lambda: [b.name for b in cl.config().backends] == ["small", "large"],
         what="backend removed from config",
@@ -315,8 +326,8 @@ def test_deleting_parents_cascades(cluster: Any, cl: Cluster) -> None:
     apply_examples(cl)
     cl.delete("modelpools", "chat")
     wait_for(
-        lambda: not {"chat-small", "chat-medium", "chat-large"} & cl.names("deployments", "apps/v1"),
-        what="model Deployments collected",
+        lambda: not {"chat-small", "chat-medium", "chat-large"} & cl.workloads(),
+        what="model workloads collected",
     )
     assert not {"chat-small", "chat-medium", "chat-large"} & cl.names("services")
     # the policy tells the truth about its missing pool and keeps its router
@@ -424,6 +435,56 @@ def test_unready_model_degrades_pool_and_policy_then_recovers(cluster: Any, cl: 
     cluster.hold_unready(cl.ns, "chat-medium", held=False)
     wait_for(lambda: cl.cond("modelpools", "chat", "Ready").get("status") == "True", what="pool recovered")
     wait_for(lambda: cl.config().backend("medium").replicas == 1, what="backend replicas back")  # type: ignore[union-attr]
+
+
+def test_a_pod_level_cause_reaches_the_pool_status_within_a_resync(cluster: Any, cl: Cluster) -> None:
+    """A model whose pod cannot start says why (the kubelet's reason and message, naming the missing
+    Secret) in its status entry, Ready and Degraded (RolloutStuck at once), and a Warning Event."""
+    apply_examples(cl)
+    cluster.hold_unready(cl.ns, "chat-small")
+    labels = {
+        "app.kubernetes.io/managed-by": "tollway-operator",
+        "app.kubernetes.io/component": "model-server",
+        "tollway.io/pool": "chat",
+        "tollway.io/model": "small",
+    }
+    cl.core.create_namespaced_pod(
+        cl.ns,
+        {
+            "metadata": {"name": "chat-small-abc", "labels": labels},
+            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0"}]},
+        },
+    )
+    waiting = {"reason": "CreateContainerConfigError", "message": 'secret "hf-token" not found'}
+    cl.core.patch_namespaced_pod_status(
+        "chat-small-abc",
+        cl.ns,
+        {
+            "status": {
+                "phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "True"}],
+                "containerStatuses": [
+                    {"name": "vllm", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+                     "state": {"waiting": waiting}}
+                ],
+            }
+        },
+    )  # fmt: skip
+    small = wait_for(
+        lambda: next((m for m in cl.get("modelpools", "chat")["status"]["models"] if m["name"] == "small" and m.get("reason")), None),
+        what="small's status entry names the cause",
+    )  # fmt: skip
+    assert (small["reason"], small["message"]) == (
+        "CreateContainerConfigError",
+        'secret "hf-token" not found',
+    )
+    assert 'secret "hf-token" not found' in cl.cond("modelpools", "chat", "Ready")["message"]
+    degraded = cl.cond("modelpools", "chat", "Degraded")
+    assert degraded["reason"] == "RolloutStuck" and "CreateContainerConfigError" in degraded["message"]
+    wait_for(
+        lambda: [e for e in cl.events("chat") if e.get("type") == "Warning" and "hf-token" in e["message"]],
+        what="a Warning Event",
+    )
 
 
 def test_autoscaled_replicas_are_kept_within_bounds(cl: Cluster) -> None:

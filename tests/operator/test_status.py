@@ -260,7 +260,7 @@ def test_pods_the_scheduler_cannot_place_are_named_in_ready() -> None:
             pod("x", None),
         ]
     )
-    assert problems == {"large": f"Unschedulable: {unschedulable['message']}"}
+    assert problems == {"large": s.PodProblem("Unschedulable", unschedulable["message"])}
     st = s.pool_status(
         "chat",
         "ml",
@@ -275,3 +275,131 @@ def test_pods_the_scheduler_cannot_place_are_named_in_ready() -> None:
     ready = cond(st, "Ready")
     assert ready["reason"] == "ModelsUnavailable"
     assert f"not available: large (Unschedulable: {unschedulable['message']})" in ready["message"]
+    assert cond(st, "Degraded")["reason"] == "RolloutStuck"  # at once, not after the rollout's deadline
+    large = next(m for m in st["models"] if m["name"] == "large")
+    assert (large["reason"], large["message"]) == ("Unschedulable", unschedulable["message"])
+
+
+def container_pod(model: str, created: str = "2026-01-01T00:00:00Z", **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": f"chat-{model}-{created}",
+            "labels": {"tollway.io/model": model},
+            "creationTimestamp": created,
+        },
+        "status": {"conditions": [{"type": "PodScheduled", "status": "True"}], **status},
+    }
+
+
+def waiting(reason: str, message: str = "", **extra: Any) -> dict[str, Any]:
+    return {"name": "vllm", "state": {"waiting": {"reason": reason, "message": message}}, **extra}
+
+
+def test_image_pull_errors_are_the_pool_s_cause() -> None:
+    pod = container_pod(
+        "large",
+        containerStatuses=[waiting("ImagePullBackOff", 'Back-off pulling image "vllm/vllm-openai:v9"')],
+    )
+    assert s.pod_problems([pod]) == {
+        "large": s.PodProblem("ImagePullBackOff", 'Back-off pulling image "vllm/vllm-openai:v9"')
+    }
+    pulling = container_pod("large", containerStatuses=[waiting("ErrImagePull", "manifest unknown")])
+    assert s.pod_problems([pulling])["large"].reason == "ErrImagePull"
+
+
+def test_a_missing_secret_is_named() -> None:
+    pod = container_pod(
+        "small", containerStatuses=[waiting("CreateContainerConfigError", 'secret "hf-token" not found')]
+    )
+    problems = s.pod_problems([pod])
+    st = s.pool_status(
+        "chat", "ml", SPEC, {"chat-small": dep("chat-small", 1, 0), "chat-large": dep("chat-large", 1, 1)},
+        None, None, 3, T0, problems,
+    )  # fmt: skip
+    assert 'secret "hf-token" not found' in cond(st, "Ready")["message"]
+    degraded = cond(st, "Degraded")
+    assert (
+        degraded["reason"] == "RolloutStuck"
+        and 'small (CreateContainerConfigError: secret "hf-token" not found)' in degraded["message"]
+    )
+
+
+def test_crash_loops_carry_how_the_last_run_ended() -> None:
+    pod = container_pod(
+        "large",
+        containerStatuses=[
+            waiting(
+                "CrashLoopBackOff",
+                "back-off 5m0s restarting failed container=vllm",
+                lastState={"terminated": {"reason": "OOMKilled", "exitCode": 137}},
+            )
+        ],
+    )
+    problem = s.pod_problems([pod])["large"]
+    assert problem.reason == "CrashLoopBackOff"
+    assert "last exit: OOMKilled (exit code 137)" in problem.message
+
+
+def test_the_newest_pod_speaks_for_its_model_and_healthy_pods_say_nothing() -> None:
+    old = container_pod(
+        "large", "2026-01-01T00:00:00Z", containerStatuses=[waiting("ImagePullBackOff", "old tag")]
+    )
+    new = container_pod(
+        "large", "2026-01-01T00:10:00Z", containerStatuses=[waiting("CrashLoopBackOff", "new")]
+    )
+    assert s.pod_problems([old, new])["large"].reason == "CrashLoopBackOff"
+    starting = container_pod("small", containerStatuses=[waiting("ContainerCreating")])
+    running = container_pod("small", containerStatuses=[{"name": "vllm", "state": {"running": {}}}])
+    assert s.pod_problems([starting, running]) == {}
+
+
+def test_a_stuck_rollout_behind_ready_replicas_is_degraded_at_once() -> None:
+    """A new image that cannot be pulled while the old replica still serves: Ready stays True,
+    Degraded says why the rollout cannot finish."""
+    problems = {"large": s.PodProblem("ImagePullBackOff", 'Back-off pulling image "x"')}
+    rolling = dep("chat-large", 1, 1, generation=2, observed=2)
+    rolling["status"]["updatedReplicas"] = 0
+    st = s.pool_status(
+        "chat",
+        "ml",
+        SPEC,
+        {"chat-small": dep("chat-small", 1, 1), "chat-large": rolling},
+        None,
+        None,
+        3,
+        T0,
+        problems,
+    )
+    assert cond(st, "Ready")["status"] == "True"
+    assert cond(st, "Degraded")["reason"] == "RolloutStuck"
+    assert "ImagePullBackOff" in cond(st, "Degraded")["message"]
+
+
+def test_cache_size_condition() -> None:
+    from tollway_operator import desired as d
+
+    ok = s.cache_size_condition([], {})
+    assert (ok.status, ok.reason) == (True, "AsRequested")
+    shrink = s.cache_size_condition(
+        [d.ClaimResize("a", "model-cache-chat-a-0", "200Gi", "100Gi", "cannot-shrink")], {}
+    )
+    assert (shrink.status, shrink.reason) == (False, "CannotShrink")
+    assert "model-cache-chat-a-0 has 200Gi, cache.size asks 100Gi" in shrink.message
+    refused = s.cache_size_condition(
+        [], {"chat-b-cache": "Forbidden: only dynamically provisioned pvc can be resized"}
+    )
+    assert (refused.status, refused.reason) == (
+        False,
+        "ExpansionRefused",
+    ) and "allowVolumeExpansion" in refused.message
+    assert s.cache_size_condition([], {}, ["model-cache-chat-a-0"]).reason == "Resizing"
+
+
+def test_cache_condition_is_dropped_when_the_pool_has_no_claims() -> None:
+    deps = {"chat-small": dep("chat-small", 1, 1), "chat-large": dep("chat-large", 1, 1)}
+    with_cache = s.pool_status(
+        "chat", "ml", SPEC, deps, None, None, 3, T0, None, s.cache_size_condition([], {})
+    )
+    assert cond(with_cache, "CacheSizeApplied")["status"] == "True"
+    without = s.pool_status("chat", "ml", SPEC, deps, None, with_cache, 3, T1)
+    assert s.find_condition(without["conditions"], "CacheSizeApplied") is None

@@ -5,7 +5,12 @@ uvicorn on 127.0.0.1 on a thread. Its `mode` says how it answers /v1/chat/comple
 - "leaky-headers": a normal JSON answer with cookies, CORS and internal headers;
 - "slow-stream": an endless stream, one event every `interval` seconds;
 - "firehose": an endless stream of large events, as fast as the client takes them;
-- "hang": accepts the request and never answers.
+- "hang": accepts the request and never answers;
+- "ok": a well-behaved replica: a plain chat completion after `delay` seconds;
+- "error": a 500 in OpenAI's error shape.
+
+`/metrics` answers `metrics` (vLLM's exposition text) with status `metrics_status`, so a test
+decides what load the replica reports, or that its scrape fails.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ class FakeUpstream:
         self.mode = mode
         self.interval = interval
         self.requests = 0
+        self.in_flight = 0
+        self.delay = 0.0
+        self.metrics = ""
+        self.metrics_status = 200
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -52,14 +61,56 @@ class FakeUpstream:
         if scope["type"] != "http":
             return
         if scope["path"] == "/metrics":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
+            await send({"type": "http.response.start", "status": self.metrics_status, "headers": []})
+            await send({"type": "http.response.body", "body": self.metrics.encode()})
             return
         while (await receive()).get("more_body"):
             pass
         self.requests += 1
+        self.in_flight += 1
+        try:
+            await self._answer(send)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, send: Any) -> None:
         sse = [(b"content-type", b"text/event-stream")]
-        if self.mode == "hang":
+        if self.mode == "ok":
+            await asyncio.sleep(self.delay)
+            body = json.dumps(
+                {
+                    "id": "c1",
+                    "object": "chat.completion",
+                    "model": "m",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "hi"},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": USAGE,
+                }
+            )
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body.encode()})
+        elif self.mode == "error":
+            body = json.dumps({"error": {"message": "engine failed", "type": "server_error"}}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        elif self.mode == "hang":
             await asyncio.sleep(3600)
         elif self.mode == "leaky-headers":
             body = json.dumps({"id": "c1", "object": "chat.completion", "choices": [], "usage": USAGE})

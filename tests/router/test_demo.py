@@ -50,6 +50,11 @@ def test_example_models_and_router_config_validate() -> None:
     parsed = RouterConfig.model_validate(cfg)
     assert parsed.budgets.tokens == {"large": 100}
     assert parsed.learning.expected_queries == 50
+    # --replicas 2: each model's simulators become its static endpoints.
+    urls = {m.name: [f"http://127.0.0.1:{9000 + 2 * i + r}" for r in range(2)] for i, m in enumerate(models)}
+    replicated = RouterConfig.model_validate(router_config(models, urls, {}, {}, 60.0, 50))
+    assert [b.urls for b in replicated.backends] == list(urls.values())
+    assert all(b.replicas == 2 and b.url is None for b in replicated.backends)
 
 
 def test_summary_scores_served_requests_with_true_quality() -> None:

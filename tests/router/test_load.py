@@ -6,8 +6,16 @@ import math
 
 import pytest
 
-from router_service.config import BackendConfig, DegradationSettings
-from router_service.proxy.load import DemandWindow, LoadTracker, ScrapedLoad, assess, parse_vllm_metrics
+from router_service.config import BackendConfig, DegradationSettings, EndpointPickerSettings
+from router_service.proxy.load import (
+    DemandWindow,
+    LoadTracker,
+    LoadVerdict,
+    ScrapedLoad,
+    assess,
+    parse_vllm_metrics,
+)
+from router_service.proxy.picker import UNAVAILABLE, choose_replica
 
 TEXT_FORMAT = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -146,6 +154,22 @@ def test_demand_window_counts_recent_demand_only() -> None:
     assert len(w._buckets) <= 62
 
 
+def verdict(t: LoadTracker, model: str) -> LoadVerdict:
+    """The model's verdict as the request path sees it (its best replica's, circuits closed)."""
+    load = t.model(model)
+    if load is None:
+        return UNAVAILABLE
+    return choose_replica(
+        load.ready,
+        settings=t.settings,
+        picker=EndpointPickerSettings(),
+        priority="standard",
+        now=t.now(),
+        max_num_seqs=load.max_num_seqs,
+        allows=lambda _: True,
+    )
+
+
 def test_tracker_counts_reconfigures_and_keeps_counts() -> None:
     now = [0.0]
     backends = [
@@ -154,16 +178,16 @@ def test_tracker_counts_reconfigures_and_keeps_counts() -> None:
     ]
     t = LoadTracker(backends, settings(maxInFlightPerReplica=1), clock=lambda: now[0])
     t.acquire("a", "http://a:1")
-    assert t.verdict("a").saturated and not t.verdict("b").saturated
-    t.record_scrape("b", "vllm:num_requests_waiting 9\n")
-    assert t.verdict("b").reason == "waiting"
+    assert verdict(t, "a").saturated and not verdict(t, "b").saturated
+    t.record_scrape("b", "http://b:1", "vllm:num_requests_waiting 9\n")
+    assert verdict(t, "b").reason == "waiting"
     # A reload that scales `a` to 2 replicas keeps its in-flight count and drops `b`.
     t.configure(
         [BackendConfig(name="a", url="http://a:1", profile="p", replicas=2)],
         settings(maxInFlightPerReplica=1),
     )
-    assert t.in_flight("a") == 1 and not t.verdict("a").saturated
-    assert t.verdict("b").reason == "unavailable"
+    assert t.in_flight("a") == 1 and not verdict(t, "a").saturated
+    assert verdict(t, "b").reason == "unavailable"
     t.release("a", "http://a:1")
     t.release("a", "http://a:1")
     assert t.in_flight("a") == 0
@@ -173,24 +197,45 @@ def test_tracker_counts_reconfigures_and_keeps_counts() -> None:
     assert t.pending_demand("a") == 0
 
 
+def test_a_failed_scrape_makes_a_replicas_load_unknown_at_once_not_idle() -> None:
+    now = [0.0]
+    t = LoadTracker(
+        [BackendConfig(name="a", url="http://a:1", profile="p")], settings(), clock=lambda: now[0]
+    )
+    t.record_scrape("a", "http://a:1", "vllm:num_requests_waiting 9\nvllm:kv_cache_usage_perc 0.5\n")
+    replica = t.model("a").ready[0]
+    assert replica.fresh(now[0], 10.0) is not None
+    t.record_scrape_failure("a", "http://a:1", "ConnectError")
+    assert replica.fresh(now[0], 10.0) is None  # unknown, although the last good read is 0 s old
+    snap = t.snapshot()["a"]
+    assert snap["endpoints"]["http://a:1"]["metrics"] == "unknown" and snap["waiting"] is None
+    assert snap["endpoints"]["http://a:1"]["last_error"] == "ConnectError"
+    t.record_scrape("a", "http://a:1", "vllm:num_requests_waiting 1\n")
+    now[0] = 10.5  # older than staleAfterSeconds: unknown again
+    assert replica.fresh(now[0], 10.0) is None
+    t.record_scrape("a", "http://a:1", "vllm:num_requests_waiting{ 3\n")
+    assert replica.scrape_failed and "parse" in (replica.last_error or "")
+
+
 def test_a_model_generating_nothing_with_requests_in_flight_is_reported_stalled_once() -> None:
     now = [0.0]
     t = LoadTracker(
         [BackendConfig(name="a", url="http://a:1", profile="p")], settings(), clock=lambda: now[0]
     )
-    t.record_scrape("a", "vllm:generation_tokens_total 10\n")
-    t.acquire("a", "http://a:1")
+    ep = "http://a:1"
+    t.record_scrape("a", ep, "vllm:generation_tokens_total 10\n")
+    t.acquire("a", ep)
     now[0] = 1.0
-    t.record_scrape("a", "vllm:generation_tokens_total 12\n")  # progress
+    t.record_scrape("a", ep, "vllm:generation_tokens_total 12\n")  # progress
     now[0] = 2.5
-    t.record_scrape("a", "vllm:generation_tokens_total 12\n")
+    t.record_scrape("a", ep, "vllm:generation_tokens_total 12\n")
     assert t.stalled(2.0) == []  # 1.5 s without progress
     now[0] = 3.5
-    t.record_scrape("a", "vllm:generation_tokens_total 12\n")
-    assert t.stalled(2.0) == ["a"] and t.stalled(2.0) == []  # once per stall
-    t.release("a", "http://a:1")
+    t.record_scrape("a", ep, "vllm:generation_tokens_total 12\n")
+    assert t.stalled(2.0) == [("a", ep)] and t.stalled(2.0) == []  # once per stall
+    t.release("a", ep)
     now[0] = 10.0
-    t.record_scrape("a", "vllm:generation_tokens_total 12\n")
+    t.record_scrape("a", ep, "vllm:generation_tokens_total 12\n")
     assert t.stalled(2.0) == []  # idle is not stalled
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from router_helpers import FixedEngine, router_config
 
 from router_service.proxy import openai_errors as errors
 from router_service.proxy.attempt import Attempt
+from router_service.proxy.connections import new_session
+from router_service.proxy.endpoints import Endpoint
 from router_service.proxy.estimate import capable, embedding_candidates, estimate
 from router_service.proxy.forward import Relay, Timeouts, forward, upstream_body
 from router_service.proxy.request import parse_request
@@ -24,14 +27,22 @@ from router_service.routing.ledger import BudgetLedger
 from router_service.routing.policy import Candidate
 
 
-def streamed(data: bytes, piece: int = 17):
-    """A response body that arrives in pieces, as from the network (not pre-read)."""
-
-    async def pieces():
-        for i in range(0, len(data), piece):
-            yield data[i : i + piece]
-
-    return pieces()
+async def streamed(
+    request: web.Request,
+    data: bytes,
+    *,
+    status: int = 200,
+    content_type: str = "text/event-stream",
+    piece: int = 17,
+) -> web.StreamResponse:
+    """A response body sent in pieces, as over the network."""
+    response = web.StreamResponse(status=status, headers={"content-type": content_type})
+    await response.prepare(request)
+    for i in range(0, len(data), piece):
+        await response.write(data[i : i + piece])
+        await asyncio.sleep(0)
+    await response.write_eof()
+    return response
 
 
 URLS = {"small": "http://small", "medium": "http://medium", "large": "http://large"}
@@ -63,7 +74,7 @@ def test_capable_keeps_order_and_drops_unknown_or_incapable_models() -> None:
 def test_embedding_candidates_rank_cheapest_input_first() -> None:
     rt = runtime()
     backends = {
-        name: type(b)(b.name, b.base_url, b.upstream_model, frozenset({"embeddings"}), b.headers, b.config)
+        name: type(b)(b.name, b.upstream_model, frozenset({"embeddings"}), b.headers, b.config)
         for name, b in rt.state.backends.items()
     }
     cands = embedding_candidates(backends, prompt_tokens=7)
@@ -91,7 +102,9 @@ async def test_estimate_asks_the_engine_with_the_routing_text_and_priority() -> 
 
 def test_reserve_holds_budget_and_a_slot_and_settle_charges_true_usage() -> None:
     rt = runtime(budget=1000)
-    attempt = Attempt.reserve(rt, rt.state.backends["large"], "routed", tokens=300, retry_after=1)
+    attempt = Attempt.reserve(
+        rt, rt.state.backends["large"], URLS["large"], "routed", tokens=300, retry_after=1
+    )
     assert rt.ledger.remaining("large") == 700 and rt.load.in_flight("large") == 1
     attempt.settle(Usage(40, 60, True), "ok")
     assert rt.ledger.remaining("large") == 900 and rt.load.in_flight("large") == 0
@@ -101,16 +114,16 @@ def test_reserve_holds_budget_and_a_slot_and_settle_charges_true_usage() -> None
 
 def test_abandon_and_settle_without_usage_give_the_reservation_back() -> None:
     rt = runtime(budget=1000)
-    a = Attempt.reserve(rt, rt.state.backends["small"], "routed", tokens=250, retry_after=1)
+    a = Attempt.reserve(rt, rt.state.backends["small"], URLS["small"], "routed", tokens=250, retry_after=1)
     a.abandon("connect")
-    b = Attempt.reserve(rt, rt.state.backends["small"], "routed", tokens=250, retry_after=1)
+    b = Attempt.reserve(rt, rt.state.backends["small"], URLS["small"], "routed", tokens=250, retry_after=1)
     b.settle(None, "client_error", consumed=False)
     assert rt.ledger.remaining("small") == 1000 and rt.load.in_flight("small") == 0
 
 
 def test_settle_without_reported_usage_charges_the_reserved_worst_case() -> None:
     rt = runtime(budget=1000)
-    a = Attempt.reserve(rt, rt.state.backends["small"], "routed", tokens=250, retry_after=1)
+    a = Attempt.reserve(rt, rt.state.backends["small"], URLS["small"], "routed", tokens=250, retry_after=1)
     a.settle(None, "ok")
     assert rt.ledger.remaining("small") == 750
 
@@ -118,7 +131,7 @@ def test_settle_without_reported_usage_charges_the_reserved_worst_case() -> None
 def test_reserve_refuses_when_the_budget_cannot_pay() -> None:
     rt = runtime(budget=100)
     with pytest.raises(errors.ApiError) as caught:
-        Attempt.reserve(rt, rt.state.backends["medium"], "routed", tokens=101, retry_after=7)
+        Attempt.reserve(rt, rt.state.backends["medium"], URLS["medium"], "routed", tokens=101, retry_after=7)
     assert caught.value.status == 429 and rt.load.in_flight("medium") == 0
 
 
@@ -155,12 +168,19 @@ async def play(response) -> bytes:
 async def _forward(
     rt: Runtime, handler, body: bytes, model: str = "large", tokens: int = 500, timeouts: Timeouts = TIMEOUTS
 ):
+    """`forward` one request to a replica served by `handler` (an aiohttp handler)."""
     parsed = parse_request(body, "chat")
-    attempt = Attempt.reserve(rt, rt.state.backends[model], "routed", tokens=tokens, retry_after=1)
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    async with TestServer(app, host="127.0.0.1") as server, new_session(2.0) as session:
+        endpoint = str(server.make_url("")).rstrip("/")
+        rt.load.set_endpoints(model, [Endpoint(endpoint, endpoint + "/metrics")], discovered=False)
+        backend = rt.state.backends[model]
+        attempt = Attempt.reserve(rt, backend, endpoint, "routed", tokens=tokens, retry_after=1)
         response = await forward(
-            client,
-            rt.state.backends[model],
+            session,
+            backend,
+            endpoint,
             "/v1/chat/completions",
             parsed,
             attempt,
@@ -178,18 +198,18 @@ async def test_forward_settles_a_plain_answer_with_its_usage() -> None:
     rt = runtime(budget=1000)
     seen: dict = {}
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen["body"] = json.loads(request.content)
+    async def handler(request: web.Request) -> web.Response:
+        seen["body"] = await request.json()
         seen["request_id"] = request.headers["x-request-id"]
         usage = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
         leaky = {"x-upstream": "1", "set-cookie": "s=1", "access-control-allow-origin": "*", "server": "v"}
-        return httpx.Response(200, json={"choices": [], "usage": usage}, headers=leaky)
+        return web.json_response({"choices": [], "usage": usage}, headers=leaky)
 
     response, body, attempt = await _forward(rt, handler, chat())
     assert response.status_code == 200 and json.loads(body)["usage"]["total_tokens"] == 30
     assert response.headers["x-tollway-model"] == "large"
     # Only what an OpenAI client reads passes: no cookies, CORS grants or internal headers.
-    assert response.headers["content-type"] == "application/json"
+    assert response.headers["content-type"].startswith("application/json")
     leaked = {"x-upstream", "set-cookie", "access-control-allow-origin", "server"} & set(response.headers)
     assert not leaked
     assert seen == {"body": {**json.loads(chat()), "model": "large"}, "request_id": "r1"}
@@ -199,8 +219,9 @@ async def test_forward_settles_a_plain_answer_with_its_usage() -> None:
 async def test_forward_raises_before_the_first_byte_and_gives_everything_back() -> None:
     rt = runtime(budget=1000)
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(503, content=streamed(b'{"error": {"message": "overloaded"}}'))
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = b'{"error": {"message": "overloaded"}}'
+        return await streamed(request, body, status=503, content_type="application/json")
 
     with pytest.raises(UpstreamFailure) as caught:
         await _forward(rt, handler, chat())
@@ -213,8 +234,8 @@ async def test_forward_relays_a_stream_and_settles_the_counted_tokens() -> None:
     events = [{"choices": [{"index": 0, "delta": {"content": w}}]} for w in ("a", "b", "c")]
     stream = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=streamed(stream), headers={"content-type": "text/event-stream"})
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await streamed(request, stream)
 
     _, body, attempt = await _forward(rt, handler, chat(stream=True))
     assert body == stream  # passed through untouched
@@ -226,8 +247,8 @@ async def test_forward_ends_a_stream_cut_short_with_an_error_event() -> None:
     rt = runtime(budget=1000)
     cut = b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=streamed(cut), headers={"content-type": "text/event-stream"})
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await streamed(request, cut)
 
     _, body, attempt = await _forward(rt, handler, chat(stream=True))
     assert body.startswith(cut) and b'"code": "upstream_error"' in body[len(cut) :].replace(b'":"', b'": "')

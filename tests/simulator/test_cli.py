@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import pytest
 
-from router_service.simulator import FaultSettings, SimulatorProcess, SimulatorProfile
+from router_service.simulator import FaultSettings, SimulatorProcess, SimulatorProfile, SimulatorServer
 from router_service.simulator.cli import build_parser, main, profile_from_args, profile_to_argv
 
 
@@ -73,3 +75,27 @@ def test_child_process_serves_and_dies_on_kill() -> None:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{sim.url}/health", timeout=2)
     assert sim.process is not None and sim.process.returncode is not None
+
+
+def test_api_key_from_the_flag_or_vllm_s_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert profile_from_args(build_parser().parse_args(["--model", "m"])).api_key is None
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    assert profile_from_args(build_parser().parse_args(["--model", "m"])).api_key == "from-env"
+    args = build_parser().parse_args(["--model", "m", "--api-key", "from-flag"])
+    assert profile_from_args(args).api_key == "from-flag"
+
+
+def test_api_key_guards_v1_like_vllm(start_simulator: Callable[..., SimulatorServer]) -> None:
+    server = start_simulator(api_key="s3cret")
+    chat = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.post("/v1/chat/completions", json=chat).status_code == 401
+        wrong = client.post("/v1/chat/completions", json=chat, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json() == {"error": "Unauthorized"}
+        assert client.get("/v1/models").status_code == 401
+        ok = client.post("/v1/chat/completions", json=chat, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+        # Kubelet probes and Prometheus do not carry the key: /health and /metrics stay open.
+        assert client.get("/health").status_code == 200
+        assert "vllm:num_requests_running" in client.get("/metrics").text

@@ -5,7 +5,9 @@ the few live facts these functions need (live replicas of model Deployments, the
 replicas), call the functions below and hand the manifests to `kube.apply`.
 
 - `names`: child names, labels, selectors, owner references (shared by both kinds);
-- `pool`: a ModelPool's vLLM Deployments, Services and cache claims;
+- `pool`: a ModelPool's model workloads (Deployments, or StatefulSets for per-replica cache
+  claims), Services, shared cache claims and NetworkPolicy; `modelpod` the pod of one model
+  replica (vLLM, or a simulator); `sizing` the defaults that follow a model's size;
 - `policy`: a RoutingPolicy's router config, ConfigMap, Deployment, Service and PDB;
 - `calibration`: a ModelPool's calibration Jobs (which models, which revision).
 """
@@ -65,20 +67,30 @@ from tollway_operator.desired.policy import (
     router_replicas,
     router_service,
     state_config,
-    vllm_flag,
 )
 from tollway_operator.desired.pool import (
+    ClaimResize,
+    WorkloadKind,
     autoscaling_mode,
     cache_claim_name,
+    cache_resize_plan,
+    claim_retained,
+    claims_resizing,
     deployed_models,
     model_cache_claim,
-    model_deployment,
     model_endpoint,
+    model_network_policy,
     model_replicas,
     model_service,
+    model_workload,
+    network_policy_name,
     pool_children,
+    replica_claim_name,
     replica_floor,
+    workload_kind,
+    workload_kinds,
 )
+from tollway_operator.desired.sizing import vllm_flag
 
 __all__ = [
     "CHECKSUM_ANNOTATION",
@@ -94,14 +106,17 @@ __all__ = [
     "MANAGED_BY",
     "BudgetResolution",
     "CalibrationPlan",
+    "ClaimResize",
     "ModelCalibration",
     "Owner",
     "PolicyReferenceError",
     "RouterPlan",
     "RouterTarget",
+    "WorkloadKind",
     "autoscaling_mode",
     "backend_api_key_env",
     "cache_claim_name",
+    "cache_resize_plan",
     "calibrated_models",
     "calibration_job",
     "calibration_job_name",
@@ -110,22 +125,27 @@ __all__ = [
     "calibration_selector",
     "check_policy_names",
     "check_pool_names",
+    "claim_retained",
+    "claims_resizing",
     "common_labels",
     "config_checksum",
     "deployed_models",
     "model_cache_claim",
     "model_child_name",
-    "model_deployment",
     "model_endpoint",
     "model_labels",
+    "model_network_policy",
     "model_replicas",
     "model_selector",
     "model_service",
     "model_service_url",
+    "model_workload",
+    "network_policy_name",
     "policy_children",
     "policy_children_selector",
     "pool_children",
     "pool_children_selector",
+    "replica_claim_name",
     "replica_floor",
     "replica_share",
     "resolve_budgets",
@@ -142,4 +162,6 @@ __all__ = [
     "router_service",
     "state_config",
     "vllm_flag",
+    "workload_kind",
+    "workload_kinds",
 ]

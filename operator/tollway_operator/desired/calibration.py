@@ -34,6 +34,7 @@ from typing import Any
 
 from tollway_operator.api import DEFAULT_ROUTER_IMAGE, ModelPoolSpec, ModelSpec, SecretKeyRef
 from tollway_operator.desired.names import (
+    COMPONENT_CALIBRATION,
     LABEL_COMPONENT,
     LABEL_MANAGED_BY,
     LABEL_MODEL,
@@ -48,7 +49,6 @@ from tollway_operator.desired.names import (
     router_endpoint,
 )
 
-COMPONENT_CALIBRATION = "calibration"
 LABEL_REVISION = "tollway.io/calibration-revision"
 WORK_DIR = "/var/lib/tollway-calibration"
 SET_DIR = "/etc/tollway/calibration-set"
@@ -176,7 +176,7 @@ def _judge_args(
         name = judged_by.name
         args = ["--judge", f"{name}={_model_url(pool, namespace, judged_by)}"]
         args += _upstream_args(judged_by, name)
-        key_ref = judged_by.endpoint.api_key_secret if judged_by.endpoint is not None else None
+        key_ref = _api_key_ref(spec, judged_by)
     else:
         name = "judge" if model.name != "judge" else "judge-2"
         args = ["--judge", f"{name}={judge.url}", "--upstream-model", f"{name}={judge.upstream_model}"]
@@ -186,6 +186,11 @@ def _judge_args(
         env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": key_ref.name, "key": key_ref.key}}})
         args += ["--api-key-env", f"{name}={var}"]
     return args, env
+
+
+def _api_key_ref(spec: ModelPoolSpec, model: ModelSpec) -> SecretKeyRef | None:
+    """The bearer key a model takes: an external endpoint's, or the one the pool's vLLM requires."""
+    return model.endpoint.api_key_secret if model.endpoint is not None else spec.api_key_secret_for(model)
 
 
 def _model_url(pool: str, namespace: str, model: ModelSpec) -> str:
@@ -249,8 +254,8 @@ def calibration_job(
         {"name": "HOME", "value": "/tmp"},
         {"name": "TOLLWAY_CACHE_DIR", "value": f"{WORK_DIR}/cache"},
     ]
-    if model.endpoint is not None and model.endpoint.api_key_secret is not None:
-        ref = model.endpoint.api_key_secret
+    ref = _api_key_ref(spec, model)
+    if ref is not None:
         var = f"TOLLWAY_BACKEND_{env_name(model.name)}_API_KEY"
         env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
         args += ["--api-key-env", f"{model.name}={var}"]

@@ -26,9 +26,13 @@ LABEL_MODEL = "tollway.io/model"
 LABEL_POLICY = "tollway.io/policy"
 COMPONENT_MODEL = "model-server"
 COMPONENT_ROUTER = "router"
+COMPONENT_CALIBRATION = "calibration"
 
 VLLM_PORT = 8000
 MAX_SERVICE_NAME = 63
+MAX_STATEFULSET_NAME = 52
+"""The StatefulSet controller labels each pod `controller-revision-hash: <name>-<10-char hash>`,
+and a label value allows 63 characters."""
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -165,6 +169,12 @@ def check_pool_names(pool: str, spec: ModelPoolSpec) -> None:
             )
         elif not DNS1035.match(name):
             problems.append(f"metadata.name: child name {name!r} must start with a letter (a DNS-1035 label)")
+        elif model.cache.per_replica and len(name) > MAX_STATEFULSET_NAME:
+            problems.append(
+                f"spec.models[{i}].name: child name {name!r} (pool name + '-' + model name) is {len(name)} "
+                f"characters; a model with per-replica cache claims runs as a StatefulSet, whose names allow "
+                f"{MAX_STATEFULSET_NAME}"
+            )
     if problems:
         raise SpecError("; ".join(problems))
 

@@ -10,7 +10,10 @@ RoutingPolicy `R` over pool `P`:
   pool's status: a model whose weights change is routed by its profile again until it is
   calibrated anew), also hot-reloaded;
 - Service `R` (port 80 -> 8080): the cluster-internal OpenAI endpoint http://R.N.svc/v1;
-- PodDisruptionBudget `R-router` (maxUnavailable 1) when replicas > 1.
+- PodDisruptionBudget `R-router` (maxUnavailable 1) when replicas > 1;
+- ServiceAccount, Role and RoleBinding `R-router`: the router pods' identity, allowed to get, list
+  and watch EndpointSlices in the namespace and nothing else (the router reads each model's ready
+  pods from them and sends requests to the pods directly).
 
 Shared state: with `spec.state.url`, `spec.state.urlSecret` or the operator's default Redis
 (`TOLLWAY_ROUTER_STATE_URL`, set by the chart's `redis.*` values) every router replica keeps its
@@ -31,6 +34,7 @@ from router_service.config import (
     AuthConfig,
     BackendConfig,
     BudgetConfig,
+    EndpointSliceSource,
     RouterConfig,
     StateConfig,
     dump_router_config,
@@ -42,11 +46,13 @@ from tollway_operator.desired.names import (
     backend_api_key_env,
     check_policy_names,
     child_metadata,
+    model_child_name,
     router_child_name,
     router_labels,
     router_selector,
 )
 from tollway_operator.desired.pool import model_endpoint
+from tollway_operator.desired.sizing import vllm_flag
 
 ROUTER_PORT = 8080
 ROUTER_SERVICE_PORT = 80
@@ -58,6 +64,9 @@ HISTORY_DIR = "/etc/tollway/history"
 STATE_DIR = "/var/lib/tollway"
 CACHE_DIR = "/var/cache/tollway"
 ROUTER_UID = 65532
+ROUTER_PRESTOP_SECONDS = 5
+"""A stopping router keeps serving this long before its drain starts, while the endpoints drop it
+(otherwise new connections meet a closed port in that window)."""
 CHECKSUM_ANNOTATION = "tollway.io/config-checksum"
 STATE_URL_ENV = "TOLLWAY_STATE_URL"
 """The router reads its Redis URL from here when the policy names a Secret (router_service.store)."""
@@ -142,20 +151,6 @@ def resolve_budgets(
     return res
 
 
-def vllm_flag(args: list[str], flag: str) -> int | None:
-    """The integer value of a vLLM flag in `extraArgs` (`--flag N` or `--flag=N`), if given."""
-    for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else None
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        if value is not None:
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
 def replica_share(replicas: int) -> float:
     """Each router replica enforces 1/replicas of every budget (0 replicas: nothing runs). With a
     shared store the router ignores it, except while it has never reached the store."""
@@ -210,6 +205,7 @@ def router_config(
     backends = []
     for model in pool_spec.models:
         external = model.endpoint
+        key_ref = external.api_key_secret if external is not None else pool_spec.api_key_secret_for(model)
         backends.append(
             BackendConfig(
                 name=model.name,
@@ -217,14 +213,13 @@ def router_config(
                 profile=model.history_profile,
                 price=model.cost,
                 replicas=1 if external is not None else max(int(ready_replicas.get(model.name, 0)), 0),
-                api_key_env=backend_api_key_env(model.name)
-                if external is not None and external.api_key_secret
-                else None,
+                api_key_env=backend_api_key_env(model.name) if key_ref is not None else None,
                 upstream_model=external.upstream_model if external is not None else None,
                 # What the router needs to know of the vLLM server: its concurrency (to see a burst
                 # queue up between metric scrapes) and its context window (to bound a request).
                 max_num_seqs=vllm_flag(model.extra_args, "--max-num-seqs") if external is None else None,
                 max_model_len=model.max_model_len if external is None else None,
+                endpoint_slices=model_endpoint_slices(pool, namespace, model),
                 calibration_revision=calibration_revisions.get(model.name),
             )
         )
@@ -332,8 +327,13 @@ def router_deployment(
         volumes.append({"name": "history", "configMap": {"name": spec.history.config_map}})
         env.append({"name": "TOLLWAY_HISTORY_DIR", "value": HISTORY_DIR})
     for model in pool_spec.models:
-        if model.endpoint is not None and model.endpoint.api_key_secret is not None:
-            ref = model.endpoint.api_key_secret
+        # A backend's bearer key: an external endpoint's, or the key the pool's vLLM servers require.
+        ref = (
+            model.endpoint.api_key_secret
+            if model.endpoint is not None
+            else pool_spec.api_key_secret_for(model)
+        )
+        if ref is not None:
             env.append(
                 {
                     "name": backend_api_key_env(model.name),
@@ -369,6 +369,7 @@ def router_deployment(
             "failureThreshold": 6,
             "initialDelaySeconds": 10,
         },
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(ROUTER_PRESTOP_SECONDS)]}}},
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": ROUTER_UID,
@@ -381,6 +382,8 @@ def router_deployment(
     if router.resources:
         container["resources"] = json.loads(json.dumps(router.resources))
     pod_spec: dict[str, Any] = {
+        "serviceAccountName": router_child_name(policy),
+        "automountServiceAccountToken": True,
         "containers": [container],
         "volumes": volumes,
         "securityContext": {
@@ -388,7 +391,8 @@ def router_deployment(
             "fsGroup": ROUTER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "terminationGracePeriodSeconds": int(config.server.drain_seconds) + 5,
+        # preStop, then the drain (in-flight requests finish, /readyz 503), then exit.
+        "terminationGracePeriodSeconds": ROUTER_PRESTOP_SECONDS + int(config.server.drain_seconds) + 5,
         "enableServiceLinks": False,
         "affinity": {
             "podAntiAffinity": {
@@ -473,7 +477,8 @@ def policy_children(
     default_state_url: str | None = None,
     calibration_revisions: Mapping[str, str] | None = None,
 ) -> RouterPlan:
-    """Everything a RoutingPolicy should own: ConfigMap, Deployment, Service, PDB (replicas > 1).
+    """Everything a RoutingPolicy should own: the router's ServiceAccount, Role and RoleBinding,
+    ConfigMap, Deployment, Service, PDB (replicas > 1).
 
     `live_router_replicas`: the router Deployment's spec.replicas now (None: not created yet),
     kept when `spec.router.replicasOwner` is external. `default_state_url`: the operator's
@@ -492,6 +497,7 @@ def policy_children(
         calibration_revisions=calibration_revisions,
     )
     children = [
+        *router_access(owner, pool),  # first: the Deployment's pods run as this ServiceAccount
         router_config_map(owner, pool, config),
         router_deployment(owner, spec, pool, pool_spec, config, live_router_replicas),
         router_service(owner, pool),
@@ -500,3 +506,46 @@ def policy_children(
     if pdb is not None:
         children.append(pdb)
     return RouterPlan(config=config, budgets=budgets, children=children)
+
+
+# --- the router's access to EndpointSlices (issue 13) ---------------------------------------------
+
+ENDPOINT_SLICE_RULE = {
+    "apiGroups": ["discovery.k8s.io"],
+    "resources": ["endpointslices"],
+    "verbs": ["get", "list", "watch"],
+}
+"""All the router may do with the Kubernetes API: read the EndpointSlices of its namespace."""
+
+
+def model_endpoint_slices(pool: str, namespace: str, model: ModelSpec) -> EndpointSliceSource | None:
+    """Where the router finds a deployed model's ready pods: its Service's EndpointSlices (the
+    Service's port is named `http`). None for an external endpoint."""
+    if model.endpoint is not None:
+        return None
+    return EndpointSliceSource(
+        service=model_child_name(pool, model.name), namespace=namespace, port_name="http"
+    )
+
+
+def router_access(owner: Owner, pool: str) -> list[dict[str, Any]]:
+    """The router pods' ServiceAccount, a Role that lets it get/list/watch EndpointSlices in this
+    namespace, and the RoleBinding between them."""
+    name = router_child_name(owner.name)
+    labels = router_labels(owner.name, pool)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": child_metadata(name, owner, labels)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": child_metadata(name, owner, labels),
+            "rules": [ENDPOINT_SLICE_RULE],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": child_metadata(name, owner, labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+        },
+    ]
