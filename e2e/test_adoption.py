@@ -2,9 +2,10 @@
 
 The garbage collector strips the old owners from the children and leaves them running. Applied again
 (new uids), the operator finds each child's name taken, reads the object and adopts it: the Deployments,
-Services, the router's ConfigMap and PodDisruptionBudget and the ScaledObject get the new owner, the same
-objects (same uid), and the model's pods keep running (no rollout). The cache claim and the calibration
-Job, which are never patched, are reused as they are.
+Services, the NetworkPolicy, the router's ConfigMap, PodDisruptionBudget, ServiceAccount, Role and
+RoleBinding and the ScaledObject get the new owner, the same objects (same uid), and the model's pods keep
+running (no rollout). The shared cache claim and the calibration Job, which are never patched, are reused
+as they are.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ ADOPTED = {
     ("deployment", "adopt-small"): "ModelPool",
     ("service", "adopt-small"): "ModelPool",
     ("scaledobject", "adopt-small"): "ModelPool",
+    ("networkpolicy", "adopt-models"): "ModelPool",
     ("deployment", "adopt-auto-router"): "RoutingPolicy",
     ("service", "adopt-auto"): "RoutingPolicy",
     ("configmap", "adopt-auto-router"): "RoutingPolicy",
     ("poddisruptionbudget", "adopt-auto-router"): "RoutingPolicy",
+    ("serviceaccount", "adopt-auto-router"): "RoutingPolicy",
+    ("role", "adopt-auto-router"): "RoutingPolicy",
+    ("rolebinding", "adopt-auto-router"): "RoutingPolicy",
 }
 
 
@@ -39,11 +44,18 @@ def adopt_pool(namespace: str) -> dict[str, Any]:
                     "profile": "mistralai/mistral-7b-chat",
                     "gpus": 1,
                     "replicas": {"min": 1, "max": 2},
-                    "cache": {"kind": "pvc", "size": "10Gi"},
+                    # One claim shared by the replicas (a Deployment), owned by the pool.
+                    "cache": {
+                        "kind": "pvc",
+                        "size": "10Gi",
+                        "accessMode": "ReadWriteMany",
+                        "retention": "Delete",
+                    },
                     "tolerations": [GPU_TOLERATION],
                 }
             ],
             "autoscaling": {"mode": "keda", "prometheusUrl": "http://prometheus.monitoring.svc:9090"},
+            "networkPolicy": {"enabled": True},
         },
     }
 

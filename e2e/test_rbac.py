@@ -35,20 +35,36 @@ from rbac_audit import Permission, describe, granted, read_events, resource_call
 
 pytestmark = [pytest.mark.last, pytest.mark.timeout(120)]
 
-ADMISSION_ONLY: dict[Permission, str] = {
-    ("tollway.io", f"{plural}/finalizers", "update"): (
-        "children carry ownerReferences with blockOwnerDeletion; the OwnerReferencesPermissionEnforcement "
-        "admission plugin (on in e2e/cluster) allows that only to who may update the owner's finalizers, "
-        "a check without a request of its own (e2e/cluster/smoke shows the refusal without it)"
-    )
-    for plural in ("modelpools", "routingpolicies")
-} | {
-    ("discovery.k8s.io", "endpointslices", verb): (
-        "the router's Role grants it; RBAC lets the operator write a Role only with permissions it holds "
-        "itself (no escalate), a check at the Role's creation without a request of its own"
-    )
-    for verb in ("get", "list", "watch")
-}
+ADMISSION_ONLY: dict[Permission, str] = (
+    {
+        ("tollway.io", f"{plural}/finalizers", "update"): (
+            "children carry ownerReferences with blockOwnerDeletion; the OwnerReferencesPermissionEnforcement "
+            "admission plugin (on in e2e/cluster) allows that only to who may update the owner's finalizers, "
+            "a check without a request of its own (e2e/cluster/smoke shows the refusal without it)"
+        )
+        for plural in ("modelpools", "routingpolicies")
+    }
+    | {
+        ("discovery.k8s.io", "endpointslices", verb): (
+            "the router's Role grants it; RBAC lets the operator write a Role only with permissions it holds "
+            "itself (no escalate), a check at the Role's creation without a request of its own"
+        )
+        for verb in ("get", "list", "watch")
+    }
+    | {
+        (group, resource, "delete"): (
+            "adopting an orphan sets an ownerReference; OwnerReferencesPermissionEnforcement allows that only "
+            "to who may delete the object (e2e/test_adoption.py fails without it); the operator never deletes "
+            "these itself (the garbage collector removes them with their owner)"
+        )
+        for group, resource in (
+            ("", "configmaps"),
+            ("", "serviceaccounts"),
+            ("rbac.authorization.k8s.io", "roles"),
+            ("rbac.authorization.k8s.io", "rolebindings"),
+        )
+    }
+)
 """Permissions that no request uses, yet the operator needs, and why."""
 
 PROBES: dict[Permission, str] = {
