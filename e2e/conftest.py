@@ -19,12 +19,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from e2e_lib import (
+    DESELECTED,
+    E2E_DIR,
     REPO_ROOT,
     Cluster,
     OperatorProcess,
@@ -35,7 +38,24 @@ from e2e_lib import (
     run_operator,
 )
 
-KEDA_CRD = Path(__file__).resolve().parent / "manifests" / "keda-scaledobject-crd.yaml"
+KEDA_CRD = E2E_DIR / "manifests" / "keda-scaledobject-crd.yaml"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "last: run after every other test (checks over what the whole session did)"
+    )
+    config.stash[DESELECTED] = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable: order kept
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in Path(item.path).parents:
+            item.config.stash[DESELECTED] = True
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -100,6 +120,35 @@ def crds(cluster: Cluster) -> None:
             cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
 
 
+def wait_until_garbage_collected(cluster: Cluster, api_version: str, kind: str, resource: str) -> None:
+    """Wait until the garbage collector watches a newly installed kind: it finds new resources by
+    discovery every 30 s, and until then neither collects such objects with their owner nor
+    orphans them (`--cascade=orphan`); it later deletes them as dangling. Shown by a probe object
+    whose owner does not exist: collected once the kind is watched."""
+    probe = {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": "tollway-e2e-gc-probe",
+            "namespace": "default",
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "name": "tollway-e2e-gone",
+                    "uid": str(uuid.uuid4()),
+                }
+            ],
+        },
+    }
+    cluster.apply([probe])
+    cluster.wait_for(
+        lambda: cluster.get(resource, "tollway-e2e-gc-probe", namespace="default") is None,
+        f"the garbage collector watching {kind} (it collects a probe whose owner does not exist)",
+        timeout=max(cluster.timeout, 90),
+    )
+
+
 @pytest.fixture(scope="session")
 def keda_crd(cluster: Cluster) -> Iterator[None]:
     """KEDA's ScaledObject API, as a minimal CRD, unless the cluster has KEDA already (then it is
@@ -111,6 +160,7 @@ def keda_crd(cluster: Cluster) -> Iterator[None]:
             cluster.kubectl(
                 "wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s"
             )
+            wait_until_garbage_collected(cluster, "keda.sh/v1alpha1", "ScaledObject", "scaledobject")
     try:
         yield
     finally:

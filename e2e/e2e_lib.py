@@ -26,7 +26,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+E2E_DIR = Path(__file__).resolve().parent
+REPO_ROOT = E2E_DIR.parent
 CHART = REPO_ROOT / "charts" / "tollway"
 GPU = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
@@ -52,6 +53,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+DESELECTED = pytest.StashKey[bool]()
+"""Set by the conftest when `-k`/`-m` deselected an e2e test."""
+
+
+def whole_suite_ran(session: pytest.Session) -> str | None:
+    """None when this session runs every e2e test, else why not."""
+    if session.config.stash.get(DESELECTED, False):
+        return "some e2e tests were deselected (-k, -m)"
+    ran = {Path(item.path) for item in session.items}
+    missing = sorted(p.name for p in E2E_DIR.glob("test_*.py") if p not in ran)
+    return f"not run: {', '.join(missing)}" if missing else None
 
 
 def real_cluster_only(cluster: Cluster, why: str) -> None:
@@ -248,13 +262,19 @@ class OperatorProcess:
 
 @contextlib.contextmanager
 def run_operator(
-    kubeconfig: Path, namespace: str, log_path: Path, resync_seconds: float = 3.0
+    kubeconfig: Path,
+    namespace: str,
+    log_path: Path,
+    resync_seconds: float = 3.0,
+    peering: tuple[str, int] | None = None,
 ) -> Iterator[OperatorProcess]:
-    """Run the operator for `namespace` with `kubeconfig`'s identity until the block ends."""
+    """Run the operator for `namespace` with `kubeconfig`'s identity until the block ends;
+    standalone, or with `peering` = (peering object's name, this replica's priority)."""
     liveness, metrics = free_port(), free_port()
+    scope = ["--peering", peering[0], "--priority", str(peering[1])] if peering else ["--standalone"]
     argv = [
         sys.executable, "-m", "tollway_operator.cli", "operator",
-        "--namespace", namespace, "--standalone",
+        "--namespace", namespace, *scope,
         "--liveness", f"http://127.0.0.1:{liveness}/healthz",
         "--metrics-port", str(metrics),
         "--resync-seconds", str(resync_seconds), "--retry-seconds", "2",
@@ -292,13 +312,50 @@ def run_operator(
             proc.wait(timeout=10)
 
 
-def install_chart(cluster: Cluster, release: str, namespace: str, *extra: str) -> str:
-    """`helm install` the chart into `namespace`, serving only that namespace, with no operator
-    replica of its own (the suite runs the operator itself, as the chart's ServiceAccount).
-    Returns the ServiceAccount's name."""
-    cluster.helm(
-        "install", release, str(CHART), "--namespace", namespace,
-        "--set", "replicas=0", "--set", f"watchNamespaces={{{namespace}}}", *extra,
-        "--wait", "--timeout", "120s",
+@dataclass(frozen=True)
+class Release:
+    """A release of the chart that the suite installed, and the operator identity it grants to."""
+
+    name: str
+    namespace: str
+    values: tuple[str, ...]
+    """The helm arguments it was installed with (`--set` ...)."""
+    account: str
+
+    @property
+    def user(self) -> str:
+        """The ServiceAccount's user name, as the API server (and its audit log) names it."""
+        return f"system:serviceaccount:{self.namespace}:{self.account}"
+
+
+RELEASES: list[Release] = []
+"""Every release the suite installed in this session (the RBAC audit test reads them)."""
+
+
+def chart_values(namespace: str, *extra: str) -> tuple[str, ...]:
+    """The suite's values: serving only `namespace`, with no operator replica of its own (the
+    suite runs the operator itself, as the chart's ServiceAccount)."""
+    return ("--set", "replicas=0", "--set", f"watchNamespaces={{{namespace}}}", *extra)
+
+
+def render_chart(*values: str) -> list[dict[str, Any]]:
+    """`helm template` of the chart with `values`: its manifests."""
+    done = subprocess.run(
+        [tool_path("helm"), "template", "tollway-e2e", str(CHART), "--namespace", "tollway-e2e", *values],
+        capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    return release if "tollway" in release else f"{release}-tollway"
+    if done.returncode != 0:
+        raise AssertionError(f"helm template failed: {done.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def install_chart(cluster: Cluster, release: str, namespace: str, *extra: str) -> str:
+    """`helm install` the chart into `namespace` with `chart_values(namespace, *extra)`. Returns the
+    ServiceAccount's name."""
+    values = chart_values(namespace, *extra)
+    account = release if "tollway" in release else f"{release}-tollway"
+    RELEASES.append(Release(release, namespace, values, account))
+    cluster.helm(
+        "install", release, str(CHART), "--namespace", namespace, *values, "--wait", "--timeout", "120s"
+    )  # fmt: skip
+    return account

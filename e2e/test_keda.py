@@ -2,12 +2,14 @@
 
 A model that may scale to zero starts at zero replicas; KEDA (an HPA) owns `spec.replicas` from
 then on. Resyncs must never touch it: a real API server defaults a `replicas: null` to 1, which
-would wake a 4-GPU model and fight KEDA. The ScaledObject API comes from the `keda_crd` fixture
+would wake a 4-GPU model and fight KEDA. A changed bound is carried into the ScaledObject, and
+switching the pool to the operator's own autoscaler removes it. The ScaledObject API comes from the `keda_crd` fixture
 (KEDA's own CRD where KEDA is installed).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -63,6 +65,20 @@ def test_keda_mode_keeps_a_scaled_to_zero_model_at_zero(
         seen.append(cl.get("deployment", "keda-large")["spec"].get("replicas"))
         assert set(seen) == {0}, f"spec.replicas over {RESYNCS} resyncs: {seen}"
         assert not cl.items("pods", "app.kubernetes.io/instance=keda-large"), "a pod was started"
+
+        # A new bound reaches the ScaledObject; leaving KEDA mode removes it (the model stays at zero).
+        models = keda_pool(namespace)["spec"]["models"]
+        models[0]["replicas"]["max"] = 3
+        cl.kubectl("patch", "modelpool", "keda", "-n", namespace, "--type", "merge", "-p",
+                   json.dumps({"spec": {"models": models}}))  # fmt: skip
+        cl.wait_for(
+            lambda: (cl.get("scaledobject", "keda-large") or {}).get("spec", {}).get("maxReplicaCount") == 3,
+            "the ScaledObject's maxReplicaCount 3",
+        )
+        cl.kubectl("patch", "modelpool", "keda", "-n", namespace, "--type", "merge", "-p",
+                   json.dumps({"spec": {"autoscaling": {"mode": "operator"}}}))  # fmt: skip
+        cl.wait_for(lambda: "keda-large" not in cl.names("scaledobjects"), "the ScaledObject removed")
+        assert cl.get("deployment", "keda-large")["spec"]["replicas"] == 0
     finally:
         cl.kubectl("delete", "modelpool", "keda", "-n", namespace, "--wait=false", check=False)
         cl.wait_for(lambda: "keda-large" not in cl.names("deployments"), "the pool's Deployment collected")

@@ -12,6 +12,7 @@ is not Ready.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Any
 
@@ -238,6 +239,25 @@ def test_lifecycle(cluster: Cluster, namespace: str, operator: OperatorProcess |
         lambda: (s := cl.get("service", "chat-small")) and s["metadata"]["uid"] != uid, "the Service restored"
     )
 
+    # 5b. Children edited by hand are put back (a merge patch of the fields the operator owns).
+    config_text = cl.get("configmap", "chat-auto-router")["data"]["router.yaml"]
+    edits = {
+        ("service", "chat-auto"): {"spec": {"ports": [{"name": "http", "port": 81, "targetPort": "http"}]}},
+        ("configmap", "chat-auto-router"): {"data": {"router.yaml": "edited: by hand\n"}},
+        ("poddisruptionbudget", "chat-auto-router"): {"spec": {"maxUnavailable": 2}},
+    }
+    for (kind, name), patch in edits.items():
+        cl.kubectl("patch", kind, name, "-n", namespace, "--type", "merge", "-p", json.dumps(patch))
+    cl.wait_for(lambda: cl.get("service", "chat-auto")["spec"]["ports"][0]["port"] == 80, "the port put back")
+    cl.wait_for(
+        lambda: cl.get("configmap", "chat-auto-router")["data"]["router.yaml"] == config_text,
+        "the router config put back",
+    )
+    cl.wait_for(
+        lambda: cl.get("poddisruptionbudget", "chat-auto-router")["spec"]["maxUnavailable"] == 1,
+        "the PodDisruptionBudget put back",
+    )
+
     # 6. Removing a model removes its children (its cache claims too: retention Delete) and its backend.
     models = [m for m in models if m["name"] != "medium"]
     cl.kubectl(
@@ -263,7 +283,13 @@ def test_lifecycle(cluster: Cluster, namespace: str, operator: OperatorProcess |
     pool = cl.wait_for(lambda: with_current_status(cl, "modelpool", "chat"), "pool status after the removal")
     assert condition(pool, "Degraded").get("reason") != "ReconcileFailed", condition(pool, "Degraded")
 
-    # 7. Deleting the parents cascades (the garbage collector, real or emulated).
+    # 7. One router replica needs no PodDisruptionBudget: it goes.
+    cl.kubectl("patch", "routingpolicy", "chat-auto", "-n", namespace, "--type", "merge",
+               "-p", json.dumps({"spec": {"router": {"replicas": 1}}}))  # fmt: skip
+    cl.wait_for(lambda: "chat-auto-router" not in cl.names("poddisruptionbudgets"), "the PDB removed")
+    cl.wait_for(lambda: cl.get("deployment", "chat-auto-router")["spec"]["replicas"] == 1, "one router")
+
+    # 8. Deleting the parents cascades (the garbage collector, real or emulated).
     cl.kubectl("delete", "routingpolicy", "chat-auto", "-n", namespace, "--wait=false")
     cl.kubectl("delete", "modelpool", "chat", "-n", namespace, "--wait=false")
     cl.wait_for(

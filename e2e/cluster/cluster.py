@@ -42,6 +42,23 @@ ISSUER = "https://kubernetes.default.svc.cluster.local"
 GPU_RESOURCE = "nvidia.com/gpu"
 # Nodes kwok manages carry this annotation; nodes without it are left alone.
 KWOK_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+# The API server's audit log (<state>/audit.log, JSON lines): one Metadata event per request of a
+# ServiceAccount outside kube-system (the controllers' own accounts are left out), so a test can list every
+# call a component made with a ServiceAccount token (the e2e suite checks the operator's against its RBAC).
+# RequestReceived is omitted: a finished request is logged once, at ResponseComplete; a watch also at
+# ResponseStarted, which is all there is of a watch still open when the log is read.
+AUDIT_LOG = "audit.log"
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: None
+    userGroups: ["system:serviceaccounts:kube-system"]
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+"""
 
 
 def log(msg: str) -> None:
@@ -566,6 +583,8 @@ def bring_up(args: argparse.Namespace, state: Path, launcher: Launcher, deadline
     log(f"etcd ready on {etcd_url}")
 
     server = f"https://127.0.0.1:{ports['apiserver']}"
+    audit_policy = state / "audit-policy.yaml"
+    audit_policy.write_text(AUDIT_POLICY)
     launcher.start(
         "kube-apiserver",
         [
@@ -599,6 +618,11 @@ def bring_up(args: argparse.Namespace, state: Path, launcher: Launcher, deadline
             "--endpoint-reconciler-type=none",
             f"--cert-dir={state / 'apiserver-certs'}",
             "--profiling=false",
+            f"--audit-policy-file={audit_policy}",
+            f"--audit-log-path={state / AUDIT_LOG}",
+            # Written as each request completes (the default "blocking" mode), never rotated away.
+            "--audit-log-mode=blocking",
+            "--audit-log-maxsize=0",
         ],
     )
     api = Api(server, pki)
@@ -724,6 +748,7 @@ def bring_up(args: argparse.Namespace, state: Path, launcher: Launcher, deadline
         "gpu_nodes": args.gpu_nodes,
         "gpus_per_node": args.gpus_per_node,
         "bin_dir": str(launcher.bin_dir),
+        "audit_log": str(state / AUDIT_LOG),
         "pids": {name: p.pid for name, p in launcher.procs.items()},
     }
     (state / "cluster.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -337,6 +337,31 @@ class Kube:
                 return False
             raise
 
+    async def _check_adoption(self, desired: Mapping[str, Any], live: Mapping[str, Any]) -> None:
+        """Before a patch takes over an object that holds a child's name but is not the owner's (an
+        orphan, e.g. of `kubectl delete --cascade=orphan`): the owner must still exist, not being
+        deleted. A reconcile that read its owner just before such a deletion would otherwise hand the
+        orphans back to the dying owner, and the garbage collector would delete them with it. Raises
+        a 409 (the reconcile starts again from a fresh read of its owner)."""
+        ref = next((r for r in desired["metadata"].get("ownerReferences") or [] if r.get("controller")), None)
+        if ref is None or ref["uid"] in {r.get("uid") for r in live["metadata"].get("ownerReferences") or []}:
+            return
+        owner_kind = KINDS.get((ref["apiVersion"], ref["kind"]))
+        if owner_kind is None:
+            return
+        owner = await self.get(owner_kind, desired["metadata"]["namespace"], ref["name"])
+        if (
+            owner is None
+            or owner["metadata"].get("uid") != ref["uid"]
+            or owner["metadata"].get("deletionTimestamp")
+        ):
+            raise ApiError(
+                409,
+                "OwnerDeleted",
+                f"{ref['kind']} {ref['name']} is deleted or being deleted: "
+                f"not adopting {desired['kind']} {desired['metadata']['name']}",
+            )
+
     async def apply(
         self, desired: Mapping[str, Any], live: Mapping[str, Any] | Literal["fetch"] | None = "fetch"
     ) -> tuple[ApplyResult, dict[str, Any]]:
@@ -355,6 +380,8 @@ class Kube:
                 live = await self.get(kind, meta["namespace"], meta["name"])
                 if live is None:
                     raise
+                if kind not in CREATE_ONLY:
+                    await self._check_adoption(desired, live)
         assert isinstance(live, Mapping)
         if kind in CREATE_ONLY:
             return "unchanged", dict(live)

@@ -113,3 +113,81 @@ def test_kinds_and_paths() -> None:
     assert k.SERVICE.path("ns") == "/api/v1/namespaces/ns/services"
     with pytest.raises(ValueError, match="does not manage"):
         k.kind_of({"apiVersion": "v1", "kind": "Pod"})
+
+
+# --- adopting an object that holds a child's name ----------------------------------------------------------
+
+POOL_REF = {"apiVersion": "tollway.io/v1alpha1", "kind": "ModelPool", "name": "p", "uid": "pool-2"}
+
+
+class RecordingKube(k.Kube):
+    """A Kube whose API answers from `objects` (path -> object); a POST of an existing path is a 409."""
+
+    def __init__(self, objects: dict[str, dict[str, Any]]) -> None:
+        self.objects = objects
+        self.calls: list[tuple[str, str]] = []
+
+    async def request(self, method: str, path: str, body: Any = None, **_: Any) -> dict[str, Any]:
+        self.calls.append((method, path))
+        if method == "POST":
+            path = f"{path}/{body['metadata']['name']}"
+            if path in self.objects:
+                raise k.ApiError(409, "AlreadyExists", "taken")
+            self.objects[path] = body
+            return body
+        if path not in self.objects:
+            raise k.ApiError(404, "NotFound", "")
+        if method == "PATCH":
+            self.objects[path] = k.deep_merge(json.loads(json.dumps(self.objects[path])), body)
+        return self.objects[path]
+
+
+def owned_child() -> dict[str, Any]:
+    obj = desired()
+    obj["metadata"]["ownerReferences"] = [POOL_REF | {"controller": True, "blockOwnerDeletion": True}]
+    return obj
+
+
+def orphan() -> dict[str, Any]:
+    """The child as the garbage collector left it after `kubectl delete --cascade=orphan` of its old owner."""
+    live = live_from(desired())
+    live["metadata"]["ownerReferences"] = []
+    return live
+
+
+CHILD = "/apis/apps/v1/namespaces/ns/deployments/x"
+POOL = "/apis/tollway.io/v1alpha1/namespaces/ns/modelpools/p"
+
+
+async def test_an_orphan_holding_the_name_is_adopted_by_a_live_owner() -> None:
+    kube = RecordingKube({CHILD: orphan(), POOL: {"metadata": {"name": "p", "uid": "pool-2"}}})
+    result, obj = await kube.apply(owned_child(), live=None)
+    assert result == "updated"
+    assert obj["metadata"]["ownerReferences"][0]["uid"] == "pool-2"
+    assert [m for m, _ in kube.calls] == ["POST", "GET", "GET", "PATCH"]
+
+
+@pytest.mark.parametrize(
+    "owner",
+    [
+        None,  # gone
+        {"metadata": {"name": "p", "uid": "pool-2", "deletionTimestamp": "2026-01-01T00:00:00Z"}},
+        {"metadata": {"name": "p", "uid": "pool-3"}},  # deleted and created again since the read
+    ],
+)
+async def test_an_orphan_is_not_handed_to_an_owner_being_deleted(owner: dict[str, Any] | None) -> None:
+    """Else the garbage collector would delete what `--cascade=orphan` meant to keep."""
+    kube = RecordingKube({CHILD: orphan()} | ({POOL: owner} if owner else {}))
+    with pytest.raises(k.ApiError) as raised:
+        await kube.apply(owned_child(), live=None)
+    assert raised.value.status == 409 and raised.value.reason == "OwnerDeleted"
+    assert "PATCH" not in [m for m, _ in kube.calls]
+    assert kube.objects[CHILD]["metadata"]["ownerReferences"] == []
+
+
+async def test_a_child_already_owned_needs_no_owner_check() -> None:
+    live = live_from(owned_child())
+    kube = RecordingKube({CHILD: live})
+    result, _ = await kube.apply(owned_child(), live=None)
+    assert result == "unchanged"
+    assert kube.calls == [("POST", "/apis/apps/v1/namespaces/ns/deployments"), ("GET", CHILD)]
