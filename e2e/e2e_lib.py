@@ -49,6 +49,32 @@ def kubectl_path() -> str:
     return os.environ.get("KUBECTL") or tool_path("kubectl")
 
 
+SHARED_CACHE = {"kind": "pvc", "size": "10Gi", "accessMode": "ReadWriteMany", "retention": "Delete"}
+"""A cache claim shared by a model's replicas (so a Deployment), owned by the pool."""
+
+
+def small_model(**extra: Any) -> dict[str, Any]:
+    """A one-GPU Mistral 7B that tolerates the GPU nodes' taint, with `extra` fields (camelCase)."""
+    return {
+        "name": "small",
+        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+        "profile": "mistralai/mistral-7b-chat",
+        "gpus": 1,
+        "tolerations": [GPU_TOLERATION],
+        **extra,
+    }
+
+
+def model_pool(name: str, namespace: str, *models: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """A ModelPool of `models`, with further `spec` fields (camelCase)."""
+    return {
+        "apiVersion": "tollway.io/v1alpha1",
+        "kind": "ModelPool",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"models": list(models), **spec},
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from e2e_lib import GPU_TOLERATION, Cluster, OperatorProcess, current, real_cluster_only
+from e2e_lib import (
+    SHARED_CACHE,
+    Cluster,
+    OperatorProcess,
+    current,
+    model_pool,
+    real_cluster_only,
+    small_model,
+)
 
 pytestmark = pytest.mark.timeout(400)
 ADOPTED = {
@@ -32,32 +40,13 @@ ADOPTED = {
 
 
 def adopt_pool(namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "tollway.io/v1alpha1",
-        "kind": "ModelPool",
-        "metadata": {"name": "adopt", "namespace": namespace},
-        "spec": {
-            "models": [
-                {
-                    "name": "small",
-                    "model": "mistralai/Mistral-7B-Instruct-v0.3",
-                    "profile": "mistralai/mistral-7b-chat",
-                    "gpus": 1,
-                    "replicas": {"min": 1, "max": 2},
-                    # One claim shared by the replicas (a Deployment), owned by the pool.
-                    "cache": {
-                        "kind": "pvc",
-                        "size": "10Gi",
-                        "accessMode": "ReadWriteMany",
-                        "retention": "Delete",
-                    },
-                    "tolerations": [GPU_TOLERATION],
-                }
-            ],
-            "autoscaling": {"mode": "keda", "prometheusUrl": "http://prometheus.monitoring.svc:9090"},
-            "networkPolicy": {"enabled": True},
-        },
-    }
+    return model_pool(
+        "adopt",
+        namespace,
+        small_model(replicas={"min": 1, "max": 2}, cache=SHARED_CACHE),
+        autoscaling={"mode": "keda", "prometheusUrl": "http://prometheus.monitoring.svc:9090"},
+        networkPolicy={"enabled": True},
+    )
 
 
 def adopt_policy(namespace: str) -> dict[str, Any]:

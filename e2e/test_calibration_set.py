@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import pytest
-from e2e_lib import GPU_TOLERATION, Cluster, OperatorProcess
+from e2e_lib import Cluster, OperatorProcess, model_pool, small_model
 
 pytestmark = pytest.mark.timeout(300)
 SET = "calset-lines"
@@ -19,23 +19,9 @@ KEY = "lines.jsonl"
 
 
 def calset_pool(namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "tollway.io/v1alpha1",
-        "kind": "ModelPool",
-        "metadata": {"name": "calset", "namespace": namespace},
-        "spec": {
-            "models": [
-                {
-                    "name": "small",
-                    "model": "mistralai/Mistral-7B-Instruct-v0.3",
-                    "profile": "mistralai/mistral-7b-chat",
-                    "gpus": 1,
-                    "tolerations": [GPU_TOLERATION],
-                }
-            ],
-            "calibration": {"dataset": {"configMap": {"name": SET, "key": KEY}}},
-        },
-    }
+    return model_pool(
+        "calset", namespace, small_model(), calibration={"dataset": {"configMap": {"name": SET, "key": KEY}}}
+    )
 
 
 def calibration_of(cl: Cluster, model: str) -> dict[str, Any]:

@@ -14,35 +14,14 @@ import json
 from typing import Any
 
 import pytest
-from e2e_lib import GPU_TOLERATION, Cluster, OperatorProcess
+from e2e_lib import SHARED_CACHE, Cluster, OperatorProcess, model_pool, small_model
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def shared_pool(namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "tollway.io/v1alpha1",
-        "kind": "ModelPool",
-        "metadata": {"name": "shared", "namespace": namespace},
-        "spec": {
-            "models": [
-                {
-                    "name": "small",
-                    "model": "mistralai/Mistral-7B-Instruct-v0.3",
-                    "gpus": 1,
-                    "replicas": {"min": 1, "max": 2},
-                    "cache": {
-                        "kind": "pvc",
-                        "size": "10Gi",
-                        "accessMode": "ReadWriteMany",
-                        "retention": "Delete",
-                    },
-                    "tolerations": [GPU_TOLERATION],
-                }
-            ],
-            "networkPolicy": {"enabled": True},
-        },
-    }
+    model = small_model(replicas={"min": 1, "max": 2}, cache=dict(SHARED_CACHE))
+    return model_pool("shared", namespace, model, networkPolicy={"enabled": True})
 
 
 def test_shared_claim_and_network_policy_leave_with_the_spec(
