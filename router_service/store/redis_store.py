@@ -8,7 +8,10 @@ is idempotent (an ended reservation id is remembered for the window), so an oper
 was lost can be sent again. Keys are per policy (`state.key`), window and model, and expire one
 window after their window ends. Windows count from the policy's anchor in Redis (the first
 replica's start), so every replica and every restart agrees on them. A hold whose replica died is
-reclaimed by any replica once it outlives the upstream timeout.
+reclaimed by any replica once it outlives the upstream timeout. A model that ended a window
+overdrawn (settling charges true usage, which may exceed the worst case held) repays the overdraw in
+the next one: the tokens settled in the window before beyond the budget count as spent (as in the
+in-process store); a window that passed idle clears it.
 
 Request path cost: one round trip (`reserve`); `can_afford` and `remaining` read this replica's
 view (refreshed by every reply and by the sync every `state.syncIntervalSeconds`) plus its own
@@ -201,6 +204,7 @@ class RedisStateStore:
         self._anchor: float | None = None
         self._view_window: int | None = None
         self._view: dict[str, tuple[float, int]] = {}
+        self._owed: dict[str, float] = {}  # per model, owed from the window before `_view_window`
         self._holds: dict[int, Reservation] = {}
         self._local_only: set[int] = set()
         self._local_used: dict[tuple[int, str], float] = {}
@@ -302,16 +306,26 @@ class RedisStateStore:
     def _see(self, window: int, model: str, used: float, seq: int) -> None:
         """Keep the newest usage Redis reported for the current window (highest seq wins)."""
         if self._view_window is None or window > self._view_window:
-            self._view_window, self._view = window, {}
+            self._view_window, self._view, self._owed = window, {}, {}
         if window < self._view_window:
             return
         old = self._view.get(model)
         if old is None or seq >= old[1]:
             self._view[model] = (used, seq)
 
+    def _see_owed(self, window: int, model: str, owed: float) -> None:
+        """Keep what `model` owes from the window before `window` (it only grows: late settlements)."""
+        if window == self._view_window:
+            self._owed[model] = max(owed, self._owed.get(model, 0.0))
+
     def _viewed_used(self, window: int, model: str) -> float:
-        seen = self._view.get(model) if self._view_window == window else None
-        return (seen[0] if seen else 0.0) + self._pending.get((window, model), 0.0)
+        """Usage as this replica sees it: Redis's last answer, the previous window's overdraw (spent
+        budget of this one), and this replica's own operations not yet written."""
+        if self._view_window != window:
+            return self._pending.get((window, model), 0.0)
+        seen = self._view.get(model)
+        owed = self._owed.get(model, 0.0)
+        return (seen[0] if seen else 0.0) + owed + self._pending.get((window, model), 0.0)
 
     def _enqueue(self, op: Op) -> None:
         """Queue a write (call with the lock held); the first one after a flush wakes the thread."""
@@ -343,8 +357,8 @@ class RedisStateStore:
         if self._outage is None:
             pending = self._pending.get((window, model), 0.0)  # our own writes still queued
             try:
-                granted, used, seq = self._scripts["reserve"](
-                    keys=self._model_keys(window, model),
+                granted, used, seq, owed = self._scripts["reserve"](
+                    keys=[*self._model_keys(window, model), self.budget_key(model, window - 1)],
                     args=[
                         self._gid(reservation.id),
                         tokens,
@@ -359,6 +373,7 @@ class RedisStateStore:
             else:
                 with self._lock:
                     self._see(window, model, float(used), int(seq))
+                    self._see_owed(window, model, float(owed))
                     if not int(granted):
                         return None
                     self._holds[reservation.id] = reservation
@@ -677,11 +692,12 @@ class RedisStateStore:
         """Heartbeat, usage of every budgeted model, live replicas, volume, gamma, learned."""
         window = self.window().index
         with self._lock:
-            models = sorted(m for m, b in self._budgets.items() if math.isfinite(b))
+            budgets = {m: b for m, b in self._budgets.items() if math.isfinite(b)}
+            models = sorted(budgets)
             delta, self._queries_unsent = self._queries_unsent, 0
         keys = [self._replicas_key, f"{self._window_base(window)}:queries", self._gamma_key]
         for model in models:
-            keys += self._model_keys(window, model)[:3]
+            keys += [*self._model_keys(window, model)[:3], self.budget_key(model, window - 1)]
         try:
             reply = self._scripts["sync"](
                 keys=keys,
@@ -696,7 +712,9 @@ class RedisStateStore:
             self._live = max(1, live)
             self._window_queries = (window, queries)
             for i, model in enumerate(models):
-                self._see(window, model, float(reply[4 + 2 * i]), int(reply[5 + 2 * i]))
+                used, seq, settled_before = reply[4 + 3 * i : 7 + 3 * i]
+                self._see(window, model, float(used), int(seq))
+                self._see_owed(window, model, max(0.0, float(settled_before) - budgets[model]))
             self._last_sync = time.monotonic()
             current = self._gamma.version if self._gamma is not None else 0
         changed = False

@@ -99,6 +99,30 @@ def test_replicas_started_apart_agree_on_the_window_and_its_keys_expire(redis_se
     assert first.remaining("m", 1000.0) == 1000.0  # a new window: the budget is whole again
 
 
+def test_an_overdraw_is_repaid_by_the_next_window_on_every_replica(redis_server, make_store):
+    """As with the in-process store: tokens settled beyond the budget (the backend used more than
+    the worst case held) are spent budget of the next window, for every replica and for Redis's own
+    admission check; the window after that owes nothing."""
+    url = redis_server.url()
+    a = make_store(url, replica_id="a", window_seconds=2.0)
+    b = make_store(url, replica_id="b", window_seconds=2.0)
+    wait_until(lambda: a.window().resets_in_seconds > 1.5, timeout=3)  # a window just began
+    window = a.window().index
+    a.settle(a.reserve("m", 900.0, 1000.0), 1200.0)
+    wait_until(lambda: flushed(a))
+    assert a.remaining("m", 1000.0) == -200.0
+    wait_until(lambda: a.window().index == window + 1, timeout=4)
+    for store in (a, b):
+        wait_until(lambda store=store: store.remaining("m", 1000.0) == 800.0)
+    assert b.reserve("m", 801.0, 1000.0) is None  # Redis counts the debt in its check
+    held = b.reserve("m", 800.0, 1000.0)
+    assert held is not None
+    b.release(held)
+    wait_until(lambda: a.window().index == window + 2, timeout=4)
+    for store in (a, b):
+        wait_until(lambda store=store: store.remaining("m", 1000.0) == 1000.0)
+
+
 def test_a_restart_continues_the_windows_spend(redis_server, make_store, tmp_path):
     url = redis_server.url()
     before = make_store(url, replica_id="pod-a:1", state_file=str(tmp_path / "ledger.json"))

@@ -20,6 +20,15 @@ local function usage(budget)
   return {v[1] or '0', v[2] or '0'}
 end
 
+-- What a model still owes from the window before (its `prev_budget` hash): the tokens settled there
+-- beyond `budget` (a backend used more than the worst case held for it), repaid as spent budget of
+-- this window. Settlements of that window arriving late raise it; a window that passed idle (its
+-- keys expired) owes nothing.
+local function debt(prev_budget, budget)
+  local settled = tonumber(redis.call('HGET', prev_budget, 'settled') or '0')
+  return math.max(0, settled - budget)
+end
+
 local function reclaim_expired(budget, holds, deadline, now)
   local expired = redis.call('ZRANGEBYSCORE', deadline, '-inf', now, 'LIMIT', 0, 100)
   for _, id in ipairs(expired) do
