@@ -80,8 +80,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.watching.label_selectors[resource] = MANAGED_CHILD_SELECTOR
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    STATE.stopping = False
-    STATE.resync_task = None  # started by the first resource handler (resync.remember_indexes)
+    STATE.begin_run()  # the resync task is started by the first resource handler (resync.remember_indexes)
     STATE.kube = k.Kube(await k.connect())
     if settings.peering.mandatory and not settings.peering.standalone:
         namespaces = [n for n in os.environ.get("TOLLWAY_OPERATOR_NAMESPACES", "").split(",") if n]
@@ -123,7 +122,8 @@ async def ensure_peering(kube: k.Kube, name: str, clusterwide: bool, namespaces:
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     STATE.stopping = True
-    tasks = list(STATE.tasks)
+    loop = asyncio.get_running_loop()
+    tasks = [task for task in STATE.tasks if task.get_loop() is loop]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

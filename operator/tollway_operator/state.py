@@ -87,6 +87,16 @@ class OperatorState:
     def lock(self, key: tuple[str, str, str]) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
 
+    def begin_run(self) -> None:
+        """Forget what belongs to an earlier run of the operator in this process (its tasks and
+        locks are bound to that run's event loop, which may be gone: tests run kopf many times)."""
+        self.locks.clear()
+        self.pending.clear()
+        self.tasks.clear()
+        self.last_reconciled.clear()
+        self.resync_task = None
+        self.stopping = False
+
 
 STATE = OperatorState()
 
