@@ -38,13 +38,13 @@ def shipped_jobs() -> dict[str, dict[str, Any]]:
 
 def test_shipped_jobs_select_tollway_pods_and_carry_the_vllm_rule() -> None:
     jobs = shipped_jobs()
-    assert set(jobs) == {"tollway-vllm", "tollway-router"}
+    assert set(jobs) == {"tollway-vllm", "tollway-router", "tollway-operator"}
     for job in jobs.values():
         assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
     assert jobs["tollway-vllm"]["metric_relabel_configs"] == [VLLM_RELABEL]
 
 
-def pod_target(address: str, component: str, port: int, name: str) -> dict[str, Any]:
+def pod_target(address: str, component: str, port: int, name: str, port_name: str = "http") -> dict[str, Any]:
     """What Kubernetes pod discovery would hand Prometheus for one container port."""
     return {
         "targets": [address],
@@ -53,6 +53,7 @@ def pod_target(address: str, component: str, port: int, name: str) -> dict[str, 
             "__meta_kubernetes_pod_name": name,
             "__meta_kubernetes_pod_phase": "Running",
             "__meta_kubernetes_pod_container_port_number": str(port),
+            "__meta_kubernetes_pod_container_port_name": port_name,
             "__meta_kubernetes_pod_label_app_kubernetes_io_part_of": "tollway",
             "__meta_kubernetes_pod_label_app_kubernetes_io_component": component,
             "__meta_kubernetes_pod_label_tollway_io_model": "small",
@@ -101,6 +102,10 @@ def prometheus(tool: Callable[[str], str], tmp_path: Path, exporter: str) -> Ite
         "tollway-router": [
             pod_target(exporter, "router", 8080, "chat-auto-router-0"),
             pod_target(exporter, "model-server", 8080, "not-a-router"),
+        ],
+        "tollway-operator": [
+            pod_target(exporter, "operator", 8090, "tollway-operator-0", port_name="metrics"),
+            pod_target(exporter, "operator", 8080, "operator-liveness-port", port_name="healthz"),
         ],
     }.items():
         job = {k: v for k, v in jobs[name].items() if k != "kubernetes_sd_configs"}
@@ -182,4 +187,5 @@ def test_shipped_jobs_scrape_tollway_pods_with_vllm_names(prometheus: str) -> No
         active.setdefault(target["labels"]["job"], []).append(target["labels"].get("pod", ""))
     assert active["tollway-vllm"] == ["chat-small-0"]
     assert active["tollway-router"] == ["chat-auto-router-0"]
-    assert len(targets["droppedTargets"]) == 3
+    assert active["tollway-operator"] == ["tollway-operator-0"]
+    assert len(targets["droppedTargets"]) == 4
