@@ -8,6 +8,7 @@ CEL rule (`x-kubernetes-validations`) or a schema marker (a list-type map) on th
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import version
 from typing import Annotated, Any, Literal
 
@@ -36,7 +37,10 @@ DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 # runs routers of its own version. The chart's version and appVersion must equal it (a test says so).
 PACKAGE_VERSION = version("tollway")
 IMAGE_REPOSITORY = "ghcr.io/tollway/tollway"
-DEFAULT_TOLLWAY_IMAGE = f"{IMAGE_REPOSITORY}:{PACKAGE_VERSION}"
+# The image of routers, simulators and calibration Jobs whose spec names none: the operator's own
+# image where the chart says which (TOLLWAY_IMAGE: a private mirror serves them all), else this
+# package's version of the public one.
+DEFAULT_TOLLWAY_IMAGE = os.environ.get("TOLLWAY_IMAGE") or f"{IMAGE_REPOSITORY}:{PACKAGE_VERSION}"
 MAX_MODELS = 32
 
 
@@ -804,8 +808,8 @@ class RouterDeploymentSpec(CamelModel):
     image: str | None = Field(
         None,
         description=(
-            "The tollway image; default: the operator's version of ghcr.io/tollway/tollway (upgrading the "
-            "operator upgrades the routers)."
+            "The tollway image; default: the operator's own image (upgrading the operator upgrades the "
+            "routers)."
         ),
     )
     resources: dict[str, Any] | None = None

@@ -211,6 +211,19 @@ def test_deployment_defaults(helm_template: Render) -> None:
     assert container["resources"]["limits"]["memory"] == "512Mi"
 
 
+def test_the_operator_runs_routers_and_simulators_from_its_own_image(helm_template: Render) -> None:
+    """A private mirror set once (image.repository) serves the routers, simulators and calibration
+    Jobs too: the operator's default for them is its own image."""
+    for values, image in (
+        ((), "ghcr.io/tollway/tollway:0.1.0"),
+        (("--set", "image.repository=mirror.example/ml/tollway", "--set", "image.tag=0.1.0-rc1"),
+         "mirror.example/ml/tollway:0.1.0-rc1"),
+    ):  # fmt: skip
+        container = operator_container(helm_template(*values))
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert container["image"] == env["TOLLWAY_IMAGE"] == image
+
+
 def test_deployment_follows_values(helm_template: Render) -> None:
     rendered = helm_template(
         *WATCHED,

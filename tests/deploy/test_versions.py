@@ -4,7 +4,10 @@ version bump that misses one fails here, naming the file to change."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -76,3 +79,12 @@ def test_crds_bake_in_no_tollway_image_version() -> None:
     CRD default would pin old objects to old routers; `router.image` unset means the operator's."""
     pinned = [f"{rel(path)}: {tag}" for path in CRD_FILES for tag in TOLLWAY_IMAGE.findall(path.read_text())]
     assert pinned == []
+
+
+def test_the_chart_names_the_default_tollway_image() -> None:
+    """TOLLWAY_IMAGE (the chart sets it to the operator's own image) is the default of routers,
+    simulators and calibration Jobs whose spec names none."""
+    code = "from tollway_operator import api;print(api.DEFAULT_TOLLWAY_IMAGE)"
+    env = {**os.environ, "TOLLWAY_IMAGE": "mirror.example/ml/tollway:0.1.0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "mirror.example/ml/tollway:0.1.0"
