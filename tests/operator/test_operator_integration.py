@@ -419,8 +419,10 @@ def test_bad_spec_is_reported_once_without_a_retry_storm(cl: Cluster, operator: 
 
 
 def test_unready_model_degrades_pool_and_policy_then_recovers(cluster: Any, cl: Cluster) -> None:
-    apply_examples(cl)
+    # Held before it exists: held after, `medium` could be ready for a moment (a loaded machine),
+    # and a status written from that moment would say Ready after the Degraded the test waits for.
     cluster.hold_unready(cl.ns, "chat-medium")
+    apply_examples(cl)
     degraded = wait_for(
         lambda: (c := cl.cond("modelpools", "chat", "Degraded")).get("status") == "True" and c,
         what="pool Degraded",
