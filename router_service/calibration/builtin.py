@@ -20,7 +20,6 @@ Claude 2, GPT-3.5, ...) for an LLM judge to compare against. Rows no model passe
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import gzip
 import json
@@ -32,7 +31,7 @@ from typing import Any
 
 from router_service.calibration.dataset import BUILTIN_SETS
 from router_service.calibration.graders import extract_choice, grade_choice
-from router_service.routing.history import _join_prompt, load_builtin_history  # same prompt joining
+from router_service.routing.history import join_routerbench_cell, load_builtin_history
 
 CHOICE_FILES = {"arc-challenge": "arc_challenge_train.csv", "winogrande": "winograde_train.csv"}
 CODE_FILES = {"mbpp": "mbpp_train.csv"}
@@ -52,19 +51,6 @@ CODE_REFERENCE_PREFERENCE = [
 ]
 
 
-def _response(cell: str) -> str:
-    """RouterBench stores a response as the text of a one-element Python list."""
-    text = cell.strip()
-    if text.startswith("["):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
-        if isinstance(value, list):
-            return "\n\n".join(str(v) for v in value)
-    return text
-
-
 def _models(header: list[str]) -> list[str]:
     return [c[: -len("|model_response")] for c in header if c.endswith("|model_response")]
 
@@ -80,7 +66,7 @@ def _rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
 def choice_reference(row: dict[str, str], models: list[str]) -> str | None:
     """The one letter the responses scoring 1 give; None when none scored 1 or they name different letters."""
     letters = {
-        extract_choice(_response(row[f"{m}|model_response"]))
+        extract_choice(join_routerbench_cell(row[f"{m}|model_response"]))
         for m in models
         if row.get(m, "").strip() == "1.0"
     } - {None}
@@ -101,7 +87,7 @@ def code_of(response: str) -> str:
 def code_reference(row: dict[str, str], models: list[str]) -> str | None:
     for model in [m for m in CODE_REFERENCE_PREFERENCE if m in models]:
         if row.get(model, "").strip() == "1.0":
-            return code_of(_response(row[f"{model}|model_response"]))
+            return code_of(join_routerbench_cell(row[f"{model}|model_response"]))
     return None
 
 
@@ -117,7 +103,7 @@ def build(csv_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], di
         counts: Counter[str] = Counter(rows=len(rows))
         agree = Counter[str]()
         for row in rows:
-            prompt = _join_prompt(row["prompt"])
+            prompt = join_routerbench_cell(row["prompt"])
             if prompt not in split_of:
                 counts["not_in_shipped_history"] += 1
                 continue
@@ -138,7 +124,7 @@ def build(csv_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], di
                 for m in models:
                     label = row.get(m, "").strip()
                     if label in {"0.0", "1.0"}:
-                        mine = grade_choice(_response(row[f"{m}|model_response"]), reference)
+                        mine = grade_choice(join_routerbench_cell(row[f"{m}|model_response"]), reference)
                         agree["same" if mine == float(label) else "different"] += 1
         stats[task] = dict(counts)
         if agree:

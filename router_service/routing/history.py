@@ -151,7 +151,9 @@ def concat(histories: Sequence[History]) -> History:
 # -- RouterBench CSV ------------------------------------------------------------------------------
 
 
-def _join_prompt(cell: str) -> str:
+def join_routerbench_cell(cell: str) -> str:
+    """RouterBench stores a prompt or a response as the text of a Python list of strings (turns):
+    their text, joined by blank lines (a cell that is not such a list, as it is)."""
     text = cell.strip()
     if text.startswith("["):
         try:
@@ -197,12 +199,12 @@ def read_routerbench_csv(path: str | Path) -> History:
             except ValueError:
                 skipped += 1
                 continue
-            prompts.append(_join_prompt(row["prompt"]))
+            prompts.append(join_routerbench_cell(row["prompt"]))
             evals.append(row["eval_name"])
             scores.append(s)
             costs.append(c)
             if has_resp:
-                resp_len.append([len(_join_prompt(row[f"{m}|model_response"])) for m in models])
+                resp_len.append([len(join_routerbench_cell(row[f"{m}|model_response"])) for m in models])
     n, m = len(prompts), len(models)
     cost_arr = np.array(costs, dtype=np.float64).reshape(n, m)
     prompt_tokens = np.array([len(p) for p in prompts], dtype=np.float64) / CHARS_PER_TOKEN
