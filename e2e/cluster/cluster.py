@@ -505,7 +505,7 @@ def resolve_bin_dir(build_first: bool) -> Path:
     if done.returncode != 0:
         raise Failure(
             "the control-plane binaries are not built: run e2e/cluster/build first "
-            "(7-14 min cold on 2 cores, cached afterwards), or pass --build"
+            "(5-14 min cold on 2 cores, cached afterwards), or pass --build"
         )
     return Path(done.stdout.strip().splitlines()[-1])
 
