@@ -689,6 +689,14 @@ class ModelCalibrationStatus(CamelModel):
     routers: list[str] = Field(
         default_factory=list, description="RoutingPolicies whose router took the results."
     )
+    missing_routers: list[str] = Field(
+        default_factory=list,
+        description=(
+            "RoutingPolicies over the pool whose router did not take this revision's results (created after "
+            "the calibration, or the push failed): they route this model by its profile until the next "
+            "revision (set spec.calibration.revision to calibrate again)."
+        ),
+    )
     last_transition_time: str | None = Field(None, json_schema_extra=DATE_TIME)
 
 

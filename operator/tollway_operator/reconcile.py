@@ -324,20 +324,24 @@ async def _reconcile_calibration(
     await prune_children(body, live, applied)
     jobs = {n: obj for (_kind, n), obj in applied.items()}
     pods = await kube_client().list(k.POD, namespace, d.calibration_selector(name)) if jobs else []
-    new = status.calibration_status(plan, jobs, pods, previous, now)
+    new = status.calibration_status(plan, jobs, pods, previous, now, policies_over(namespace, name))
     for type_, reason, message in status.calibration_events(previous, new):
         post_event(body, type_, reason, message)
     return new
+
+
+def policies_over(namespace: str, pool: str) -> list[str] | None:
+    """The RoutingPolicies over a pool, from kopf's index (None before a handler handed it over)."""
+    index = STATE.policies_index
+    return None if index is None else sorted(set(index.get((namespace, pool), [])))
 
 
 async def refresh_policies(namespace: str, pool: str) -> None:
     """Re-reconcile the policies that reference a pool (after the pool changed)."""
     if STATE.stopping:
         return
-    index = STATE.policies_index
-    if index is not None:
-        names = sorted(set(index.get((namespace, pool), [])))
-    else:  # before any handler handed us the index: ask the API
+    names = policies_over(namespace, pool)
+    if names is None:  # before any handler handed us the index: ask the API
         names = sorted(
             p["metadata"]["name"]
             for p in await kube_client().list(k.ROUTINGPOLICY, namespace)

@@ -644,22 +644,46 @@ def model_calibration_status(
     }
 
 
+MISSING_ROUTERS = "; not in the router of "
+
+
+def _with_missing_routers(entry: dict[str, Any], policies: Collection[str] | None) -> dict[str, Any]:
+    """A Done entry names the policies over the pool whose router lacks its results (`policies`:
+    the policies over the pool now; None: not known, the entry stays as it was)."""
+    if entry.get("state") != "Done" or policies is None:
+        return entry
+    message = str(entry.get("message", "")).split(MISSING_ROUTERS)[0]
+    missing = sorted(set(policies) - set(entry.get("routers") or []))
+    entry = {k: v for k, v in entry.items() if k != "missingRouters"}
+    if missing:
+        entry["missingRouters"] = missing
+        message += (
+            f"{MISSING_ROUTERS}{', '.join(missing)} (created after it, or the push failed): it routes "
+            "this model by its profile until the next revision (spec.calibration.revision)"
+        )
+    entry["message"] = message[:1000]
+    return entry
+
+
 def calibration_status(
     plan: CalibrationPlan,
     jobs: Mapping[str, Mapping[str, Any]],
     pods: Sequence[Mapping[str, Any]],
     previous: Mapping[str, Any] | None,
     now: str,
+    policies: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """`status.calibration` of a pool: one entry per calibrated model (its state, revision, Job,
-    lines graded, mean score overall and per task, tokens, routers that took it) and a summary.
-    `plan`: the `desired.calibration.CalibrationPlan`; `jobs`: live Jobs by name; `pods`: the pool's
-    calibration pods; `previous`: `status.calibration` before."""
+    lines graded, mean score overall and per task, tokens, routers that took it, policies whose
+    router did not) and a summary. `plan`: the `desired.calibration.CalibrationPlan`; `jobs`: live
+    Jobs by name; `pods`: the pool's calibration pods; `previous`: `status.calibration` before;
+    `policies`: the RoutingPolicies over the pool now (None: not known)."""
     before = {m.get("name"): m for m in (previous or {}).get("models") or []}
     models = []
     for calibration in plan.models:
         old = before.get(calibration.model)
         entry = model_calibration_status(calibration, jobs.get(calibration.job), pods, old)
+        entry = _with_missing_routers(entry, policies)
         unchanged = (
             old is not None
             and old.get("state") == entry["state"]

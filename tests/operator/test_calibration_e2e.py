@@ -311,6 +311,20 @@ def test_adding_a_model_calibrates_that_model_only_and_its_results_reach_the_rou
         what="a Calibrated Event per model",
     )
 
+    # A policy created after the calibrations has not got them: the pool's status names it.
+    late = policy_body(cl.ns)
+    late["metadata"]["name"] = "late"
+    cl.create(late)
+    for model in ("small", "large"):
+        entry = wait_for(
+            lambda model=model: (e := model_status(cl, model)).get("missingRouters") == ["late"] and e,
+            timeout=20,
+            what=f"{model}'s status naming the policy without its results",
+        )
+        assert entry["state"] == "Done" and "not in the router of late" in entry["message"]
+    cl.delete("routingpolicies", "late")
+    wait_for(lambda: "missingRouters" not in model_status(cl, "large"), timeout=20, what="late gone")
+
     # A new revision of large (new weights) replaces its Job; small's stays.
     cl.patch(
         "modelpools",

@@ -324,6 +324,36 @@ def test_status_follows_the_job_from_pending_to_done_with_the_summary() -> None:
     assert status.calibration_events(done, later) == []
 
 
+def test_a_policy_without_the_results_is_named_in_the_status() -> None:
+    """A RoutingPolicy created after the calibration (or whose push failed) routes the model by its
+    profile: the Done entry says which, and stops saying so once no such policy is over the pool."""
+    p = plan(pool(SMALL))
+    small = p.model("small")
+    assert small is not None
+    name = small.job
+    done_jobs = {name: job_obj(name, complete=True)}
+    pods = [pod_obj(name, summary("small", small.revision))]
+    done = status.calibration_status(p, done_jobs, pods, None, "t1", policies=["chat-auto"])
+    assert "missingRouters" not in done["models"][0]
+    late = status.calibration_status(p, done_jobs, pods, done, "t2", policies=["chat-auto", "late"])
+    entry = late["models"][0]
+    assert entry["missingRouters"] == ["late"] and entry["routers"] == ["chat-auto"]
+    assert (
+        entry["message"].count("not in the router of late") == 1
+        and "calibration.revision" in entry["message"]
+    )
+    assert entry["lastTransitionTime"] == "t1"  # still Done: no transition, no second Event
+    assert status.calibration_events(done, late) == []
+    wire = CalibrationStatus.model_validate(late).to_wire()  # the field is in the CRD's status schema
+    assert wire["models"][0]["missingRouters"] == ["late"]
+    # The Job gone (TTL), the late policy deleted: the entry is as it was.
+    later_plan = plan(pool(SMALL), done={"small": small.revision})
+    later = status.calibration_status(later_plan, {}, [], late, "t3", policies=["chat-auto"])
+    assert later["models"][0] == done["models"][0]
+    unknown = status.calibration_status(later_plan, {}, [], late, "t3", policies=None)
+    assert unknown["models"][0] == entry  # no index yet: nothing is claimed either way
+
+
 def test_a_restarted_attempt_and_a_failed_job_say_why() -> None:
     p = plan(pool(SMALL))
     small = p.model("small")
