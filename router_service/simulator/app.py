@@ -150,23 +150,23 @@ class Simulator:
                 f"{prompt_tokens} input tokens. Please reduce the length of the input messages.",
                 "messages",
             )
+        if limit is not None and prompt_tokens + limit > max_len:
+            raise SimulatorError(
+                400,
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{prompt_tokens + limit} tokens ({prompt_tokens} in the messages, {limit} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                "max_tokens",
+            )
         room = max_len - prompt_tokens
         if scripted is not None:
             pieces = text_pieces(scripted)
-            cap = room if limit is None else min(limit, room)
+            cap = room if limit is None else limit
             reason = "length" if len(pieces) > cap else "stop"
             deltas, hit_stop = truncate_at_stop(pieces[:cap], stops)
             return ChoicePlan(index, prompt_tokens, deltas, "stop" if hit_stop else reason)
         key = stable_hash(self.profile.seed, self.profile.model, identity, sample, seed)
         if limit is not None:
-            if prompt_tokens + limit > max_len:
-                raise SimulatorError(
-                    400,
-                    f"This model's maximum context length is {max_len} tokens. However, you requested "
-                    f"{prompt_tokens + limit} tokens ({prompt_tokens} in the messages, {limit} in the "
-                    "completion). Please reduce the length of the messages or completion.",
-                    "max_tokens",
-                )
             length, reason = limit, "length"
         else:
             drawn = drawn_length(stable_hash("length", key))

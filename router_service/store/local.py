@@ -85,7 +85,6 @@ class LocalStateStore:
         self._gamma: SharedGamma | None = None
         self._learned: list[LearnedEntry] = []
         self._calibrations: dict[str, Calibration] = {}
-        self._queries = 0
         self._state_file = Path(state_file) if state_file else None
         if self._state_file is not None:
             self._load()
@@ -216,7 +215,7 @@ class LocalStateStore:
             return dict(self._calibrations)
 
     def note_queries(self, count: int) -> None:
-        self._queries += count
+        return None  # one replica: nobody else needs the count
 
     def window_queries(self) -> int | None:
         return None  # one replica: the engine's own count is the whole count

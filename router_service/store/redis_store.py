@@ -337,6 +337,12 @@ class RedisStateStore:
         if len(self._queue) == 1:
             self._wake.set()
 
+    def _share_rule(self, outage: Outage) -> str:
+        """How the local share of `outage` is computed, in words (status detail and log)."""
+        if outage.static:
+            return f"the static split, budget x {self._static_share:g}"
+        return f"1/{outage.replicas} of the remaining budget last seen"
+
     def _allowance(self, outage: Outage, window: int, model: str, budget: float) -> float:
         if outage.static:
             return budget * self._static_share
@@ -463,13 +469,18 @@ class RedisStateStore:
     def shared_gamma(self) -> SharedGamma | None:
         return self._gamma
 
+    def _remember(self, entry: LearnedEntry) -> bool:
+        """Keep a learned entry once per uid (call with the lock held); False when seen already."""
+        if entry.uid in self._seen_uids:
+            return False
+        self._seen_uids.add(entry.uid)
+        self._learned.append(entry)
+        return True
+
     def append_learned(self, entry: LearnedEntry) -> None:
         with self._lock:
-            if entry.uid in self._seen_uids:
-                return
-            self._seen_uids.add(entry.uid)
-            self._learned.append(entry)
-            self._enqueue(Op("learned", payload=json.dumps(entry.to_json())))
+            if self._remember(entry):
+                self._enqueue(Op("learned", payload=json.dumps(entry.to_json())))
 
     def learned(self, start: int) -> Sequence[LearnedEntry]:
         with self._lock:
@@ -543,13 +554,11 @@ class RedisStateStore:
             if outage is None:
                 mode, detail, seconds, share = "shared", f"Redis {self.url}", 0.0, {}
             else:
-                rule = (
-                    f"the static split, budget x {self._static_share:g}"
-                    if outage.static
-                    else f"1/{outage.replicas} of the remaining budget last seen"
-                )
                 mode = "local-share"
-                detail = f"Redis {self.url} unreachable ({outage.cause}); serving on a local share: {rule}"
+                detail = (
+                    f"Redis {self.url} unreachable ({outage.cause}); serving on a local share: "
+                    f"{self._share_rule(outage)}"
+                )
                 seconds = time.monotonic() - outage.since
                 share = {
                     m: self._allowance(outage, window, m, b) - outage.spent.get((window, m), 0.0)
@@ -745,11 +754,7 @@ class RedisStateStore:
                     except (KeyError, ValueError, TypeError, AttributeError):
                         log.warning("state store: skipping a malformed learned entry %s", stream_id)
                         continue
-                    if entry.uid in self._seen_uids:
-                        continue
-                    self._seen_uids.add(entry.uid)
-                    self._learned.append(entry)
-                    added = True
+                    added |= self._remember(entry)
 
     def _enter_outage(self, exc: BaseException) -> None:
         window = self.window().index
@@ -762,11 +767,7 @@ class RedisStateStore:
             remaining = {m: b - self._viewed_used(window, m) for m, b in self._budgets.items()}
             self._outage = Outage(time.monotonic(), window, remaining, self._live, static, self._last_error)
             self._outages += 1
-            rule = (
-                f"the static split (budget x {self._static_share:g})"
-                if static
-                else f"1/{self._live} of the remaining budget last seen"
-            )
+            rule = self._share_rule(self._outage)
         log.warning(
             "state store: Redis %s unreachable (%s); serving on a local share until it answers: %s",
             self.url,
@@ -874,10 +875,7 @@ class RedisStateStore:
             self._enqueue(op)
             if op.kind == "learned":
                 with contextlib.suppress(KeyError, ValueError, TypeError, AttributeError):
-                    entry = LearnedEntry.from_json(json.loads(op.payload))
-                    if entry.uid not in self._seen_uids:
-                        self._seen_uids.add(entry.uid)
-                        self._learned.append(entry)
+                    self._remember(LearnedEntry.from_json(json.loads(op.payload)))
         if self._queue:
             log.info(
                 "state store: %d operation(s) from %s wait for Redis", len(self._queue), self._state_file

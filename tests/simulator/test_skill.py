@@ -108,6 +108,17 @@ def test_max_tokens_and_stop_cut_the_answer(skilled: SimulatorServer) -> None:
     assert empty.usage is not None and empty.usage.completion_tokens == 1
 
 
+def test_max_tokens_past_the_context_is_refused_for_a_scripted_prompt_too(skilled: SimulatorServer) -> None:
+    """vLLM checks prompt + max_tokens against the context before generating anything, whatever
+    the answer would be."""
+    too_many = skilled.profile.max_model_len
+    with pytest.raises(openai.BadRequestError, match="maximum context length") as caught:
+        client(skilled).chat.completions.create(
+            model="skilled", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=too_many
+        )
+    assert caught.value.body is not None and caught.value.body.get("param") == "max_tokens"
+
+
 def test_bad_skill_files_name_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c",\n')
