@@ -259,9 +259,13 @@ class Proxy:
         free sequence slot on some replica (where maxNumSeqs is known: a burst spills over to models
         with room instead of queueing on the best one); when none has one, queueing within the
         limits. `exclude`: replicas already tried."""
+        verdicts: dict[str, LoadVerdict] = {}  # the second pass reuses the first one's
 
         def any_verdict(model: str) -> LoadVerdict:
-            return self.verdict(req, model, exclude)
+            found = verdicts.get(model)
+            if found is None:
+                found = verdicts[model] = self.verdict(req, model, exclude)
+            return found
 
         def with_free_slot(model: str) -> LoadVerdict:
             v = any_verdict(model)
