@@ -14,7 +14,7 @@ Everything here is pure: the live state comes in as callables, so each rule is t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -140,7 +140,6 @@ def choose(
     tokens: Callable[[Candidate], int],
     mode: Literal["degrade", "shed"] = "degrade",
     reject: bool = False,
-    exclude: Container[str] = (),
     fallback: bool = False,
     what: str = "this request",
 ) -> Decision:
@@ -149,12 +148,12 @@ def choose(
     `reject` is the engine's verdict that even the best score is below `objective.rejectBelow`
     (it never rejects priority critical): the request is refused with no model tried.
 
-    `exclude` drops models already tried (a retry after an upstream failure; the route is then
-    "fallback"). In mode "shed" a saturated better-ranked model means 429 at once instead of
-    degrading; a model with no replicas is passed over in either mode (it cannot queue work).
+    `fallback` marks a retry after an upstream failure (the route is then "fallback"); the replicas
+    already tried are left out by the caller's `verdict`. In mode "shed" a saturated better-ranked
+    model means 429 at once instead of degrading; a model with no replicas is passed over in either
+    mode (it cannot queue work).
     """
-    considered = [c for c in ranking if c.model not in exclude]
-    if not considered:
+    if not ranking:
         return Decision(None, None, None, (), Refusal("unavailable", f"No other model can serve {what}."))
     verdicts: dict[str, LoadVerdict] = {}
 
@@ -163,7 +162,7 @@ def choose(
         return v.can_serve
 
     if reject and not fallback:
-        best = considered[0]
+        best = ranking[0]
         return Decision(
             None,
             None,
@@ -175,7 +174,7 @@ def choose(
                 "objective.rejectBelow.",
             ),
         )
-    choice = pick(considered, can_afford=lambda c: can_afford(c.model, tokens(c)), has_room=has_room)
+    choice = pick(ranking, can_afford=lambda c: can_afford(c.model, tokens(c)), has_room=has_room)
     skipped: list[tuple[str, SkipReason]] = []
     for model, why in choice.skipped:
         if why == "over-budget":

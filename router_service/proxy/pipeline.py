@@ -259,9 +259,13 @@ class Proxy:
         free sequence slot on some replica (where maxNumSeqs is known: a burst spills over to models
         with room instead of queueing on the best one); when none has one, queueing within the
         limits. `exclude`: replicas already tried."""
+        verdicts: dict[str, LoadVerdict] = {}  # the second pass reuses the first one's
 
         def any_verdict(model: str) -> LoadVerdict:
-            return self.verdict(req, model, exclude)
+            found = verdicts.get(model)
+            if found is None:
+                found = verdicts[model] = self.verdict(req, model, exclude)
+            return found
 
         def with_free_slot(model: str) -> LoadVerdict:
             v = any_verdict(model)
@@ -306,14 +310,14 @@ class Proxy:
         (or a window that ends) could pay this request on some model it was refused for."""
         if decision.refusal is None or decision.refusal.kind != "budget" or time.monotonic() >= deadline:
             return False
-        ledger = self.rt.ledger
-        snapshot = ledger.snapshot()
-        if snapshot["window_resets_in_seconds"] < deadline - time.monotonic():
+        ledger, store = self.rt.ledger, self.rt.store
+        if store.window().resets_in_seconds < deadline - time.monotonic():
             return True
+        usage = store.usage()
         for model, why in decision.skipped:
             if why != "budget":
                 continue
-            held = snapshot["models"].get(model, {}).get("in_flight", 0.0)
+            held = usage[model].in_flight if model in usage else 0.0
             could_have = ledger.remaining(model) + held
             if held > 0 and could_have >= req.need(model, remaining=could_have).tokens:
                 return True
@@ -371,7 +375,7 @@ class Proxy:
         if decision.refusal is not None:
             rt.metrics.child(rt.metrics.sheds, decision.refusal.kind, req.priority).inc()
             rt.metrics.child(rt.metrics.requests, "none", "none", decision.refusal.kind).inc()
-            budget_retry = max(1, math.ceil(rt.ledger.snapshot()["window_resets_in_seconds"]))
+            budget_retry = max(1, math.ceil(rt.store.window().resets_in_seconds))
             raise refusal_error(decision, req.state.config.degradation.retry_after_seconds, budget_retry)
         if decision.route == "degraded" and decision.skipped:
             from_model, why = decision.skipped[0]

@@ -114,11 +114,12 @@ def parse_request(body: bytes, capability: str) -> ParsedRequest:
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:
             raise errors.bad_request("`messages` must be a non-empty list.", param="messages")
-        texts = [_text_of(m.get("content")) for m in messages if isinstance(m, dict)]
-        users = [
-            _text_of(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"
-        ]
-        routing = users[-1] if users else " ".join(texts)
+        turns = [m for m in messages if isinstance(m, dict)]
+        last_user = next((m for m in reversed(turns) if m.get("role") == "user"), None)
+        if last_user is not None:
+            routing = _text_of(last_user.get("content"))
+        else:
+            routing = " ".join(_text_of(m.get("content")) for m in turns)
         bound, prompts = chat_prompt_bound(payload), 1
     elif capability == "completions":
         prompt = payload.get("prompt")

@@ -68,9 +68,9 @@ def test_shed_mode_refuses_instead_of_degrading_but_passes_zero_replicas() -> No
 
 def test_reject_and_fallback() -> None:
     assert run(reject=True).refusal.kind == "rejected"
-    d = run(exclude={"large"}, fallback=True, reject=True)
+    d = run({"large": ZERO}, fallback=True, reject=True)
     assert (d.model, d.route) == ("medium", "fallback")
-    assert run(exclude={"large", "medium", "small"}, fallback=True).refusal.kind == "unavailable"
+    assert run({m: ZERO for m in ("large", "medium", "small")}, fallback=True).refusal.kind == "unavailable"
 
 
 def test_open_circuit_is_skipped_with_its_own_reason_and_refused_as_unavailable() -> None:

@@ -119,6 +119,17 @@ def test_parse_request_validates_fields_and_picks_routing_text() -> None:
         == 64 + 2 * 8 + len("Be brief.") + len("What is 2+2?") + len("system") + len("user") + 4
     )
     assert p.sequences == 1 and not p.usage_requested
+    turns = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "reply"},
+        {"role": "user", "content": "second"},
+        {"role": "tool", "content": "output"},
+    ]
+    routed = parse_request(json.dumps({"model": "auto", "messages": turns}).encode(), "chat")
+    assert routed.routing_text == "second"  # the last user turn
+    no_user = [{"role": "system", "content": "Be brief."}, "junk", {"role": "assistant", "content": "ok"}]
+    routed = parse_request(json.dumps({"model": "auto", "messages": no_user}).encode(), "chat")
+    assert routed.routing_text == "Be brief. ok"  # without one, every turn's text
     counted = parse_request(
         b'{"model": "a", "prompt": ["x", "y"], "n": 3, "best_of": 4, "stream": true, '
         b'"stream_options": {"include_usage": true}}',
