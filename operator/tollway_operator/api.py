@@ -634,6 +634,11 @@ class ModelPoolSpec(CamelModel):
             return None
         return model.api_key_secret or self.api_key_secret
 
+    def backend_key_secret_for(self, model: ModelSpec) -> SecretKeyRef | None:
+        """The bearer key a client of the model sends: an external endpoint's own, or the key the
+        pool's vLLM server requires."""
+        return model.endpoint.api_key_secret if model.endpoint is not None else self.api_key_secret_for(model)
+
     def run_as_user_for(self, model: ModelSpec) -> int | None:
         return model.run_as_user if model.run_as_user is not None else self.run_as_user
 
