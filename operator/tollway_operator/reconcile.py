@@ -190,12 +190,11 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
         cache,
     )
     new["calibration"] = await _reconcile_calibration(body, spec, workloads, now)
+    ready = status.find_condition(new["conditions"], status.READY) or {}
     if problems:  # a model that cannot start, e.g. too many GPUs: a Warning once, not every resync
-        ready = status.find_condition(new["conditions"], status.READY) or {}
         warn_on_change(body, previous, new, str(ready.get("reason")), str(ready.get("message")))
     # A rollout stuck behind ready replicas (Ready stays True, so the Warning above says nothing)
     # and a cache size that cannot be applied: a Warning when it starts or its message changes.
-    ready = status.find_condition(new["conditions"], status.READY) or {}
     if ready.get("status") == "True":
         _warn_on_condition(body, previous, new, status.DEGRADED, lambda c: c.get("reason") == "RolloutStuck")
     _warn_on_condition(body, previous, new, status.CACHE_SIZE, lambda c: c.get("status") == "False")
@@ -253,7 +252,7 @@ async def _reconcile_cache_sizes(
         except k.ApiError as e:
             refused[resize.claim] = f"{e.reason}: {e.message}"
     resizing = [claim for claim in d.claims_resizing(claims) if claim not in refused]
-    return status.cache_size_condition([r for r in plan if r.action == "cannot-shrink"], refused, resizing)
+    return status.cache_size_condition(plan, refused, resizing)
 
 
 async def _calibration_set(namespace: str, spec: ModelPoolSpec) -> tuple[str | None, str | None]:
