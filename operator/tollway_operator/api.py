@@ -405,9 +405,6 @@ class AutoscalingSpec(CamelModel):
         return self
 
 
-BUILTIN_CALIBRATION_SETS = ("builtin", "builtin:code")
-
-
 class ConfigMapKeyRef(CamelModel):
     name: str = Field(min_length=1, max_length=253, description="ConfigMap name, in the pool's namespace.")
     key: str = Field(min_length=1, max_length=253, description="Key holding the JSONL calibration set.")
