@@ -200,7 +200,6 @@ def calibration_job(
     model: ModelSpec,
     revision: str,
     targets: Sequence[RouterTarget],
-    default_image: str = DEFAULT_TOLLWAY_IMAGE,
 ) -> dict[str, Any]:
     """The Job that calibrates one model at one revision and pushes the result to `targets`."""
     pool, namespace = owner.name, owner.namespace
@@ -269,7 +268,7 @@ def calibration_job(
     labels = calibration_labels(pool, model.name, revision)
     container: dict[str, Any] = {
         "name": "calibrate",
-        "image": settings.image or default_image,
+        "image": settings.image or DEFAULT_TOLLWAY_IMAGE,
         "command": args,
         "env": env,
         "volumeMounts": mounts,
@@ -322,7 +321,6 @@ def calibration_plan(
     targets: Sequence[RouterTarget],
     dataset_digest: str | None = None,
     set_missing: str | None = None,
-    default_image: str = DEFAULT_TOLLWAY_IMAGE,
 ) -> CalibrationPlan:
     """The calibration Jobs a pool should own (see the module docstring).
 
@@ -345,5 +343,5 @@ def calibration_plan(
                 reason = "WaitingForModel"
         plan.models.append(ModelCalibration(model.name, revision, job, waiting, reason, is_done))
         if job in live_jobs or (not is_done and waiting is None):
-            plan.jobs.append(calibration_job(owner, spec, model, revision, targets, default_image))
+            plan.jobs.append(calibration_job(owner, spec, model, revision, targets))
     return plan
