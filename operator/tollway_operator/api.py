@@ -405,9 +405,6 @@ class AutoscalingSpec(CamelModel):
         return self
 
 
-BUILTIN_CALIBRATION_SETS = ("builtin", "builtin:code")
-
-
 class ConfigMapKeyRef(CamelModel):
     name: str = Field(min_length=1, max_length=253, description="ConfigMap name, in the pool's namespace.")
     key: str = Field(min_length=1, max_length=253, description="Key holding the JSONL calibration set.")
@@ -633,6 +630,11 @@ class ModelPoolSpec(CamelModel):
         if model.endpoint is not None or not model.model:
             return None
         return model.api_key_secret or self.api_key_secret
+
+    def backend_key_secret_for(self, model: ModelSpec) -> SecretKeyRef | None:
+        """The bearer key a client of the model sends: an external endpoint's own, or the key the
+        pool's vLLM server requires."""
+        return model.endpoint.api_key_secret if model.endpoint is not None else self.api_key_secret_for(model)
 
     def run_as_user_for(self, model: ModelSpec) -> int | None:
         return model.run_as_user if model.run_as_user is not None else self.run_as_user

@@ -28,11 +28,11 @@ def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
 def warn_on_change(
     body: Mapping[str, Any],
     previous: Mapping[str, Any] | None,
-    new: Mapping[str, Any],
     reason: str,
     message: str,
 ) -> None:
-    """A Warning Event when the Ready condition's reason or message changes (not every resync)."""
+    """A Warning Event when `reason` or `message` differ from those of the previous status's Ready
+    condition (not every resync)."""
     old = status.find_condition((previous or {}).get("conditions"), status.READY) or {}
     if old.get("reason") != reason or old.get("message") != message:
         post_event(body, "Warning", reason, message)

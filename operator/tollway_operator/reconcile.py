@@ -99,7 +99,7 @@ async def _run_reconcile(
                     new = status.failed_status(
                         previous, "ReconcileFailed", outcome.message, generation, status.now_rfc3339()
                     )
-                    warn_on_change(body, previous, {}, "ReconcileFailed", outcome.message)
+                    warn_on_change(body, previous, "ReconcileFailed", outcome.message)
                     with contextlib.suppress(k.ApiError):
                         await write_status(kind, body, previous, new)
         except k.ApiError as e:  # fetching the object itself failed
@@ -130,7 +130,7 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
     except SpecError as e:
         message = str(e)
         new = status.invalid_status(previous, message, generation, now)
-        warn_on_change(body, previous, new, "InvalidSpec", message)
+        warn_on_change(body, previous, "InvalidSpec", message)
         await write_status(k.MODELPOOL, body, previous, new)
         return Outcome("invalid", message)
     owner = d.Owner.from_body(body)
@@ -190,12 +190,11 @@ async def _reconcile_pool(body: dict[str, Any]) -> Outcome:
         cache,
     )
     new["calibration"] = await _reconcile_calibration(body, spec, workloads, now)
+    ready = status.find_condition(new["conditions"], status.READY) or {}
     if problems:  # a model that cannot start, e.g. too many GPUs: a Warning once, not every resync
-        ready = status.find_condition(new["conditions"], status.READY) or {}
-        warn_on_change(body, previous, new, str(ready.get("reason")), str(ready.get("message")))
+        warn_on_change(body, previous, str(ready.get("reason")), str(ready.get("message")))
     # A rollout stuck behind ready replicas (Ready stays True, so the Warning above says nothing)
     # and a cache size that cannot be applied: a Warning when it starts or its message changes.
-    ready = status.find_condition(new["conditions"], status.READY) or {}
     if ready.get("status") == "True":
         _warn_on_condition(body, previous, new, status.DEGRADED, lambda c: c.get("reason") == "RolloutStuck")
     _warn_on_condition(body, previous, new, status.CACHE_SIZE, lambda c: c.get("status") == "False")
@@ -253,7 +252,7 @@ async def _reconcile_cache_sizes(
         except k.ApiError as e:
             refused[resize.claim] = f"{e.reason}: {e.message}"
     resizing = [claim for claim in d.claims_resizing(claims) if claim not in refused]
-    return status.cache_size_condition([r for r in plan if r.action == "cannot-shrink"], refused, resizing)
+    return status.cache_size_condition(plan, refused, resizing)
 
 
 async def _calibration_set(namespace: str, spec: ModelPoolSpec) -> tuple[str | None, str | None]:
@@ -363,13 +362,13 @@ async def _reconcile_policy(body: dict[str, Any]) -> Outcome:
 
     async def wait(reason: str, message: str) -> Outcome:
         new = status.waiting_policy_status(previous, reason, message, generation, now)
-        warn_on_change(body, previous, new, reason, message)
+        warn_on_change(body, previous, reason, message)
         await write_status(k.ROUTINGPOLICY, body, previous, new)
         return Outcome("waiting", message)
 
     async def invalid(message: str) -> Outcome:
         new = status.invalid_status(previous, message, generation, now)
-        warn_on_change(body, previous, new, "InvalidSpec", message)
+        warn_on_change(body, previous, "InvalidSpec", message)
         await write_status(k.ROUTINGPOLICY, body, previous, new)
         return Outcome("invalid", message)
 

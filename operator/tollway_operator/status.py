@@ -127,7 +127,7 @@ class DeploymentView:
         meta = obj.get("metadata", {})
         spec = obj.get("spec", {})
         status = obj.get("status") or {}
-        progressing = next((c for c in status.get("conditions", []) if c.get("type") == "Progressing"), {})
+        progressing = find_condition(status.get("conditions"), "Progressing") or {}
         return cls(
             name=meta.get("name", ""),
             desired=int(spec.get("replicas", 1)),

@@ -45,9 +45,9 @@ from tollway_operator.desired.names import (
     common_labels,
     env_name,
     model_child_name,
-    model_service_url,
     router_endpoint,
 )
+from tollway_operator.desired.pool import model_endpoint
 
 LABEL_REVISION = "tollway.io/calibration-revision"
 WORK_DIR = "/var/lib/tollway-calibration"
@@ -174,9 +174,9 @@ def _judge_args(
         judged_by = spec.model(judge.model)
         assert judged_by is not None  # the spec's validator checks it
         name = judged_by.name
-        args = ["--judge", f"{name}={_model_url(pool, namespace, judged_by)}"]
+        args = ["--judge", f"{name}={model_endpoint(pool, namespace, judged_by)}"]
         args += _upstream_args(judged_by, name)
-        key_ref = _api_key_ref(spec, judged_by)
+        key_ref = spec.backend_key_secret_for(judged_by)
     else:
         name = "judge" if model.name != "judge" else "judge-2"
         args = ["--judge", f"{name}={judge.url}", "--upstream-model", f"{name}={judge.upstream_model}"]
@@ -186,17 +186,6 @@ def _judge_args(
         env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": key_ref.name, "key": key_ref.key}}})
         args += ["--api-key-env", f"{name}={var}"]
     return args, env
-
-
-def _api_key_ref(spec: ModelPoolSpec, model: ModelSpec) -> SecretKeyRef | None:
-    """The bearer key a model takes: an external endpoint's, or the one the pool's vLLM requires."""
-    return model.endpoint.api_key_secret if model.endpoint is not None else spec.api_key_secret_for(model)
-
-
-def _model_url(pool: str, namespace: str, model: ModelSpec) -> str:
-    return (
-        model.endpoint.url if model.endpoint is not None else model_service_url(pool, model.name, namespace)
-    )
 
 
 def _upstream_args(model: ModelSpec, name: str) -> list[str]:
@@ -211,7 +200,6 @@ def calibration_job(
     model: ModelSpec,
     revision: str,
     targets: Sequence[RouterTarget],
-    default_image: str = DEFAULT_TOLLWAY_IMAGE,
 ) -> dict[str, Any]:
     """The Job that calibrates one model at one revision and pushes the result to `targets`."""
     pool, namespace = owner.name, owner.namespace
@@ -240,7 +228,7 @@ def calibration_job(
     args = [
         "tollway", "calibrate",
         "--dataset", dataset,
-        "--backend", f"{model.name}={_model_url(pool, namespace, model)}",
+        "--backend", f"{model.name}={model_endpoint(pool, namespace, model)}",
         "--revision", f"{model.name}={revision}",
         "--price", f"{model.name}={price.input_per_million_tokens:g},{price.output_per_million_tokens:g}",
         "--concurrency", str(settings.concurrency),
@@ -254,7 +242,7 @@ def calibration_job(
         {"name": "HOME", "value": "/tmp"},
         {"name": "TOLLWAY_CACHE_DIR", "value": f"{WORK_DIR}/cache"},
     ]
-    ref = _api_key_ref(spec, model)
+    ref = spec.backend_key_secret_for(model)
     if ref is not None:
         var = f"TOLLWAY_BACKEND_{env_name(model.name)}_API_KEY"
         env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
@@ -280,7 +268,7 @@ def calibration_job(
     labels = calibration_labels(pool, model.name, revision)
     container: dict[str, Any] = {
         "name": "calibrate",
-        "image": settings.image or default_image,
+        "image": settings.image or DEFAULT_TOLLWAY_IMAGE,
         "command": args,
         "env": env,
         "volumeMounts": mounts,
@@ -333,7 +321,6 @@ def calibration_plan(
     targets: Sequence[RouterTarget],
     dataset_digest: str | None = None,
     set_missing: str | None = None,
-    default_image: str = DEFAULT_TOLLWAY_IMAGE,
 ) -> CalibrationPlan:
     """The calibration Jobs a pool should own (see the module docstring).
 
@@ -356,5 +343,5 @@ def calibration_plan(
                 reason = "WaitingForModel"
         plan.models.append(ModelCalibration(model.name, revision, job, waiting, reason, is_done))
         if job in live_jobs or (not is_done and waiting is None):
-            plan.jobs.append(calibration_job(owner, spec, model, revision, targets, default_image))
+            plan.jobs.append(calibration_job(owner, spec, model, revision, targets))
     return plan

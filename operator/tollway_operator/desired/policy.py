@@ -211,7 +211,7 @@ def router_config(
     backends = []
     for model in pool_spec.models:
         external = model.endpoint
-        key_ref = external.api_key_secret if external is not None else pool_spec.api_key_secret_for(model)
+        key_ref = pool_spec.backend_key_secret_for(model)
         backends.append(
             BackendConfig(
                 name=model.name,
@@ -334,11 +334,7 @@ def router_deployment(
         env.append({"name": "TOLLWAY_HISTORY_DIR", "value": HISTORY_DIR})
     for model in pool_spec.models:
         # A backend's bearer key: an external endpoint's, or the key the pool's vLLM servers require.
-        ref = (
-            model.endpoint.api_key_secret
-            if model.endpoint is not None
-            else pool_spec.api_key_secret_for(model)
-        )
+        ref = pool_spec.backend_key_secret_for(model)
         if ref is not None:
             env.append(
                 {
