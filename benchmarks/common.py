@@ -15,6 +15,7 @@ Pieces:
   both bounded in count and time.
 - `percentile`, `summarize`, `markdown_table`, `write_report` (results/NAME.{md,json,png} with
   the reproducing command and the machine).
+- `history_prompts`: a seeded sample of the shipped history's prompts, the requests' texts.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import platform
+import random
 import shlex
 import signal
 import socket
@@ -592,6 +594,16 @@ def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0,
 
 # --------------------------------------------------------------------------------------------
 # the stack under test: simulators and the router as subprocesses
+
+
+def history_prompts(n: int, *, seed: int, max_chars: int | None = None) -> list[str]:
+    """`n` prompts of the shipped history's "history" part, shuffled with `seed`, each cut to
+    `max_chars` characters (None: whole)."""
+    from router_service.routing.history import load_builtin_history
+
+    prompts = [p[:max_chars] for p in load_builtin_history("history").prompts]
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
 
 
 def start_simulator(

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import socket
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import common
 import httpx
 from common import (
     RESULTS,
@@ -214,11 +214,9 @@ def standard_phases(seconds: float) -> list[Phase]:
 
 
 def history_prompts(n: int, seed: int = 1) -> list[str]:
-    from router_service.routing.history import load_builtin_history
-
-    prompts = [p[:2000] for p in load_builtin_history("history").prompts]
-    random.Random(seed).shuffle(prompts)
-    return prompts[:n]
+    """`n` shuffled prompts of the shipped history, cut to 2,000 characters (tests/resilience
+    draws its prompts here too)."""
+    return common.history_prompts(n, seed=seed, max_chars=2000)
 
 
 async def run_phases(
@@ -635,7 +633,7 @@ def demo_burst(log_dir: Path, streams: int, max_tokens: int) -> dict[str, Any]:
     from router_service import demo
 
     models = demo.example_models()
-    prompts = [p[:2000] for p in history_prompts(streams, seed=3)]
+    prompts = history_prompts(streams, seed=3)
     arms: dict[str, Any] = {}
     for arm in ("scrapes only (before)", "in-flight vs maxNumSeqs"):
         arm_dir = log_dir / arm.split(" ")[0]
@@ -724,7 +722,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         t_start = time.time()
         outcomes = asyncio.run(
-            run_phases(stack, phases, rate=args.rate, deadline=args.deadline, prompts=history_prompts(500))
+            run_phases(
+                stack,
+                phases,
+                rate=args.rate,
+                deadline=args.deadline,
+                prompts=history_prompts(500),
+            )
         )
         router_alive = stack.router is not None and stack.router.alive()
         fuzz = fuzz_router(

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import itertools
 import os
-import random
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ from common import (
     free_port,
     histogram_from_metrics,
     histogram_quantile,
+    history_prompts,
     make_client,
     markdown_table,
     new_figure,
@@ -123,14 +123,6 @@ def litellm_headers() -> dict[str, str]:
     return {"authorization": f"Bearer {LITELLM_KEY}"}
 
 
-def history_prompts(n: int, seed: int = 0) -> list[str]:
-    from router_service.routing.history import load_builtin_history
-
-    prompts = list(load_builtin_history("history").prompts)
-    random.Random(seed).shuffle(prompts)
-    return prompts[:n]
-
-
 async def measure_point(
     url: str,
     *,
@@ -198,7 +190,7 @@ def decision_in_process(config: dict[str, Any], prompts: list[str]) -> dict[str,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="tollway-bench-overhead-"))
-    prompts = history_prompts(2000)
+    prompts = history_prompts(2000, seed=0)
     procs: list[ManagedProcess] = []
     try:
         sims: dict[str, str] = {}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from common import (
     Step,
     closed_loop,
     fmt,
+    history_prompts,
     make_client,
     markdown_table,
     new_figure,
@@ -65,14 +65,6 @@ SIM_FLAGS = {
     "ttft-ms": 20,
 }
 TARGET_TTFT_P99_CUT = 0.5  # tollway's TTFT p99 at most half of round robin's
-
-
-def prompts(n: int, seed: int = 0) -> list[str]:
-    from router_service.routing.history import load_builtin_history
-
-    texts = [p[:600] for p in load_builtin_history("history").prompts]
-    random.Random(seed).shuffle(texts)
-    return texts[:n]
 
 
 async def replica_capacity(url: str, texts: list[str], args: argparse.Namespace) -> float:
@@ -154,7 +146,7 @@ def summary(outcomes: list[Outcome], names: dict[str, str]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="tollway-bench-replicas-"))
-    texts = prompts(2000)
+    texts = history_prompts(2000, seed=0, max_chars=600)
     procs: list[ManagedProcess] = []
     try:
         urls: list[str] = []

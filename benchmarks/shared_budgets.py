@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import math
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -42,6 +43,7 @@ from typing import Any
 import httpx
 import redis
 from common import (
+    ROOT,
     TOLLWAY,
     ManagedProcess,
     Step,
@@ -66,6 +68,9 @@ from router_service.simulator.textgen import (
     count_tokens,
 )
 from router_service.store.redis_store import RedisStateStore
+
+sys.path.insert(0, str(ROOT / "tests"))  # the redis-server harness the tests use
+from redis_server import RedisServer
 
 console = Console()
 PROFILE = "mistralai/mistral-7b-chat"
@@ -100,44 +105,15 @@ def router_of(i: int) -> int:
 # the stack
 
 
-@dataclass
-class Redis:
-    directory: Path
-    port: int = field(default_factory=free_port)
-    proc: ManagedProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = [
-            "redis-server", "--port", self.port, "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes", "--appendfsync", "always", "--dir", self.directory,
-        ]  # fmt: skip
-        self.proc = ManagedProcess("redis", args, log_dir=self.directory).start()
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(redis.RedisError):
-                if redis.Redis.from_url(self.url, socket_timeout=1).ping():
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start:\n{self.proc.log_tail()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-
-    def totals(self, key: str) -> tuple[float, float]:
-        """(used, settled) of model m summed over the windows of policy key `key`."""
-        client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=2)
-        used = settled = 0.0
-        for name in client.scan_iter(match=f"tollway:{{{key}}}:*:budget:m"):
-            u, s = client.hmget(name, ["used", "settled"])
-            used += float(u or 0)
-            settled += float(s or 0)
-        return used, settled
+def ledger_totals(server: RedisServer, key: str) -> tuple[float, float]:
+    """(used, settled) of model m summed over the windows of policy key `key`."""
+    client = server.client()
+    used = settled = 0.0
+    for name in client.scan_iter(match=f"tollway:{{{key}}}:*:budget:m"):
+        u, s = client.hmget(name, ["used", "settled"])
+        used += float(u or 0)
+        settled += float(s or 0)
+    return used, settled
 
 
 @dataclass
@@ -195,7 +171,7 @@ def router_config(sim_url: str, budget: int, state_file: Path, key: str | None) 
 
 
 def start_routers(
-    sim_url: str, budget: int, log_dir: Path, scenario: str, redis_server: Redis | None
+    sim_url: str, budget: int, log_dir: Path, scenario: str, redis_server: RedisServer | None
 ) -> tuple[list[Router], str | None]:
     import yaml
 
@@ -206,7 +182,7 @@ def start_routers(
         config.write_text(
             yaml.safe_dump(router_config(sim_url, budget, log_dir / f"{scenario}-{name}-ledger.json", key))
         )
-        routers.append(Router(name, config, log_dir, redis_server.url if redis_server else None))
+        routers.append(Router(name, config, log_dir, redis_server.url() if redis_server else None))
     for router in routers:
         router.start()
     return routers, key
@@ -367,7 +343,7 @@ def wait_flushed(routers: list[Router], timeout: float = 20.0) -> None:
 # latency
 
 
-def probe_latency(sim_url: str, redis_server: Redis, log_dir: Path, n: int) -> dict[str, list[float]]:
+def probe_latency(sim_url: str, redis_server: RedisServer, log_dir: Path, n: int) -> dict[str, list[float]]:
     """Sequential one-token requests, alternating between a router on the in-process store and one
     on Redis (same config otherwise, same moment, so machine load hits both alike)."""
     import yaml
@@ -383,7 +359,7 @@ def probe_latency(sim_url: str, redis_server: Redis, log_dir: Path, n: int) -> d
             }
         config.write_text(yaml.safe_dump(data))
         routers[kind] = Router(
-            f"probe-{kind}", config, log_dir, redis_server.url if kind == "redis" else None
+            f"probe-{kind}", config, log_dir, redis_server.url() if kind == "redis" else None
         )
     body = {"model": "probe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     out: dict[str, list[float]] = {"local": [], "redis": []}
@@ -449,7 +425,7 @@ def run_one(
     texts: list[str],
     budget: int,
     sim_url: str,
-    redis_server: Redis,
+    redis_server: RedisServer,
     log_dir: Path,
 ) -> Run:
     """Start three routers for `scenario`, send the load with the scenario's events, read the totals."""
@@ -462,7 +438,7 @@ def run_one(
         if key is None:
             return used_by(routers)
         try:
-            return redis_server.totals(key)[1]
+            return ledger_totals(redis_server, key)[1]
         except redis.RedisError:
             return math.nan  # Redis is down (the outage scenario)
 
@@ -487,7 +463,7 @@ def run_one(
         )
         if shared:
             wait_flushed(routers)
-            used, settled = redis_server.totals(key or "")
+            used, settled = ledger_totals(redis_server, key or "")
         else:
             used = settled = used_by(routers)
         views = {r.name: r.status() for r in routers}
@@ -524,16 +500,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tollway-shared-") as tmp:
         log_dir = Path(tmp)
         sim, sim_url = start_simulator("m", log_dir, flags=SIM_FLAGS)
-        redis_server = Redis(log_dir / "redis")
-        redis_server.directory.mkdir()
-        redis_server.start()
+        redis_server = RedisServer(log_dir / "redis", appendonly=True).start()
         try:
             results = {
                 scenario: run_one(scenario, args, texts, budget, sim_url, redis_server, log_dir)
                 for scenario in ("static", "shared", "restart", "redis-outage")
             }
             latency = probe_latency(sim_url, redis_server, log_dir, args.probes)
-            ledger = ledger_cost(redis_server.url, 2000)
+            ledger = ledger_cost(redis_server.url(), 2000)
         finally:
             redis_server.stop()
             sim.stop()

@@ -53,12 +53,12 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
     """``NAME=VALUE`` strings -> dict, rejecting malformed and repeated names."""
     out: dict[str, str] = {}
     for value in values or []:
-        name, sep, rest = value.partition("=")
-        if not sep or not name.strip() or not rest.strip():
+        name, sep, rest = (part.strip() for part in value.partition("="))
+        if not sep or not name or not rest:
             raise UsageError(f"{flag} {value!r}: expected NAME=VALUE")
         if name in out:
             raise UsageError(f"{flag}: {name!r} given twice")
-        out[name.strip()] = rest.strip()
+        out[name] = rest
     return out
 
 

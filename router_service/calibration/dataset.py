@@ -201,6 +201,4 @@ def load_dataset(names: str | Sequence[str]) -> Dataset:
         )
     if not items:
         raise DatasetError(f"the calibration set {', '.join(names)} has no lines")
-    return Dataset(
-        items, [n if n.startswith(("http://", "https://")) else str(resolve(n)) for n in names], seen
-    )
+    return Dataset(items, sources, seen)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 GraderName = Literal["exact", "choice", "number", "regex", "judge"]
-GRADERS: tuple[GraderName, ...] = ("exact", "choice", "number", "regex", "judge")
 DEFAULT_TOLERANCE = 1e-6
 JUDGE_PROMPT_PATH = Path(__file__).resolve().parent.parent / "data" / "judge_prompt.md"
 

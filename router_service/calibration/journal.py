@@ -91,9 +91,13 @@ class Journal:
         journal.dropped_torn_line = torn
         return journal
 
-    def done(self, key: str, model: str, revision: str = "") -> bool:
+    def graded(self, key: str, model: str, revision: str = "") -> AnswerRecord | None:
+        """The answer of `model` to line `key` when it was graded under `revision`, else None."""
         record = self.records.get((key, model))
-        return record is not None and record.revision == revision
+        return record if record is not None and record.revision == revision else None
+
+    def done(self, key: str, model: str, revision: str = "") -> bool:
+        return self.graded(key, model, revision) is not None
 
     def get(self, key: str, model: str) -> AnswerRecord | None:
         return self.records.get((key, model))

@@ -62,8 +62,8 @@ def calibration_payload(
     """What the router takes for one model: every line graded under `revision` (None: none is)."""
     rows = []
     for item in dataset.items:
-        record = journal.get(item.key, model)
-        if record is None or record.revision != revision:
+        record = journal.graded(item.key, model, revision)
+        if record is None:
             continue
         rows.append(
             {

@@ -50,23 +50,18 @@ class Assembly:
     """Lines missing a graded answer from at least one model of the history."""
 
 
-def graded(journal: Journal, key: str, model: str, revision: str) -> AnswerRecord | None:
-    record = journal.get(key, model)
-    return record if record is not None and record.revision == revision else None
-
-
 def assemble_history(
     dataset: Dataset, models: list[tuple[str, str]], journal: Journal, prices: dict[str, Price]
 ) -> Assembly:
     """The history of the lines graded for every model; `models` are (name, revision) pairs."""
     columns = [
-        (name, rev) for name, rev in models if any(graded(journal, i.key, name, rev) for i in dataset.items)
+        (name, rev) for name, rev in models if any(journal.graded(i.key, name, rev) for i in dataset.items)
     ]
     left_out = [name for name, rev in models if (name, rev) not in columns]
     rows: list[list[AnswerRecord]] = []
     items = []
     for item in dataset.items:
-        answers = [graded(journal, item.key, name, rev) for name, rev in columns]
+        answers = [journal.graded(item.key, name, rev) for name, rev in columns]
         if columns and all(a is not None for a in answers):
             rows.append(answers)  # type: ignore[arg-type]
             items.append(item)
@@ -124,7 +119,7 @@ def summarise(
         tasks: dict[str, Any] = {}
         for task in dataset.tasks:
             items = [i for i in dataset.items if i.task == task]
-            recs = [r for i in items if (r := graded(journal, i.key, name, rev)) is not None]
+            recs = [r for i in items if (r := journal.graded(i.key, name, rev)) is not None]
             tasks[task] = {
                 "lines": len(items),
                 "graded": len(recs),

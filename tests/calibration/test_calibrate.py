@@ -268,6 +268,10 @@ def test_bad_input_writes_nothing(tmp_path: Path, capsys) -> None:
     ]:
         assert calibrate(["--dataset", "builtin", "--backend", backend, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
+    for second in ("m=http://127.0.0.1:10", " m =http://127.0.0.1:10"):  # the same name, spaced or not
+        twice = ["--backend", "m=http://127.0.0.1:9", "--backend", second]
+        assert calibrate(["--dataset", "builtin", *twice, "--out", str(out)]) == 2
+        assert "--backend: 'm' given twice" in capsys.readouterr().err
     foreign = tmp_path / "foreign.jsonl"
     write_jsonl(load_builtin_history().select(range(3)), foreign)
     assert (
