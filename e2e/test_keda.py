@@ -14,34 +14,26 @@ import time
 from typing import Any
 
 import pytest
-from e2e_lib import GPU_TOLERATION, Cluster, OperatorProcess
+from e2e_lib import GPU_TOLERATION, Cluster, OperatorProcess, model_pool
 
 pytestmark = pytest.mark.timeout(300)
 RESYNCS = 3
 
 
 def keda_pool(namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "tollway.io/v1alpha1",
-        "kind": "ModelPool",
-        "metadata": {"name": "keda", "namespace": namespace},
-        "spec": {
-            "models": [
-                {
-                    "name": "large",
-                    "model": "Qwen/Qwen2.5-72B-Instruct",
-                    "gpus": 4,
-                    "replicas": {"min": 0, "max": 2},
-                    "tolerations": [GPU_TOLERATION],
-                }
-            ],
-            "autoscaling": {
-                "mode": "keda",
-                "prometheusUrl": "http://prometheus.monitoring.svc:9090",
-                "scaleToZero": True,
-            },
-        },
+    large = {
+        "name": "large",
+        "model": "Qwen/Qwen2.5-72B-Instruct",
+        "gpus": 4,
+        "replicas": {"min": 0, "max": 2},
+        "tolerations": [GPU_TOLERATION],
     }
+    autoscaling = {
+        "mode": "keda",
+        "prometheusUrl": "http://prometheus.monitoring.svc:9090",
+        "scaleToZero": True,
+    }
+    return model_pool("keda", namespace, large, autoscaling=autoscaling)
 
 
 def test_keda_mode_keeps_a_scaled_to_zero_model_at_zero(

@@ -18,6 +18,7 @@ from e2e_lib import (
     current,
     in_cluster_operator,
     install_chart,
+    model_pool,
     new_namespace,
     real_cluster_only,
     run_operator,
@@ -30,12 +31,9 @@ PEERING_CRDS = ("kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
 
 def external_pool(namespace: str) -> dict[str, Any]:
     """A pool that deploys nothing (one external model): only its status shows who reconciled it."""
-    return {
-        "apiVersion": "tollway.io/v1alpha1",
-        "kind": "ModelPool",
-        "metadata": {"name": "peered", "namespace": namespace},
-        "spec": {"models": [{"name": "remote", "endpoint": {"url": "http://remote.example:8000/v1"}}]},
-    }
+    return model_pool(
+        "peered", namespace, {"name": "remote", "endpoint": {"url": "http://remote.example:8000/v1"}}
+    )
 
 
 def pool_reconciles(operator: OperatorProcess) -> float:
