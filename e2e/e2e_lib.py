@@ -248,6 +248,40 @@ def current(obj: dict[str, Any] | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Local processes: the operator, out-of-cluster; rendered containers (local_pods.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+def wait_until_ready(
+    proc: subprocess.Popen[bytes], what: str, url: str, timeout: float, log_tail: Callable[[], str]
+) -> None:
+    """Poll `url` until it answers 200; fail, with the log's tail, if `proc` exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited ({proc.returncode}):\n{log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not ready after {timeout:.0f} s ({url}):\n{log_tail()}")
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 20) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The operator, out-of-cluster
 # ---------------------------------------------------------------------------------------------------
 
@@ -315,27 +349,10 @@ def run_operator(
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     handle = OperatorProcess(f"http://127.0.0.1:{metrics}/metrics", resync_seconds, log_path, proc)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the operator exited ({proc.returncode}):\n{handle.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the operator's liveness probe never answered:\n{handle.log_tail()}")
-            time.sleep(0.2)
+        wait_until_ready(proc, "the operator", f"http://127.0.0.1:{liveness}/healthz", 60, handle.log_tail)
         yield handle
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 @dataclass(frozen=True)
