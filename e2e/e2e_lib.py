@@ -402,3 +402,18 @@ def install_chart(cluster: Cluster, release: str, namespace: str, *extra: str) -
         "install", release, str(CHART), "--namespace", namespace, *values, "--wait", "--timeout", "120s"
     )  # fmt: skip
     return account
+
+
+@contextlib.contextmanager
+def own_release(cluster: Cluster, prefix: str, workdir: Path, *extra: str) -> Iterator[tuple[str, Path]]:
+    """A namespace of its own (named `prefix-...`) with the chart installed into it, as a release of
+    the same name (`install_chart(..., *extra)`): the namespace, and a kubeconfig in `workdir` that
+    acts as the chart's ServiceAccount. Afterwards the release is uninstalled and the namespace
+    deleted (the release's ClusterRoles are cluster-wide: nothing of it may stay)."""
+    namespace = new_namespace(cluster, prefix)
+    try:
+        account = install_chart(cluster, namespace, namespace, *extra)
+        yield namespace, cluster.service_account_kubeconfig(namespace, account, workdir / "kubeconfig")
+    finally:
+        cluster.helm("uninstall", namespace, "--namespace", namespace, check=False)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
