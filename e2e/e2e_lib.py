@@ -135,6 +135,11 @@ class Cluster:
         ns = ["-n", namespace] if namespace else []
         return self.kubectl("apply", "--validate=false", *ns, "-f", "-", stdin=stdin).stdout
 
+    def merge_patch(self, kind: str, name: str, patch: dict[str, Any], namespace: str | None = None) -> None:
+        """`kubectl patch --type merge`, as a user edits an object."""
+        ns = namespace or self.namespace
+        self.kubectl("patch", kind, name, "-n", ns, "--type", "merge", "-p", json.dumps(patch))
+
     def get(self, kind: str, name: str | None = None, namespace: str | None = None) -> dict[str, Any] | None:
         ns = ["-n", namespace or self.namespace] if (namespace or self.namespace) else []
         args = ["get", kind] + ([name] if name else []) + ns + ["-o", "json"]
