@@ -36,6 +36,7 @@ from e2e_lib import (
     kubectl_path,
     new_namespace,
     run_operator,
+    stop_process,
 )
 
 KEDA_CRD = E2E_DIR / "manifests" / "keda-scaledobject-crd.yaml"
@@ -100,12 +101,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         env = dict(os.environ, KUBECONFIG=str(kubeconfig))
         yield Cluster(kubeconfig, emulated=True, kubectl_bin=kubectl_bin, timeout=timeout or 20, env=env)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, grace=10)
 
 
 @pytest.fixture(scope="session")

@@ -135,6 +135,11 @@ class Cluster:
         ns = ["-n", namespace] if namespace else []
         return self.kubectl("apply", "--validate=false", *ns, "-f", "-", stdin=stdin).stdout
 
+    def merge_patch(self, kind: str, name: str, patch: dict[str, Any], namespace: str | None = None) -> None:
+        """`kubectl patch --type merge`, as a user edits an object."""
+        ns = namespace or self.namespace
+        self.kubectl("patch", kind, name, "-n", ns, "--type", "merge", "-p", json.dumps(patch))
+
     def get(self, kind: str, name: str | None = None, namespace: str | None = None) -> dict[str, Any] | None:
         ns = ["-n", namespace or self.namespace] if (namespace or self.namespace) else []
         args = ["get", kind] + ([name] if name else []) + ns + ["-o", "json"]
@@ -248,6 +253,40 @@ def current(obj: dict[str, Any] | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Local processes: the operator, out-of-cluster; rendered containers (local_pods.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+def wait_until_ready(
+    proc: subprocess.Popen[bytes], what: str, url: str, timeout: float, log_tail: Callable[[], str]
+) -> None:
+    """Poll `url` until it answers 200; fail, with the log's tail, if `proc` exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited ({proc.returncode}):\n{log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not ready after {timeout:.0f} s ({url}):\n{log_tail()}")
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 20) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The operator, out-of-cluster
 # ---------------------------------------------------------------------------------------------------
 
@@ -315,27 +354,10 @@ def run_operator(
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     handle = OperatorProcess(f"http://127.0.0.1:{metrics}/metrics", resync_seconds, log_path, proc)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the operator exited ({proc.returncode}):\n{handle.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the operator's liveness probe never answered:\n{handle.log_tail()}")
-            time.sleep(0.2)
+        wait_until_ready(proc, "the operator", f"http://127.0.0.1:{liveness}/healthz", 60, handle.log_tail)
         yield handle
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 @dataclass(frozen=True)
@@ -385,3 +407,18 @@ def install_chart(cluster: Cluster, release: str, namespace: str, *extra: str) -
         "install", release, str(CHART), "--namespace", namespace, *values, "--wait", "--timeout", "120s"
     )  # fmt: skip
     return account
+
+
+@contextlib.contextmanager
+def own_release(cluster: Cluster, prefix: str, workdir: Path, *extra: str) -> Iterator[tuple[str, Path]]:
+    """A namespace of its own (named `prefix-...`) with the chart installed into it, as a release of
+    the same name (`install_chart(..., *extra)`): the namespace, and a kubeconfig in `workdir` that
+    acts as the chart's ServiceAccount. Afterwards the release is uninstalled and the namespace
+    deleted (the release's ClusterRoles are cluster-wide: nothing of it may stay)."""
+    namespace = new_namespace(cluster, prefix)
+    try:
+        account = install_chart(cluster, namespace, namespace, *extra)
+        yield namespace, cluster.service_account_kubeconfig(namespace, account, workdir / "kubeconfig")
+    finally:
+        cluster.helm("uninstall", namespace, "--namespace", namespace, check=False)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

@@ -24,14 +24,12 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from e2e_lib import Cluster, free_port
+from e2e_lib import Cluster, free_port, stop_process, wait_until_ready
 
 TOLLWAY = Path(sys.executable).parent / "tollway"
 
@@ -172,12 +170,7 @@ class LocalProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+            stop_process(self.proc)
 
 
 def start(container: LocalContainer, ready_path: str, timeout: float = 90) -> LocalProcess:
@@ -187,19 +180,9 @@ def start(container: LocalContainer, ready_path: str, timeout: float = 90) -> Lo
     with log.open("w") as out:
         proc = subprocess.Popen(container.argv, env=container.env, stdout=out, stderr=subprocess.STDOUT)
     handle = LocalProcess(container, proc, log)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"{container.argv[:3]} exited ({proc.returncode}):\n{handle.log_tail()}")
-        try:
-            with urllib.request.urlopen(handle.url + ready_path, timeout=2) as r:
-                if r.status == 200:
-                    return handle
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            handle.stop()
-            raise AssertionError(
-                f"{container.argv[:3]} not ready after {timeout:.0f} s:\n{handle.log_tail()}"
-            )
-        time.sleep(0.25)
+    try:
+        wait_until_ready(proc, str(container.argv[:3]), handle.url + ready_path, timeout, handle.log_tail)
+    except AssertionError:
+        handle.stop()
+        raise
+    return handle

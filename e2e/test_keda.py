@@ -9,39 +9,30 @@ switching the pool to the operator's own autoscaler removes it. The ScaledObject
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import pytest
-from e2e_lib import GPU_TOLERATION, Cluster, OperatorProcess
+from e2e_lib import GPU_TOLERATION, Cluster, OperatorProcess, model_pool
 
 pytestmark = pytest.mark.timeout(300)
 RESYNCS = 3
 
 
 def keda_pool(namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "tollway.io/v1alpha1",
-        "kind": "ModelPool",
-        "metadata": {"name": "keda", "namespace": namespace},
-        "spec": {
-            "models": [
-                {
-                    "name": "large",
-                    "model": "Qwen/Qwen2.5-72B-Instruct",
-                    "gpus": 4,
-                    "replicas": {"min": 0, "max": 2},
-                    "tolerations": [GPU_TOLERATION],
-                }
-            ],
-            "autoscaling": {
-                "mode": "keda",
-                "prometheusUrl": "http://prometheus.monitoring.svc:9090",
-                "scaleToZero": True,
-            },
-        },
+    large = {
+        "name": "large",
+        "model": "Qwen/Qwen2.5-72B-Instruct",
+        "gpus": 4,
+        "replicas": {"min": 0, "max": 2},
+        "tolerations": [GPU_TOLERATION],
     }
+    autoscaling = {
+        "mode": "keda",
+        "prometheusUrl": "http://prometheus.monitoring.svc:9090",
+        "scaleToZero": True,
+    }
+    return model_pool("keda", namespace, large, autoscaling=autoscaling)
 
 
 def test_keda_mode_keeps_a_scaled_to_zero_model_at_zero(
@@ -69,14 +60,12 @@ def test_keda_mode_keeps_a_scaled_to_zero_model_at_zero(
         # A new bound reaches the ScaledObject; leaving KEDA mode removes it (the model stays at zero).
         models = keda_pool(namespace)["spec"]["models"]
         models[0]["replicas"]["max"] = 3
-        cl.kubectl("patch", "modelpool", "keda", "-n", namespace, "--type", "merge", "-p",
-                   json.dumps({"spec": {"models": models}}))  # fmt: skip
+        cl.merge_patch("modelpool", "keda", {"spec": {"models": models}})
         cl.wait_for(
             lambda: (cl.get("scaledobject", "keda-large") or {}).get("spec", {}).get("maxReplicaCount") == 3,
             "the ScaledObject's maxReplicaCount 3",
         )
-        cl.kubectl("patch", "modelpool", "keda", "-n", namespace, "--type", "merge", "-p",
-                   json.dumps({"spec": {"autoscaling": {"mode": "operator"}}}))  # fmt: skip
+        cl.merge_patch("modelpool", "keda", {"spec": {"autoscaling": {"mode": "operator"}}})
         cl.wait_for(lambda: "keda-large" not in cl.names("scaledobjects"), "the ScaledObject removed")
         assert cl.get("deployment", "keda-large")["spec"]["replicas"] == 0
     finally:

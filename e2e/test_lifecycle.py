@@ -12,7 +12,6 @@ is not Ready.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Any
 
@@ -144,10 +143,7 @@ def test_lifecycle(cluster: Cluster, namespace: str, operator: OperatorProcess |
         cl.wait_for(lambda: bound(cl, "model-cache-chat-medium-0"), "medium's replica claim Bound")
         # Wake `large` (min 1): every model of the example then runs, `large` on a GPU node of its own.
         models[2]["replicas"]["min"] = 1
-        cl.kubectl(
-            "patch", "modelpool", "chat", "-n", namespace, "--type", "merge",
-            "-p", yaml.safe_dump({"spec": {"models": models}}),
-        )  # fmt: skip
+        cl.merge_patch("modelpool", "chat", {"spec": {"models": models}})
         cl.wait_for(lambda: running_model_pods(cl, "chat-large", 4), "chat-large's pod Running")
         cl.wait_for(lambda: bound(cl, "model-cache-chat-large-0"), "large's replica claim Bound")
 
@@ -184,17 +180,7 @@ def test_lifecycle(cluster: Cluster, namespace: str, operator: OperatorProcess |
 
     # 4. A spec change rolls through to the Deployment (and the generation is observed).
     models[0]["maxModelLen"] = 4096
-    cl.kubectl(
-        "patch",
-        "modelpool",
-        "chat",
-        "-n",
-        namespace,
-        "--type",
-        "merge",
-        "-p",
-        yaml.safe_dump({"spec": {"models": models}}),
-    )
+    cl.merge_patch("modelpool", "chat", {"spec": {"models": models}})
     cl.wait_for(lambda: "4096" in args_of(cl, "chat-small"), "the new --max-model-len")
     cl.wait_for(
         lambda: (
@@ -215,10 +201,7 @@ def test_lifecycle(cluster: Cluster, namespace: str, operator: OperatorProcess |
         assert cl.wait_for(lambda: cache_condition("AsRequested"), "CacheSizeApplied")["status"] == "True"
         for size, reason in (("200Gi", "ExpansionRefused"), ("100Gi", "CannotShrink")):
             models[2]["cache"]["size"] = size
-            cl.kubectl(
-                "patch", "modelpool", "chat", "-n", namespace, "--type", "merge",
-                "-p", yaml.safe_dump({"spec": {"models": models}}),
-            )  # fmt: skip
+            cl.merge_patch("modelpool", "chat", {"spec": {"models": models}})
             cached = cl.wait_for(lambda r=reason: cache_condition(r), f"CacheSizeApplied {reason}")
             assert cached["status"] == "False" and "model-cache-chat-large-0" in cached["message"], cached
             if reason == "ExpansionRefused":  # the API server's own answer, not RBAC's
@@ -226,10 +209,7 @@ def test_lifecycle(cluster: Cluster, namespace: str, operator: OperatorProcess |
             # The StatefulSet keeps its claim template (the API refuses changes to it): no failed reconcile.
             assert condition(cl.get("modelpool", "chat"), "Degraded").get("reason") != "ReconcileFailed"
         del models[2]["cache"]["size"]
-        cl.kubectl(
-            "patch", "modelpool", "chat", "-n", namespace, "--type", "merge",
-            "-p", yaml.safe_dump({"spec": {"models": models}}),
-        )  # fmt: skip
+        cl.merge_patch("modelpool", "chat", {"spec": {"models": models}})
         cl.wait_for(lambda: cache_condition("AsRequested"), "CacheSizeApplied back to AsRequested")
 
     # 5. A child deleted by hand is restored.
@@ -247,7 +227,7 @@ def test_lifecycle(cluster: Cluster, namespace: str, operator: OperatorProcess |
         ("poddisruptionbudget", "chat-auto-router"): {"spec": {"maxUnavailable": 2}},
     }
     for (kind, name), patch in edits.items():
-        cl.kubectl("patch", kind, name, "-n", namespace, "--type", "merge", "-p", json.dumps(patch))
+        cl.merge_patch(kind, name, patch)
     cl.wait_for(lambda: cl.get("service", "chat-auto")["spec"]["ports"][0]["port"] == 80, "the port put back")
     cl.wait_for(
         lambda: cl.get("configmap", "chat-auto-router")["data"]["router.yaml"] == config_text,
@@ -260,17 +240,7 @@ def test_lifecycle(cluster: Cluster, namespace: str, operator: OperatorProcess |
 
     # 6. Removing a model removes its children (its cache claims too: retention Delete) and its backend.
     models = [m for m in models if m["name"] != "medium"]
-    cl.kubectl(
-        "patch",
-        "modelpool",
-        "chat",
-        "-n",
-        namespace,
-        "--type",
-        "merge",
-        "-p",
-        yaml.safe_dump({"spec": {"models": models}}),
-    )
+    cl.merge_patch("modelpool", "chat", {"spec": {"models": models}})
     cl.wait_for(
         lambda: (
             "chat-medium" not in workloads(cl)
@@ -284,8 +254,7 @@ def test_lifecycle(cluster: Cluster, namespace: str, operator: OperatorProcess |
     assert condition(pool, "Degraded").get("reason") != "ReconcileFailed", condition(pool, "Degraded")
 
     # 7. One router replica needs no PodDisruptionBudget: it goes.
-    cl.kubectl("patch", "routingpolicy", "chat-auto", "-n", namespace, "--type", "merge",
-               "-p", json.dumps({"spec": {"router": {"replicas": 1}}}))  # fmt: skip
+    cl.merge_patch("routingpolicy", "chat-auto", {"spec": {"router": {"replicas": 1}}})
     cl.wait_for(lambda: "chat-auto-router" not in cl.names("poddisruptionbudgets"), "the PDB removed")
     cl.wait_for(lambda: cl.get("deployment", "chat-auto-router")["spec"]["replicas"] == 1, "one router")
 

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import pytest
-from e2e_lib import GPU_TOLERATION, Cluster, OperatorProcess, condition, current
+from e2e_lib import Cluster, OperatorProcess, condition, current, model_pool, small_model
 
 pytestmark = pytest.mark.timeout(400)
 RESYNCS = 3
@@ -29,26 +29,13 @@ CHILD_KINDS = (
 
 
 def quiet_pool(namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "tollway.io/v1alpha1",
-        "kind": "ModelPool",
-        "metadata": {"name": "quiet", "namespace": namespace},
-        "spec": {
-            "networkPolicy": {"prometheus": {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}},
-            "models": [
-                {
-                    "name": "small",
-                    "model": "mistralai/Mistral-7B-Instruct-v0.3",
-                    "profile": "mistralai/mistral-7b-chat",
-                    "gpus": 1,
-                    "resources": {"requests": {"cpu": 1, "memory": "1024Mi"}, "limits": {"memory": "16Gi"}},
-                    # Per-replica claims: a StatefulSet, whose claim template the API server fills in.
-                    "cache": {"kind": "pvc", "size": "50Gi", "retention": "Delete"},
-                    "tolerations": [GPU_TOLERATION],
-                }
-            ],
-        },
-    }
+    model = small_model(
+        resources={"requests": {"cpu": 1, "memory": "1024Mi"}, "limits": {"memory": "16Gi"}},
+        # Per-replica claims: a StatefulSet, whose claim template the API server fills in.
+        cache={"kind": "pvc", "size": "50Gi", "retention": "Delete"},
+    )
+    prometheus = {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}
+    return model_pool("quiet", namespace, model, networkPolicy={"prometheus": prometheus})
 
 
 def quiet_policy(namespace: str) -> dict[str, Any]:

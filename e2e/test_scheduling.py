@@ -11,29 +11,29 @@ import time
 from typing import Any
 
 import pytest
-from e2e_lib import GPU, GPU_TOLERATION, Cluster, OperatorProcess, condition, real_cluster_only
+from e2e_lib import (
+    GPU,
+    GPU_TOLERATION,
+    Cluster,
+    OperatorProcess,
+    condition,
+    model_pool,
+    real_cluster_only,
+)
 
 pytestmark = pytest.mark.timeout(300)
 MAX_GPUS_PER_MODEL = 16  # the API's bound on spec.models[].gpus
 
 
 def too_big_pool(namespace: str, gpus: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "tollway.io/v1alpha1",
-        "kind": "ModelPool",
-        "metadata": {"name": "huge", "namespace": namespace},
-        "spec": {
-            "models": [
-                {
-                    "name": "giant",
-                    "model": "meta-llama/Llama-3.1-405B-Instruct",
-                    "gpus": gpus,
-                    "replicas": {"min": 1, "max": 1},
-                    "tolerations": [GPU_TOLERATION],
-                }
-            ]
-        },
+    giant = {
+        "name": "giant",
+        "model": "meta-llama/Llama-3.1-405B-Instruct",
+        "gpus": gpus,
+        "replicas": {"min": 1, "max": 1},
+        "tolerations": [GPU_TOLERATION],
     }
+    return model_pool("huge", namespace, giant)
 
 
 def unschedulable_since(cl: Cluster) -> float | None:

@@ -10,7 +10,6 @@ NetworkPolicy.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -39,9 +38,7 @@ def test_shared_claim_and_network_policy_leave_with_the_spec(
         model = pool["spec"]["models"][0]
         model["cache"]["accessMode"] = "ReadWriteOnce"
         patch = {"spec": {"models": [model], "networkPolicy": {"enabled": False}}}
-        cl.kubectl(
-            "patch", "modelpool", "shared", "-n", namespace, "--type", "merge", "-p", json.dumps(patch)
-        )
+        cl.merge_patch("modelpool", "shared", patch)
 
         cl.wait_for(lambda: cl.get("statefulset", "shared-small"), "the model's StatefulSet")
         cl.wait_for(lambda: "shared-small" not in cl.names("deployments"), "the Deployment removed")

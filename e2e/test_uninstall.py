@@ -12,14 +12,7 @@ import copy
 import time
 
 import pytest
-from e2e_lib import (
-    Cluster,
-    in_cluster_operator,
-    install_chart,
-    new_namespace,
-    real_cluster_only,
-    run_operator,
-)
+from e2e_lib import Cluster, in_cluster_operator, own_release, real_cluster_only, run_operator
 from test_lifecycle import examples, hf_token_secret
 
 pytestmark = pytest.mark.timeout(400)
@@ -33,11 +26,9 @@ def test_uninstall_then_namespace_deletion_completes(
     real_cluster_only(cl, "helm, RBAC and a namespace controller")
     if in_cluster_operator():
         pytest.skip("runs its own operator next to its own release (TOLLWAY_E2E_OPERATOR=in-cluster)")
-    namespace = new_namespace(cl, "tollway-e2e-uninstall")
-    try:
-        account = install_chart(cl, namespace, namespace)
-        workdir = tmp_path_factory.mktemp("uninstall")
-        kubeconfig = cl.service_account_kubeconfig(namespace, account, workdir / "kubeconfig")
+    workdir = tmp_path_factory.mktemp("uninstall")
+    # After a failure, own_release leaves nothing of this test's behind.
+    with own_release(cl, "tollway-e2e-uninstall", workdir) as (namespace, kubeconfig):
         pool, policy = copy.deepcopy(examples(namespace))
         pool["spec"]["autoscaling"]["intervalSeconds"] = 1
         with run_operator(kubeconfig, namespace, workdir / "operator.log") as operator:
@@ -77,6 +68,3 @@ def test_uninstall_then_namespace_deletion_completes(
                 f"{e}; the namespace's conditions: {ns.get('status', {}).get('conditions')}"
             ) from None
         assert gone - started <= NAMESPACE_DELETION_LIMIT_S
-    finally:  # after a failure: nothing of this test's stays (its ClusterRole is cluster-wide)
-        cl.helm("uninstall", namespace, "--namespace", namespace, check=False)
-        cl.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

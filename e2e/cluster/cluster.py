@@ -212,25 +212,27 @@ def make_pki(pki: Path) -> None:
     pki.mkdir(parents=True, exist_ok=True)
     os.chmod(pki, 0o700)
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    openssl(
-        "req",
-        "-x509",
-        "-new",
-        *ec,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "3650",
-        "-subj",
-        "/CN=tollway-e2e-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-        cwd=pki,
-    )
+
+    def self_signed_ca(name: str, subj: str) -> None:
+        openssl(
+            "req",
+            "-x509",
+            "-new",
+            *ec,
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "3650",
+            "-subj",
+            subj,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            cwd=pki,
+        )
 
     def leaf(name: str, subj: str, usage: str, san: str | None = None, ca: str = "ca") -> None:
         ext = [
@@ -262,27 +264,10 @@ def make_pki(pki: Path) -> None:
             cwd=pki,
         )
 
+    self_signed_ca("ca", "/CN=tollway-e2e-ca")
     # The aggregation layer's own CA and client (as kubeadm makes them): without them every component logs
     # "missing content for CA bundle ... requestheader-client-ca-file", and aggregated APIs cannot work.
-    openssl(
-        "req",
-        "-x509",
-        "-new",
-        *ec,
-        "-keyout",
-        "front-proxy-ca.key",
-        "-out",
-        "front-proxy-ca.crt",
-        "-days",
-        "3650",
-        "-subj",
-        "/CN=tollway-e2e-front-proxy-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-        cwd=pki,
-    )
+    self_signed_ca("front-proxy-ca", "/CN=tollway-e2e-front-proxy-ca")
     leaf("front-proxy-client", "/CN=front-proxy-client", "clientAuth", ca="front-proxy-ca")
     leaf(
         "apiserver",
@@ -306,28 +291,36 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def kubeconfig(server: str, pki: Path, user: str, context: str = "tollway-e2e") -> str:
-    """A self-contained kubeconfig (certificates inline), in JSON, which is valid YAML."""
+def kubeconfig(
+    server: str,
+    pki: Path,
+    user: str,
+    token: str | None = None,
+    context: str = "tollway-e2e",
+    namespace: str = "default",
+) -> str:
+    """A self-contained kubeconfig, in JSON, which is valid YAML: `user` authenticates with `token`, or
+    else with its client certificate in `pki` (inline)."""
+    credentials = (
+        {"token": token}
+        if token
+        else {
+            "client-certificate-data": b64(pki / f"{user}.crt"),
+            "client-key-data": b64(pki / f"{user}.key"),
+        }
+    )
     doc = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [
             {
-                "name": context,
+                "name": "tollway-e2e",
                 "cluster": {"server": server, "certificate-authority-data": b64(pki / "ca.crt")},
             }
         ],
-        "users": [
-            {
-                "name": user,
-                "user": {
-                    "client-certificate-data": b64(pki / f"{user}.crt"),
-                    "client-key-data": b64(pki / f"{user}.key"),
-                },
-            }
-        ],
+        "users": [{"name": user, "user": credentials}],
         "contexts": [
-            {"name": context, "context": {"cluster": context, "user": user, "namespace": "default"}}
+            {"name": context, "context": {"cluster": "tollway-e2e", "user": user, "namespace": namespace}}
         ],
         "current-context": context,
         "preferences": {},
@@ -695,18 +688,20 @@ def bring_up(args: argparse.Namespace, state: Path, launcher: Launcher, deadline
             "kube-apiserver",
         )
 
-    names: list[str] = []
-    for i in range(args.gpu_nodes):
-        names.append(f"tollway-gpu-{i}")
-        body = node_manifest(names[-1], args.gpus_per_node, cpu="32", memory="256Gi")
-        status, resp = api.call("POST", "/api/v1/nodes", body)
+    nodes = [
+        *(
+            node_manifest(f"tollway-gpu-{i}", args.gpus_per_node, cpu="32", memory="256Gi")
+            for i in range(args.gpu_nodes)
+        ),
+        *(node_manifest(f"tollway-cpu-{i}", 0, cpu="16", memory="64Gi") for i in range(args.cpu_nodes)),
+    ]
+    names = [node["metadata"]["name"] for node in nodes]
+    for node in nodes:
+        status, resp = api.call("POST", "/api/v1/nodes", node)
         if status != 201:
-            raise Failure(f"creating node {names[-1]}: HTTP {status}: {resp}", "kube-apiserver")
-    for i in range(args.cpu_nodes):
-        names.append(f"tollway-cpu-{i}")
-        status, resp = api.call("POST", "/api/v1/nodes", node_manifest(names[-1], 0, cpu="16", memory="64Gi"))
-        if status != 201:
-            raise Failure(f"creating node {names[-1]}: HTTP {status}: {resp}", "kube-apiserver")
+            raise Failure(
+                f"creating node {node['metadata']['name']}: HTTP {status}: {resp}", "kube-apiserver"
+            )
     log(f"nodes created: {', '.join(names)}")
 
     wait(
@@ -815,22 +810,10 @@ def cmd_sa_kubeconfig(args: argparse.Namespace) -> int:
         )
         return 1
     name = f"{args.namespace}-{args.service_account}"
-    doc = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "tollway-e2e",
-                "cluster": {"server": server, "certificate-authority-data": b64(pki / "ca.crt")},
-            }
-        ],
-        "users": [{"name": name, "user": {"token": resp["status"]["token"]}}],
-        "contexts": [
-            {"name": name, "context": {"cluster": "tollway-e2e", "user": name, "namespace": args.namespace}}
-        ],
-        "current-context": name,
-    }
-    write_private(Path(args.out).expanduser().resolve(), json.dumps(doc, indent=2) + "\n")
+    text = kubeconfig(
+        server, pki, name, token=resp["status"]["token"], context=name, namespace=args.namespace
+    )
+    write_private(Path(args.out).expanduser().resolve(), text)
     print(
         f"sa-kubeconfig: {args.out}: system:serviceaccount:{args.namespace}:{args.service_account}, "
         f"token valid until {resp['status']['expirationTimestamp']}",

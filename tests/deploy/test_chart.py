@@ -183,6 +183,12 @@ def operator_container(rendered: str) -> dict[str, Any]:
     return container
 
 
+def operator_deployment(rendered: str) -> dict[str, Any]:
+    """The operator's Deployment, among others the chart may run (the in-chart Redis)."""
+    (deployment,) = [d for d in objects(rendered, "Deployment") if d["metadata"]["name"] == "tollway"]
+    return deployment
+
+
 def test_deployment_defaults(helm_template: Render) -> None:
     rendered = helm_template()
     deployment = the(rendered, "Deployment")
@@ -474,7 +480,7 @@ def test_metrics_service_selects_the_operator_pods_on_their_metrics_port(
     services = {s["metadata"]["name"]: s for s in objects(rendered, "Service")}
     service = services["tollway-metrics"]
     assert service["metadata"]["namespace"] == "tollway-system"
-    deployment = next(d for d in objects(rendered, "Deployment") if d["metadata"]["name"] == "tollway")
+    deployment = operator_deployment(rendered)
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selects(service["spec"]["selector"], pod_labels)
     # ... and nothing else the chart runs (the in-chart Redis has pods too).
@@ -556,8 +562,7 @@ def test_install_manifests_need_no_helm(repo_root: Path, helm_template: Render) 
 
 
 def operator_env(rendered: str) -> dict[str, dict[str, Any]]:
-    (deployment,) = [d for d in objects(rendered, "Deployment") if d["metadata"]["name"] == "tollway"]
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (container,) = operator_deployment(rendered)["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e for e in container["env"]}
 
 

@@ -48,3 +48,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/name: tollway-redis
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{- define "tollway.redisLabels" -}}
+{{ include "tollway.redisSelectorLabels" . }}
+app.kubernetes.io/component: state-store
+app.kubernetes.io/part-of: tollway
+{{- end -}}
