@@ -110,6 +110,10 @@ def test_grade_dispatches_and_refuses_the_judge() -> None:
     assert grade("exact", "yes", "Yes") == 1.0
     assert grade("number", "3.0001", "3", tolerance=1e-3) == 1.0
     assert grade("choice", "C", "C") == 1.0
+    # Each name reaches its own grader: answers only that grader accepts.
+    assert grade("choice", "The answer is (C).", "C") == 1.0
+    assert grade("exact", "The answer is (C).", "C") == 0.0
+    assert grade("exact", "3.0001", "3") == 0.0
     with pytest.raises(ValueError, match="judge"):
         grade("judge", "x", "y")
 

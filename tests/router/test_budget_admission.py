@@ -114,3 +114,4 @@ def test_routed_requests_without_max_tokens_do_not_overspend_the_best_models_bud
     # Routed work that large's budget cannot pay (now) is served by the next model instead of
     # waiting, so large's budget is not necessarily spent to the last token; it is never overspent.
     assert result["share"] <= 1.02, result
+    assert result["served"] > 0 and result["share"] > 0, result  # large (ranked first) did serve

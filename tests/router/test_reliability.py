@@ -198,6 +198,7 @@ def test_a_client_that_gave_up_is_not_retried_elsewhere(urls, start_router, clea
     assert "tollway_upstream_retries_total{" not in metrics
     assert 'outcome="client_gone"' in metrics
     assert router.runtime.load.in_flight("medium") == 0
+    assert 'tollway_requests_total{model="medium"' not in metrics, metrics  # nothing was sent there
 
 
 # --- load awareness under bursts ------------------------------------------------------------------
@@ -245,6 +246,7 @@ def test_a_burst_spreads_by_each_backends_real_concurrency(start_router) -> None
     # large runs 4 at once and may queue 3 more; the rest go to medium (24 + 3), then small.
     assert sum(served.values()) == 40
     assert served["large"] <= 7 and served["medium"] <= 27 and served["small"] >= 6
+    assert served["large"] >= 4, served  # the best model is filled to its real concurrency first
 
 
 # --- slow and stalled clients ---------------------------------------------------------------------

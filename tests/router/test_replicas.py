@@ -22,7 +22,7 @@ from fake_upstream import FakeUpstream
 from kube_emulator import EmulatorThread
 from router_helpers import FixedEngine, router_config, wait_until
 
-from router_service.config import RouterConfig
+from router_service.config import CircuitBreakerSettings, RouterConfig
 from router_service.proxy.discovery import KubeAccess
 from router_service.proxy.server import BackgroundRouter
 
@@ -213,3 +213,9 @@ def test_a_failing_replica_is_retried_on_another_replica_of_the_same_model(
     assert small.requests == 0
     circuits = httpx.get(router.url + "/v1/tollway/status").json()["circuits"]
     assert circuits[failing.url]["model"] == "large" and circuits[good.url]["state"] == "closed"
+    # The failing replica's breaker counted every failure (and opened once they reached its threshold).
+    threshold = CircuitBreakerSettings().failure_threshold
+    if failing.requests >= threshold:
+        assert circuits[failing.url]["trips"] >= 1, circuits[failing.url]
+    else:
+        assert circuits[failing.url]["consecutive_failures"] == failing.requests, circuits[failing.url]

@@ -4,9 +4,10 @@ shared store wrote."""
 from __future__ import annotations
 
 import json
+import time
 
 from router_service.store.base import LearnedEntry
-from router_service.store.local import LocalStateStore, learned_path
+from router_service.store.local import STATE_VERSION, LocalStateStore, learned_path
 
 
 def entry(uid: str) -> LearnedEntry:
@@ -31,6 +32,12 @@ def test_learned_entries_and_prices_survive_a_restart(tmp_path):
 
 def test_a_shared_stores_state_file_is_not_read_as_local_usage(tmp_path):
     state = tmp_path / "ledger.json"
-    state.write_text(json.dumps({"version": 1, "kind": "redis", "anchor": 1.0, "journal": []}))
+    # Fields the in-process store would read as this window's usage, in a file of kind "redis".
+    shared = {"version": STATE_VERSION, "kind": "redis", "anchor": 1.0, "journal": []}
+    shared |= {"window_seconds": 60, "window_start_wall": time.time(), "used": {"m": 60.0}}
+    state.write_text(json.dumps(shared))
     store = LocalStateStore(window_seconds=60, state_file=str(state))
     assert store.remaining("m", 100.0) == 100.0
+    # The same fields in its own file are usage it keeps.
+    state.write_text(json.dumps({k: v for k, v in shared.items() if k != "kind"}))
+    assert LocalStateStore(window_seconds=60, state_file=str(state)).remaining("m", 100.0) == 40.0
