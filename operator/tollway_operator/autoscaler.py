@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import time
 import weakref
@@ -49,6 +48,7 @@ from tollway_operator.prometheus import (
     PrometheusQueryError,
     PrometheusUnavailable,
 )
+from tollway_operator.status import now_rfc3339
 
 log = logging.getLogger("tollway.autoscaler")
 
@@ -84,10 +84,6 @@ class StatusWriter(Protocol):
 
 EventPoster = Callable[[str, str, str], None]
 """(type Normal/Warning, reason, message) -> posts an Event on the pool."""
-
-
-def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,7 +54,6 @@ from tollway_operator.desired import (
 READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
-CONDITION_ORDER = (READY, PROGRESSING, DEGRADED)
 
 
 def now_rfc3339() -> str:
