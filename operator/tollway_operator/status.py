@@ -578,6 +578,16 @@ def _failed_pushes(entry: Mapping[str, Any]) -> str:
     return "; ".join(bad)
 
 
+def _done_message(fields: Mapping[str, Any]) -> str:
+    """A Done entry's message, from its summary fields."""
+    score = fields.get("meanScore")
+    message = f"{fields.get('queries', '?')}/{fields.get('lines', '?')} lines graded" + (
+        f", mean score {score:.3f}" if isinstance(score, int | float) else ""
+    )
+    routers = fields.get("routers") or []
+    return message + (f"; in the router of {', '.join(routers)}" if routers else "; pushed to no router")
+
+
 def model_calibration_status(
     calibration: ModelCalibration,
     job: Mapping[str, Any] | None,
@@ -616,13 +626,7 @@ def model_calibration_status(
     failed = _job_condition(job, "Failed")
     active = int((job.get("status") or {}).get("active") or 0)
     if complete is not None:
-        score = fields.get("meanScore")
-        message = f"{fields.get('queries', '?')}/{fields.get('lines', '?')} lines graded" + (
-            f", mean score {score:.3f}" if isinstance(score, int | float) else ""
-        )
-        routers = fields.get("routers") or []
-        message += f"; in the router of {', '.join(routers)}" if routers else "; pushed to no router"
-        return {**base, **fields, "state": "Done", "reason": "Calibrated", "message": message}
+        return {**base, **fields, "state": "Done", "reason": "Calibrated", "message": _done_message(fields)}
     if failed is not None:
         detail = error or (_failed_pushes(entry) if entry else "") or str(failed.get("message") or "")
         reason = str(failed.get("reason") or "JobFailed")
@@ -643,21 +647,18 @@ def model_calibration_status(
     }
 
 
-MISSING_ROUTERS = "; not in the router of "
-
-
 def _with_missing_routers(entry: dict[str, Any], policies: Collection[str] | None) -> dict[str, Any]:
     """A Done entry names the policies over the pool whose router lacks its results (`policies`:
     the policies over the pool now; None: not known, the entry stays as it was)."""
     if entry.get("state") != "Done" or policies is None:
         return entry
-    message = str(entry.get("message", "")).split(MISSING_ROUTERS)[0]
+    message = _done_message(entry)
     missing = sorted(set(policies) - set(entry.get("routers") or []))
     entry = {k: v for k, v in entry.items() if k != "missingRouters"}
     if missing:
         entry["missingRouters"] = missing
         message += (
-            f"{MISSING_ROUTERS}{', '.join(missing)} (created after it, or the push failed): it routes "
+            f"; not in the router of {', '.join(missing)} (created after it, or the push failed): it routes "
             "this model by its profile until the next revision (spec.calibration.revision)"
         )
     entry["message"] = message[:1000]
