@@ -138,7 +138,6 @@ class RoutingEngine:
         self.alpha = cfg.objective.alpha
         self.algorithm = cfg.objective.algorithm
         self.reject_below = cfg.objective.reject_below
-        self.learn_from_traffic = cfg.history.learn_from_traffic
         self.ledger = ledger
         self.background_fits = background_fits
         self._rng = np.random.default_rng(seed)
@@ -451,16 +450,6 @@ class RoutingEngine:
                 completion[i, j] = entry.completion[m] if m in entry.completion else est_c[j]  # type: ignore[index]
         self.estimator.add(vectors, quality, completion)
         return len(entries)
-
-    def record_feedback(self, prompt: str, model: str, score: float, tokens: float | None = None) -> bool:
-        """Add a served query with observed quality to the history (when history.learnFromTraffic).
-
-        The new entry carries the observed score (and tokens, when given) for `model` and the
-        current estimates for the other backends. Returns False when learning is off."""
-        if not self.learn_from_traffic:
-            return False
-        self.add_learned([self.make_learned(prompt, model, score, tokens)])
-        return True
 
     # -- introspection --------------------------------------------------------------------------
 

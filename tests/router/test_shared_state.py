@@ -161,6 +161,21 @@ def test_feedback_on_one_router_is_in_every_routers_history_within_the_bound(
     assert history_size(c) == before + 1
 
 
+def test_feedback_is_refused_when_learning_is_off(
+    urls, redis_server, tmp_path, monkeypatch, start_router
+) -> None:
+    monkeypatch.setenv("TOLLWAY_CACHE_DIR", str(tmp_path / "cache"))
+    history = tiny_history(tmp_path / "history.jsonl")
+    config = shared(urls, redis_server.url(), f"test/{uuid.uuid4().hex[:8]}", history={"path": str(history)})
+    router = start_router(config)
+    before = history_size(router)
+    body = {"prompt": "what is the capital of country number 99", "model": "small", "score": 1.0}
+    resp = httpx.post(router.base_url + "/feedback", json=body)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "feedback_disabled", resp.text
+    assert "learnFromTraffic" in resp.json()["error"]["message"]
+    assert history_size(router) == before
+
+
 def test_a_refit_on_one_router_is_adopted_by_the_others_within_the_bound(
     learning_config, start_router
 ) -> None:

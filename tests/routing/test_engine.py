@@ -101,14 +101,14 @@ def test_feedback_grows_the_history(history_file):
     n = engine.history_size
     prompt = "zebra quantum origami " * 3
     for _ in range(5):
-        assert engine.record_feedback(prompt, "small", 0.0, tokens=50)
+        assert engine.add_learned([engine.make_learned(prompt, "small", 0.0, tokens=50)]) == 1
     assert engine.history_size == n + 5
     d, g, _ = engine.estimate(prompt)
     assert d[0] == 0.0 and g[0] == pytest.approx(50.0)
     with pytest.raises(KeyError, match="unknown backend"):
-        engine.record_feedback(prompt, "nope", 1.0)
-    off = RoutingEngine.from_config(config(history_file), background_fits=False)
-    assert off.record_feedback(prompt, "small", 1.0) is False
+        engine.make_learned(prompt, "nope", 1.0)
+    # Whether feedback is taken at all (history.learnFromTraffic) is the router's call:
+    # tests/router/test_shared_state.py::test_feedback_is_refused_when_learning_is_off.
 
 
 def test_unknown_profile_is_named(history_file):
