@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     tasks_h, tasks_s = np.array(history.eval_names), np.array(stream.eval_names)
 
     # 1. Task-level estimates.
+    default = f"k-nearest neighbours (default, k={base.k})"
     task_level = {
-        f"k-nearest neighbours (default, k={base.k})": base.est_quality,
+        default: base.est_quality,
         "history mean of the query's task": task_means(tasks_h, history.scores, tasks_s),
         "stream's own mean of the query's task (oracle)": task_means(tasks_s, stream.scores, tasks_s),
     }
@@ -166,19 +167,18 @@ def main(argv: list[str] | None = None) -> int:
         stream.prompt_tokens[:, None] * prices[:, 0]
         + completion[base.neighbour_ids].mean(axis=1) * prices[:, 1]
     )
-    gap_rows = {
-        "default estimates": base,
+    replaced = {
         "+ the prompt's share of the cost exact": dataclasses.replace(base, est_cost=known_prompt_cost),
         "+ true costs": dataclasses.replace(base, est_cost=base.true_cost),
         "+ true scores": dataclasses.replace(base, est_quality=base.true_quality),
     }
     cost_error = {
         name: float(np.abs(scn.est_cost - base.true_cost).sum() / base.true_cost.sum())
-        for name, scn in gap_rows.items()
+        for name, scn in {"default estimates": base, **replaced}.items()
     }
-    table3 = {
+    table3 = {"default estimates": table1[default]} | {  # the default's replay is section 1's first row
         name: share_of_oracle(scn, orders, args.seed)
-        for name, scn in tqdm(gap_rows.items(), desc="gap decomposition", file=sys.stderr)
+        for name, scn in tqdm(replaced.items(), desc="gap decomposition", file=sys.stderr)
     }
     elapsed = time.perf_counter() - t0
 
@@ -210,16 +210,24 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg(),
     }
     (out / "estimate_ceiling.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "estimate_ceiling.md").write_text(render_markdown(doc))
+    markdown = render_markdown(doc)
+    (out / "estimate_ceiling.md").write_text(markdown)
     plot(doc, out / "estimate_ceiling.png")
-    print(render_markdown(doc))
+    print(markdown)
     return 0
 
 
+def _shares(row: dict[str, float]) -> str:
+    """One table row's cells: the share of the oracle at each budget."""
+    return " | ".join(f"{100 * row[str(m)]:.1f}%" for m in MULTIPLIERS)
+
+
 def render_markdown(doc: dict) -> str:
-    budgets = [str(m) for m in MULTIPLIERS]
     header = "| " + " | ".join(f"{m}x" for m in MULTIPLIERS) + " |"
     rule = "---|" * len(MULTIPLIERS)
+    task_level = doc["share_of_optimum"]
+    names = list(task_level)  # the default's neighbours first, the task-level oracle last
+    neighbours, oracle = task_level[names[0]]["1.0"], task_level[names[-1]]["1.0"]
     lines = [
         "# How far estimates can take routing on these tasks",
         "",
@@ -231,42 +239,48 @@ def render_markdown(doc: dict) -> str:
         "",
         "| estimate " + header,
         "|---|" + rule,
-    ]
-    for name, row in doc["share_of_optimum"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * row[m]:.1f}%" for m in budgets) + " |")
-    sig = doc["neighbour_signal"]
-    ks = list(next(iter(sig["by_embedder"].values()))["squared_error"])
-    lines += [
+        *(f"| {name} | {_shares(row)} |" for name, row in task_level.items()),
         "",
         "The last row knows the true mean of every model over the stream's own queries of each task, the "
-        "best-informed estimate that only tells the tasks apart. The neighbour estimate serves about as much.",
+        f"best-informed estimate that only tells the tasks apart: at 1x it serves {100 * oracle:.1f}% of the "
+        f"oracle, the neighbours {100 * neighbours:.1f}%.",
+    ]
+    sig = doc["neighbour_signal"]
+    task_error = sig["task_mean_squared_error"]
+    ks = list(next(iter(sig["by_embedder"].values()))["squared_error"])
+    best_error, best_name, best_k = min(
+        (err, name, k) for name, s in sig["by_embedder"].items() for k, err in s["squared_error"].items()
+    )
+    most_corr = max(s["nearest_residual_correlation"] for s in sig["by_embedder"].values())
+    lines += [
         "",
         "## 2. Do neighbours know anything about a query beyond its task?",
         "",
         f"Leave-one-out over all {sig['queries']} shipped queries: squared error of the mean over the k nearest "
         "other queries' 0/1 scores (exact cosine search), against each model's mean over the other queries of "
-        f"the same task (**{sig['task_mean_squared_error']:.4f}**); and the correlation between a query's scores "
-        "and its nearest neighbour's once each is taken relative to its task's means (0: the neighbour tells "
-        "nothing the task does not).",
+        f"the same task (**{task_error:.4f}**); and the correlation between a query's scores and its nearest "
+        "neighbour's once each is taken relative to its task's means (0: the neighbour tells nothing the task "
+        "does not).",
         "",
         "| embedder, text | "
         + " | ".join(f"k={k}" for k in ks)
         + " | nearest-neighbour residual correlation |",
         "|---|" + "---|" * (len(ks) + 1),
-    ]
-    for name, s in sig["by_embedder"].items():
-        errs = s["squared_error"]
-        lines.append(
+        *(
             f"| {name} | "
-            + " | ".join(f"{errs[k]:.4f}" for k in ks)
+            + " | ".join(f"{s['squared_error'][k]:.4f}" for k in ks)
             + f" | {s['nearest_residual_correlation']:+.3f} |"
-        )
-    lines += [
+            for name, s in sig["by_embedder"].items()
+        ),
         "",
-        "No embedder, on the whole prompt or on the question alone, estimates a query's scores better than its "
-        "task's mean: the errors fall toward the task mean's as k grows (the neighbourhood becomes the task) and "
-        "the nearest neighbour's scores barely move with the query's. Which questions a model gets right is not "
-        "in what these prompts' neighbours share.",
+        (
+            f"No neighbour row estimates a query's scores better than its task's mean (best: {best_name}, "
+            f"k={best_k}, {best_error:.4f} vs {task_error:.4f})"
+            if best_error >= task_error
+            else f"The best neighbour row ({best_name}, k={best_k}) beats the task's mean: {best_error:.4f} vs "
+            f"{task_error:.4f}"
+        )
+        + f"; the largest residual correlation is {most_corr:+.3f}.",
         "",
         "## 3. Where the gap to the oracle lies",
         "",
@@ -275,27 +289,29 @@ def render_markdown(doc: dict) -> str:
         "",
         "| estimates " + header + " cost error |",
         "|---|" + rule + "---|",
-    ]
-    for name, row in doc["gap"].items():
-        so = row["share_of_optimum"]
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{100 * so[m]:.1f}%" for m in budgets)
-            + f" | {100 * row['cost_error']:.1f}% |"
-        )
-    prices = doc["usd_per_million_tokens"]
-    gpt4 = prices.get("gpt-4-1106-preview")
-    lines += [
+        *(
+            f"| {name} | {_shares(row['share_of_optimum'])} | {100 * row['cost_error']:.1f}% |"
+            for name, row in doc["gap"].items()
+        ),
         "",
-        "Exact prompt costs (the online router's own cost form; USD per token recovered from the history"
+    ]
+    gap = {name: row["share_of_optimum"]["1.0"] for name, row in doc["gap"].items()}
+    default_share = gap.pop("default estimates")
+    gpt4 = doc["usd_per_million_tokens"].get("gpt-4-1106-preview")
+    lines += [
+        "Against the default at 1x: "
+        + "; ".join(
+            f"{name.removeprefix('+ ')} {100 * (v - default_share):+.1f} points" for name, v in gap.items()
+        )
+        + ". The exact prompt costs are the online router's own cost form, priced with USD per token recovered "
+        "from the history"
         + (
-            f", e.g. gpt-4-1106-preview ${gpt4['prompt']:.2f} / ${gpt4['completion']:.2f} per million prompt / "
-            "completion tokens, its list price"
+            f" (gpt-4-1106-preview: ${gpt4['prompt']:.2f} / ${gpt4['completion']:.2f} per million prompt / "
+            "completion tokens)"
             if gpt4
             else ""
         )
-        + ") add nothing; knowing every model's true cost adds a few points, and that is knowing how long each "
-        "model's answer will be before it is written. The rest of the gap is knowing which answers are right.",
+        + ". True costs are known only once each model has written its answer; true scores, once it is graded.",
         "",
         f"Command: `{doc['command']}`; {doc['seconds']:.0f} s on {os.cpu_count()} CPUs.",
     ]
