@@ -49,6 +49,13 @@ class LiveState:
     store: StoreHealth | None = None
 
 
+def _add_per_model(family: GaugeMetricFamily, values: Mapping[str, float]) -> None:
+    """One sample per model; infinite values (a model without a budget) are left out."""
+    for model, value in values.items():
+        if math.isfinite(value):
+            family.add_metric([model], value)
+
+
 class _LiveCollector(Collector):
     def __init__(self, read: Callable[[], LiveState | None]) -> None:
         self._read = read
@@ -71,12 +78,8 @@ class _LiveCollector(Collector):
             "The token budget per window this replica enforces (the whole budget with a shared store).",
             labels=["model"],
         )
-        for model, value in state.budget_remaining.items():
-            if math.isfinite(value):
-                remaining.add_metric([model], value)
-        for model, value in state.budget_total.items():
-            if math.isfinite(value):
-                total.add_metric([model], value)
+        _add_per_model(remaining, state.budget_remaining)
+        _add_per_model(total, state.budget_total)
         dual = GaugeMetricFamily(
             "tollway_dual_price",
             "Dual price (gamma) per model: the value of one unit of its budget.",
@@ -200,9 +203,7 @@ def _store_metrics(health: StoreHealth) -> Iterator[GaugeMetricFamily | CounterM
         "While the shared store is unreachable: tokens this replica may still spend per model.",
         labels=["model"],
     )
-    for model, value in health.local_share.items():
-        if math.isfinite(value):
-            share.add_metric([model], value)
+    _add_per_model(share, health.local_share)
     yield from (up, pending, live, outages, errors, share)
 
 
