@@ -13,6 +13,8 @@ import pytest
 if TYPE_CHECKING:
     from redis_server import RedisServer
 
+    from router_service.simulator import SimulatorServer
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS_BIN = REPO_ROOT / ".tools" / "bin"
 
@@ -71,5 +73,24 @@ def own_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
         return server
 
     yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def start_simulator() -> Iterator[Callable[..., SimulatorServer]]:
+    """start_simulator(model="sim-small", **profile fields) -> a simulator on 127.0.0.1 (free port,
+    in-process, speedup 50 unless given); all are stopped after the test."""
+    from router_service.simulator import SimulatorProfile, SimulatorServer
+
+    servers: list[SimulatorServer] = []
+
+    def start(model: str = "sim-small", **fields: object) -> SimulatorServer:
+        fields.setdefault("speedup", 50.0)
+        server = SimulatorServer(SimulatorProfile(model=model, **fields)).start()
+        servers.append(server)
+        return server
+
+    yield start
     for server in servers:
         server.stop()

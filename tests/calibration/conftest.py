@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from router_service.simulator import SimulatorProfile, SimulatorServer
+from router_service.simulator import SimulatorServer
 from router_service.simulator.server import bind_socket, url_for
 
 
@@ -24,19 +24,14 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def start_simulator() -> Iterator[Callable[..., SimulatorServer]]:
-    """Start simulators (in-process, 127.0.0.1, free port); all are stopped after the test."""
-    servers: list[SimulatorServer] = []
+def start_simulator(start_simulator: Callable[..., SimulatorServer]) -> Callable[..., SimulatorServer]:
+    """The root fixture at speedup 200 unless given: calibration runs sweep many answers."""
 
     def start(model: str, **fields: object) -> SimulatorServer:
         fields.setdefault("speedup", 200.0)
-        server = SimulatorServer(SimulatorProfile(model=model, **fields)).start()
-        servers.append(server)
-        return server
+        return start_simulator(model, **fields)
 
-    yield start
-    for server in servers:
-        server.stop()
+    return start
 
 
 def chat_reply(content: str | None, usage: tuple[int, int] | None = (10, 2)) -> dict[str, Any]:
