@@ -102,8 +102,7 @@ def neighbour_signal(
 def usd_per_token(history: History) -> np.ndarray:
     """[m, 2] USD per prompt and per completion token, by non-negative least squares of each model's
     cost on the history's prompt and completion tokens."""
-    prompt = history.prompt_tokens
-    completion = np.clip(history.tokens - prompt[:, None], 0.0, None)
+    prompt, completion = history.prompt_tokens, history.completion_tokens
     return np.array(
         [
             nnls(np.column_stack([prompt, completion[:, i]]), history.costs[:, i])[0]
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Where the gap lies: one part of the estimate replaced by what the oracle knows.
     prices = usd_per_token(history)
-    completion = np.clip(history.tokens - history.prompt_tokens[:, None], 0.0, None)
+    completion = history.completion_tokens
     known_prompt_cost = (
         stream.prompt_tokens[:, None] * prices[:, 0]
         + completion[base.neighbour_ids].mean(axis=1) * prices[:, 1]

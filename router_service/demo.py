@@ -145,7 +145,7 @@ def build_jobs(history: Any, duration: float, start_rate: float, end_rate: float
     rng = np.random.default_rng(seed)
     times = arrivals(duration, start_rate, end_rate, rng)
     rows = rng.permutation(len(history))
-    completion = np.clip(history.tokens - history.prompt_tokens[:, None], 8, 256).max(axis=1)
+    completion = np.clip(history.completion_tokens, 8, 256).max(axis=1)
     names, weights = zip(*PRIORITY_MIX, strict=True)
     jobs = []
     for i, t in enumerate(times):

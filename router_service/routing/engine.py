@@ -143,7 +143,7 @@ class RoutingEngine:
         self._rng = np.random.default_rng(seed)
         self._history = history  # columns = backends' profiles, in backend order
         prompt_tokens = history.prompt_tokens
-        completion = np.clip(history.tokens - prompt_tokens[:, None], 0.0, None)
+        completion = history.completion_tokens
         index = NeighbourIndex.build(history_vectors, cfg.ann)
         self.estimator = NeighbourEstimator(index, history.scores, completion, cfg.ann.k, cfg.estimator)
         self.k_errors: dict[int, float] = {}

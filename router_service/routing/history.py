@@ -72,6 +72,11 @@ class History:
         """Estimated prompt tokens per query [n]."""
         return np.array([len(p) for p in self.prompts], dtype=np.float64) / CHARS_PER_TOKEN
 
+    @property
+    def completion_tokens(self) -> np.ndarray:
+        """Tokens each model generated per query [n, m]: its total less the prompt's (never negative)."""
+        return np.clip(self.tokens - self.prompt_tokens[:, None], 0.0, None)
+
     def model_index(self, model: str) -> int:
         try:
             return self.models.index(model)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from router_service.routing.history import (
+    History,
     assign_split,
     load_builtin_history,
     load_history,
@@ -76,3 +77,15 @@ def test_write_then_read(tmp_path, history_file):
     assert len(again) == len(h) and again.prompts[row] == "new prompt"
     np.testing.assert_allclose(again.scores, h.scores)
     np.testing.assert_allclose(again.tokens, h.tokens)
+
+
+def test_completion_tokens_are_the_total_less_the_prompt_and_never_negative():
+    history = History(
+        prompts=["x" * 40, "y" * 400],  # 10 and 100 prompt tokens
+        models=["a", "b"],
+        scores=np.ones((2, 2)),
+        costs=np.ones((2, 2)),
+        tokens=np.array([[12.0, 30.0], [150.0, 90.0]]),  # the last: a total below its prompt's tokens
+        eval_names=["t", "t"],
+    )
+    np.testing.assert_allclose(history.completion_tokens, [[2.0, 20.0], [50.0, 0.0]])
